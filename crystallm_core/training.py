@@ -185,7 +185,9 @@ def data_stats(npz: dict) -> dict:
             "e_hull_hist": histogram(hull, np.array([0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5.5]))}
 
 
-def train(cfg: TrainConfig, resume: bool = True) -> Path:
+def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None) -> Path | None:
+    """Train and export the best model; `stop_at_step` saves a resume checkpoint there and returns None
+    (as an interrupted run would leave it)."""
     torch.manual_seed(cfg.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     out = Path(cfg.out_dir)
@@ -198,11 +200,15 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
              "log": [], "elapsed_s": 0.0}
     if resume and (out / "resume" / "state.json").is_file():
         state = load_resume(out / "resume", model, optimizer)
+        if not cfg.time_budget_s:
+            state["max_steps"] = cfg.max_steps  # the config may extend an interrupted run
         print(f"resumed at step {state['step']}", flush=True)
     print(f"model {count_parameters(model):,} parameters on {device}; train {len(train_data)} / val {len(val_data)} rows", flush=True)
 
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    best_state, t0, tokens_seen = None, time.perf_counter() - state["elapsed_s"], 0
+    best_path = out / "resume" / "best.safetensors"
+    best_state = load_file(str(best_path)) if resume and state["step"] and best_path.is_file() else None
+    t0, tokens_seen = time.perf_counter() - state["elapsed_s"], 0
     step = state["step"]
     model.train()
     while step < state["max_steps"]:
@@ -248,8 +254,13 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         if step % cfg.checkpoint_every == 0:
             state.update(step=step, elapsed_s=elapsed)
             save_resume(out / "resume", model, optimizer, state)
+            if best_state is not None:
+                save_file({k: v.contiguous() for k, v in best_state.items() if k != "lm_head.weight"}, str(best_path))
+        if step == stop_at_step:
+            return None
     if best_state is not None:
-        model.load_state_dict(best_state)
+        model.load_state_dict(best_state, strict=False)
+        model.tie_weights()
     state.update(step=step, elapsed_s=time.perf_counter() - t0)
     return export(model.cpu(), cfg, state, npz, out)
 

@@ -1,0 +1,51 @@
+"""`python -m crystallm_core generate`: sample structures to a run directory."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .sampler import SamplingSettings
+
+
+def optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "unknown", "any") else float(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--band-gap", type=optional_float, required=True, help="target band gap in eV ('none' = unknown)")
+    parser.add_argument("--e-hull", type=optional_float, default=0.0, help="target E_hull in eV/atom (default 0)")
+    parser.add_argument("-n", "--num-samples", type=int, default=16, help="structures to generate (1–256)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="run directory to write")
+    parser.add_argument("--model", default=None, help="model directory or hub id (default: the shipped model)")
+    parser.add_argument("--composition", default=None, help="e.g. TiO2 (prompt level 2)")
+    parser.add_argument("--z", type=int, default=None, help="formula units per cell")
+    parser.add_argument("--spacegroup", default=None, help="H-M symbol, e.g. P4_2/mnm (needs --composition)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=15)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoints import load_model
+    from .generation import GenerationRequest, generate, write_run
+
+    settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+    request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull, n=args.num_samples,
+                                composition=args.composition, z=args.z, spacegroup=args.spacegroup,
+                                settings=settings, seed=args.seed)
+    request.validate()
+    loaded = load_model(args.model)
+
+    def report(structure) -> None:
+        status = "valid" if structure.valid else "invalid: " + "; ".join(structure.reasons[:2])
+        print(f"[{structure.index + 1}/{request.n}] {structure.formula or '?'} {structure.spacegroup or ''} {status}",
+              file=sys.stderr)
+
+    run_result = generate(loaded, request, on_structure=report)
+    out = write_run(run_result, args.out)
+    print(f"{run_result.manifest['n_valid']}/{run_result.manifest['n_finished']} valid; wrote {out}")
+    return 0

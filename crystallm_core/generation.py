@@ -1,0 +1,190 @@
+"""One generation run: targets + prompt + settings → checked structures, a manifest, files.
+
+`generate` streams: every structure is decoded, repaired and validity-checked as soon as
+the sampler finishes it, then handed to `on_structure`; a failure in one structure becomes
+its reason and never stops the batch. `write_run` produces what the CLI and the app's zip
+share: one CIF per sample, `summary.csv` and `manifest.json`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from .checkpoints import LoadedModel
+from .cif_format import repair_generated_cif
+from .conditions import condition_vector
+from .prompts import build_prompt
+from .sampler import FinishedSample, SamplingSettings, sample
+from .validity import CheckResult, ValidityReport, check_cif
+
+MAX_STRUCTURES = 256
+VERSIONED_PACKAGES = ("torch", "transformers", "pymatgen", "numpy", "safetensors")
+
+
+@dataclass
+class GenerationRequest:
+    band_gap: float | None = 1.5  # eV; None = unknown/any
+    e_hull: float | None = 0.0  # eV/atom; None = unknown/any
+    n: int = 16
+    composition: str | None = None
+    z: int | None = None
+    spacegroup: str | None = None
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not (1 <= int(self.n) <= MAX_STRUCTURES):
+            raise ValueError(f"number of structures must be between 1 and {MAX_STRUCTURES}, got {self.n}")
+        self.settings.validate()
+        condition_vector(self.band_gap, self.e_hull)  # raises on NaN / negative / out of range
+
+
+@dataclass
+class GeneratedStructure:
+    index: int
+    raw_text: str  # what the model wrote (decoded, brackets kept)
+    cif: str | None  # the repaired, parseable CIF, or None when it could not be repaired
+    report: ValidityReport
+    seconds: float
+    n_tokens: int
+    stop_reason: str
+
+    @property
+    def valid(self) -> bool:
+        return self.report.valid
+
+    @property
+    def formula(self) -> str | None:
+        return self.report.formula
+
+    @property
+    def spacegroup(self) -> str | None:
+        return self.report.spacegroup
+
+    @property
+    def reasons(self) -> list[str]:
+        return self.report.failed_reasons
+
+    def file_stem(self) -> str:
+        return f"{self.index:03d}_{self.formula or 'unparsed'}"
+
+
+@dataclass
+class GenerationRun:
+    structures: list[GeneratedStructure]
+    manifest: dict
+    cancelled: bool = False
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def build_manifest(loaded: LoadedModel, request: GenerationRequest, prompt_text: str) -> dict:
+    """Everything needed to reproduce a run (model id + hash, targets, settings, seed, versions)."""
+    info = loaded.info
+    return {
+        "tool": "CrystaLLM Studio",
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": info.name, "source": info.source, "weights_sha256": info.weights_sha256,
+                  "n_params": info.n_params, "dtype": info.dtype},
+        "targets": {"band_gap": request.band_gap, "e_hull": request.e_hull},
+        "prompt": {"composition": request.composition, "z": request.z, "spacegroup": request.spacegroup,
+                   "text": prompt_text},
+        "sampling": asdict(request.settings),
+        "n_requested": request.n,
+        "seed": request.seed,
+        "versions": package_versions(),
+    }
+
+
+def check_sample(text: str, stop_reason: str, max_tokens: int) -> tuple[str | None, ValidityReport]:
+    """Repair + validity for one generated text; never raises."""
+    try:
+        repaired = repair_generated_cif(text)
+    except Exception as error:  # a repair bug must not cost the batch
+        repaired = None
+        reason = f"repair failed unexpectedly: {type(error).__name__}: {error}"
+    else:
+        reason = repaired.reason
+        repaired = repaired.cif
+    if repaired is None:
+        report = ValidityReport(checks=[CheckResult("repairable", False, reason or "could not be repaired")],
+                                structure=None, formula=None, spacegroup=None)
+    else:
+        report = check_cif(repaired)
+    if stop_reason == "length":
+        report.checks.insert(0, CheckResult("complete", False, f"stopped at the {max_tokens}-token context limit before <eos>"))
+    return repaired, report
+
+
+def generate(
+    loaded: LoadedModel,
+    request: GenerationRequest,
+    on_structure: Callable[[GeneratedStructure], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> GenerationRun:
+    """Sample `request.n` structures and check each one as soon as it is finished."""
+    request.validate()
+    if not loaded.info.supports_missing_properties and (request.band_gap is None or request.e_hull is None):
+        raise ValueError("this model needs both targets (band gap and E_hull); it cannot leave one out")
+    prompt = build_prompt(loaded.tokenizer, request.composition, request.z, request.spacegroup)
+    prompt_ids = loaded.tokenizer.encode(prompt.text)
+    values, present = condition_vector(request.band_gap, request.e_hull)
+    manifest = build_manifest(loaded, request, prompt.text)
+    max_tokens = request.settings.max_tokens or loaded.model.config.max_cif_tokens
+    structures: list[GeneratedStructure] = []
+
+    def finished(done: FinishedSample) -> None:
+        text = loaded.tokenizer.decode(done.token_ids, skip_special_tokens=False)
+        cif, report = check_sample(text, done.stop_reason, max_tokens)
+        structure = GeneratedStructure(done.index, text, cif, report, done.seconds, len(done.token_ids), done.stop_reason)
+        structures.append(structure)
+        if on_structure is not None:
+            on_structure(structure)
+
+    started = time.perf_counter()
+    sample(loaded.model, prompt_ids, values, present, request.n, request.settings, request.seed,
+           eos_id=loaded.tokenizer.eos_id, on_finished=finished, should_cancel=should_cancel)
+    structures.sort(key=lambda s: s.index)
+    cancelled = len(structures) < request.n
+    manifest.update({"n_finished": len(structures), "n_valid": sum(s.valid for s in structures),
+                     "cancelled": cancelled, "wall_seconds": round(time.perf_counter() - started, 2)})
+    return GenerationRun(structures, manifest, cancelled)
+
+
+def summary_rows(structures: list[GeneratedStructure]) -> list[dict]:
+    return [
+        {"index": s.index, "file": s.file_stem() + ".cif", "formula": s.formula or "", "spacegroup": s.spacegroup or "",
+         "valid": s.valid, "failed_checks": "; ".join(s.reasons), "n_tokens": s.n_tokens,
+         "seconds": round(s.seconds, 3), "stop_reason": s.stop_reason}
+        for s in structures
+    ]
+
+
+def write_run(run: GenerationRun, out_dir: str | Path) -> Path:
+    """One CIF per sample (the repaired CIF, or the raw text if unrepairable), summary.csv, manifest.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for s in run.structures:
+        (out_dir / (s.file_stem() + ".cif")).write_text(s.cif if s.cif is not None else s.raw_text)
+    rows = summary_rows(run.structures)
+    with (out_dir / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["index"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "manifest.json").write_text(json.dumps(run.manifest, indent=2))
+    return out_dir

@@ -1,0 +1,122 @@
+import csv
+import json
+
+import pytest
+
+from crystallm_core.checkpoints import load_model
+from crystallm_core.cif_format import structure_to_model_cif
+from crystallm_core.cli import main
+from crystallm_core.generation import GenerationRequest, check_sample, generate, write_run
+from crystallm_core.prompts import build_prompt
+from crystallm_core.sampler import SamplingSettings
+from crystallm_core.tokenizer import get_tokenizer
+from prototypes import rutile_tio2
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def small_request(**overrides):
+    settings = SamplingSettings(batch_size=4, max_tokens=48)
+    values = dict(band_gap=1.5, e_hull=0.0, n=5, settings=settings, seed=3)
+    values.update(overrides)
+    return GenerationRequest(**values)
+
+
+def test_generate_streams_every_structure_with_reasons(tiny):
+    seen = []
+    run = generate(tiny, small_request(), on_structure=seen.append)
+    assert [s.index for s in run.structures] == list(range(5)) and len(seen) == 5
+    assert not run.cancelled
+    for s in run.structures:  # an untrained model writes garbage: each is invalid, with a reason
+        assert not s.valid and s.reasons
+    manifest = run.manifest
+    assert manifest["model"]["weights_sha256"] == tiny.info.weights_sha256
+    assert manifest["targets"] == {"band_gap": 1.5, "e_hull": 0.0}
+    assert manifest["seed"] == 3 and manifest["sampling"]["top_k"] == 15
+    assert {"torch", "transformers", "pymatgen", "python"} <= set(manifest["versions"])
+
+
+def test_same_seed_same_structures(tiny):
+    first = [s.raw_text for s in generate(tiny, small_request()).structures]
+    assert first == [s.raw_text for s in generate(tiny, small_request()).structures]
+
+
+def test_cancel_keeps_finished(tiny):
+    seen = []
+    run = generate(tiny, small_request(n=8, settings=SamplingSettings(batch_size=1, max_tokens=24)),
+                   on_structure=seen.append, should_cancel=lambda: len(seen) >= 3)
+    assert run.cancelled and len(run.structures) == 3 and run.manifest["n_finished"] == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(band_gap=float("nan")), "band gap must be a finite"),
+        (dict(band_gap=-1.0), "band gap must be ≥ 0"),
+        (dict(e_hull=9.0), "E_hull must be ≤"),
+        (dict(n=0), "between 1 and 256"),
+        (dict(composition="Xx2O3"), "'Xx' .* not a chemical element"),
+        (dict(composition="Ti O2 !!"), "not a chemical formula"),
+        (dict(composition="Li10Fe5P5O20"), "at most 20"),
+        (dict(composition="TiO2", spacegroup="P 7"), "not one the model knows"),
+    ],
+)
+def test_bad_requests_are_clear_value_errors(tiny, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tiny, small_request(**overrides))
+
+
+def test_prompt_levels():
+    tokenizer = get_tokenizer()
+    assert build_prompt(tokenizer).text == "<bos>\ndata_["
+    level2 = build_prompt(tokenizer, "TiO2", z=2)
+    assert level2.text == "<bos>\ndata_[Ti2O4]\n" and level2.level == 2
+    level4 = build_prompt(tokenizer, "TiO2", z=2, spacegroup="P4_2/mnm")
+    assert level4.level == 4
+    # A level-4 prompt is exactly the start of the training CIF of that structure.
+    assert ("<bos>\n" + structure_to_model_cif(rutile_tio2())).startswith(level4.text)
+    assert tokenizer.tokenize(level4.text)[-4:] == ["[", "P4_2/mnm_sg", "]", "\n"]
+
+
+def test_a_real_cif_passes_and_garbage_gets_a_reason():
+    cif_text = structure_to_model_cif(rutile_tio2())
+    repaired, report = check_sample(cif_text, "eos", 1024)
+    assert repaired is not None and report.valid, report.failed_reasons
+    repaired, report = check_sample("data_[Ti2O4]\n_cell_length_a [4.", "length", 1024)
+    assert not report.valid and "context limit" in report.failed_reasons[0]
+
+
+def test_write_run_files(tiny, tmp_path):
+    run = generate(tiny, small_request(n=3))
+    write_run(run, tmp_path)
+    assert len(list(tmp_path.glob("*.cif"))) == 3
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert len(rows) == 3 and rows[0]["valid"] == "False" and rows[0]["failed_checks"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["n_finished"] == 3
+
+
+def test_cli_generate_writes_a_run(tiny_model_dir, tmp_path, capsys):
+    code = main(["generate", "--band-gap", "1.5", "--e-hull", "0.0", "-n", "2", "--seed", "1", "--out", str(tmp_path / "x"),
+                 "--model", str(tiny_model_dir), "--batch-size", "2"])
+    assert code == 0
+    assert (tmp_path / "x" / "manifest.json").is_file() and (tmp_path / "x" / "summary.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--band-gap", "-3", "--out", "x"], "band gap must be ≥ 0"),
+        (["generate", "--band-gap", "abc", "--out", "x"], "invalid optional_float value"),
+        (["generate", "--out", "x"], "required"),
+    ],
+)
+def test_cli_bad_arguments_one_line_exit_2(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err
