@@ -168,10 +168,10 @@ def download_from_hub(hub_id: str) -> Path:
         raise ValueError(f"could not download '{hub_id}' from the Hugging Face hub ({type(error).__name__}: {error})") from None
 
 
-def load_model(source: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a PKV model for inference (eval mode, inference dtype). Raises ValueError with a clear reason."""
-    model_dir = resolve_model_dir(source)
-    config, published = read_config(model_dir)
+def load_model_weights(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> CrystaLLMPKV:
+    """The model alone (eval mode), from a local directory; needs only torch + safetensors."""
+    model_dir = Path(model_dir)
+    config, _ = read_config(model_dir)
     state = read_state_dict(model_dir)
     model = CrystaLLMPKV(config)
     expected = set(model.state_dict())
@@ -187,21 +187,28 @@ def load_model(source: str | Path | None = None, device: str = "cpu", dtype: tor
     except RuntimeError as error:
         raise ValueError(f"weights in {model_dir} have the wrong shapes: {str(error).splitlines()[1:3]}") from None
     model.tie_weights()
-    dtype = dtype or inference_dtype(device)
-    model.to(device=device, dtype=dtype).eval()
-    metadata = json.loads((model_dir / "metadata.json").read_text()) if (model_dir / "metadata.json").is_file() else {}
+    return model.to(device=device, dtype=dtype or inference_dtype(device)).eval()
+
+
+def load_model(source: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Model + tokenizer + description, for inference. Raises ValueError with a clear reason."""
+    from .tokenizer import get_tokenizer  # imported here: training runs where spglib is absent
+
+    model_dir = resolve_model_dir(source)
+    _, published = read_config(model_dir)
+    model = load_model_weights(model_dir, device, dtype)
+    metadata_path = model_dir / "metadata.json"
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
     info = ModelInfo(
         name=metadata.get("name", model_dir.name),
         source=str(model_dir),
         n_params=count_parameters(model),
         weights_sha256=weights_sha256(model_dir),
         trained_on=metadata.get("trained_on", "CrystaLLM-pi published checkpoint" if published else "unknown"),
-        supports_missing_properties=config.missing_property_embedding,
-        dtype=str(dtype).replace("torch.", ""),
-        n_layer=config.n_layer,
-        n_embd=config.n_embd,
+        supports_missing_properties=model.config.missing_property_embedding,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        n_layer=model.config.n_layer,
+        n_embd=model.config.n_embd,
         extra={"published_format": published, **metadata},
     )
-    from .tokenizer import get_tokenizer
-
     return LoadedModel(model=model, tokenizer=get_tokenizer(), info=info)

@@ -36,8 +36,9 @@ class TrainConfig:
     n_layer: int = 8
     n_head: int = 8
     n_embd: int = 512
-    n_hidden_cond: int = 1024
+    n_hidden_cond: int = 128  # the published 1024 makes to_kv 34M parameters for two scalars
     dropout: float = 0.1
+    context: int = 1024  # CIF tokens incl. <bos>/<eos>; positions = context + prefix
     # optimisation
     batch_size: int = 32
     learning_rate: float = 6e-4
@@ -57,6 +58,7 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"
     bf16: bool = True
+    export_dtype: str = "bfloat16"  # shipped weights; loaders cast to the inference dtype
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
@@ -112,10 +114,10 @@ def learning_rate(step: int, cfg: TrainConfig, max_steps: int) -> float:
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_model(cfg: TrainConfig, max_length: int) -> CrystaLLMPKV:
+def build_model(cfg: TrainConfig) -> CrystaLLMPKV:
     config = PKVConfig(
         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_hidden_cond=cfg.n_hidden_cond,
-        n_positions=max_length + 2, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        n_positions=cfg.context + 2, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
         cond_dropout=cfg.dropout,
     )
     return CrystaLLMPKV(config)
@@ -194,7 +196,9 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
     npz = dict(np.load(cfg.data, allow_pickle=False))
     lengths = np.diff(npz["offsets"])
     train_data, val_data = TokenData(npz, 0, 371), TokenData(npz, 1, 371)
-    model = build_model(cfg, int(lengths.max())).to(device)
+    if int(lengths.max()) > cfg.context:
+        raise ValueError(f"token cache holds sequences of {int(lengths.max())} tokens; the context is {cfg.context}")
+    model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
     state = {"step": 0, "best_val": float("inf"), "best_step": -1, "bad_evals": 0, "max_steps": cfg.max_steps,
              "log": [], "elapsed_s": 0.0}
@@ -209,7 +213,8 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
     best_path = out / "resume" / "best.safetensors"
     best_state = load_file(str(best_path)) if resume and state["step"] and best_path.is_file() else None
     t0, tokens_seen = time.perf_counter() - state["elapsed_s"], 0
-    step = state["step"]
+    step = first_step = state["step"]
+    timer_start = time.perf_counter()
     model.train()
     while step < state["max_steps"]:
         epoch, position = divmod(step, steps_per_epoch)
@@ -229,11 +234,15 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
         step += 1
         tokens_seen += int(count.sum())
         elapsed = time.perf_counter() - t0
-        if cfg.time_budget_s and step == state["step"] + 30 and state["max_steps"] == cfg.max_steps:
-            per_step = elapsed / step if state["step"] == 0 else (elapsed - state["elapsed_s"]) / 30
-            fit = int((cfg.time_budget_s - elapsed) / (per_step * 1.15)) + step  # 15 % for evaluation
-            state["max_steps"] = max(step + 1, min(cfg.max_steps, fit))
-            print(f"time budget {cfg.time_budget_s:.0f} s → max_steps {state['max_steps']}", flush=True)
+        if cfg.time_budget_s and state["max_steps"] == cfg.max_steps:
+            # Time steps 10…40 (after start-up and kernel warm-up), then fix max_steps to fit the budget.
+            if step == first_step + 10:
+                timer_start = time.perf_counter()
+            elif step == first_step + 40:
+                per_step = (time.perf_counter() - timer_start) / 30
+                fit = step + int((cfg.time_budget_s - elapsed) / (per_step * 1.1))  # 10 % for evaluation
+                state["max_steps"] = max(step + 1, min(cfg.max_steps, fit))
+                print(f"{per_step * 1000:.0f} ms/step: time budget {cfg.time_budget_s:.0f} s → max_steps {state['max_steps']}", flush=True)
         if step % cfg.log_every == 0:
             eta = (state["max_steps"] - step) * elapsed / max(step, 1)
             print(f"step {step}/{state['max_steps']} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
@@ -277,7 +286,7 @@ def export(model, cfg: TrainConfig, state: dict, npz: dict, out: Path) -> Path:
         "best_val_loss": state["best_val"], "best_step": state["best_step"], "steps": state["step"],
         "train_seconds": round(state["elapsed_s"], 1),
     }
-    save_model(model, model_dir, metadata)
+    save_model(model, model_dir, metadata, dtype=getattr(torch, cfg.export_dtype))
     (model_dir / "training_log.json").write_text(json.dumps(state["log"], indent=1))
     (model_dir / "training_data_stats.json").write_text(json.dumps(data_stats(npz)))
     print(f"exported best model (step {state['best_step']}, val {state['best_val']:.4f}) to {model_dir}", flush=True)

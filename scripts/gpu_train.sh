@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The one prepared command for a lent GPU: trains the default generator and the GNN band-gap
+# surrogate side by side, then packs the results into ≤ 15 MiB parts under OUT.
+#   bash scripts/gpu_train.sh OUT GEN_BUDGET_S GNN_BUDGET_S [extra training --set overrides…]
+# Inputs (pre-processed on a CPU machine, carried): data/gpu/tokens.npz, data/gpu/surrogate_graphs.npz.
+# Unpack at home: cat OUT/result.tgz.part-* | tar xzf - -C runs/gpu
+set -u
+OUT=$1; GEN_BUDGET=$2; GNN_BUDGET=$3; shift 3
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+WORK=${WORK:-/tmp/crystallm_gpu}
+rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import torch, transformers, numpy, safetensors; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
+python3 -m crystallm_core.training --config scripts/train_default.json --no-resume \
+  --set data=data/gpu/tokens.npz out_dir="$WORK/gen" time_budget_s="$GEN_BUDGET" "$@" > "$WORK/gen.log" 2>&1 &
+gen=$!
+python3 -m crystallm_core.surrogates.train_gnn --graphs data/gpu/surrogate_graphs.npz --out "$WORK/gnn" \
+  --time-budget-s "$GNN_BUDGET" > "$WORK/gnn.log" 2>&1 &
+gnn=$!
+wait $gen; echo "generator exit $?"; wait $gnn; echo "gnn exit $?"
+grep -E "time budget|val_loss|exported|Error|error" "$WORK/gen.log" | tail -12
+python3 scripts/measure_conditioning.py --model "$WORK/gen/model" --data data/gpu/tokens.npz \
+  --out "$WORK/gen/model/conditioning_measurements.json" > "$WORK/measure.log" 2>&1; tail -30 "$WORK/measure.log"
+tail -15 "$WORK/gnn.log"
+tar czf - -C "$WORK" gen/model gnn gen.log gnn.log measure.log 2>/dev/null | split -b 15M - "$OUT/result.tgz.part-"
+ls -la "$OUT"
