@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import save_model
+from .checkpoints import load_model_weights, save_model
 from .conditions import BAND_GAP_EXPONENT, BAND_GAP_MAX, E_HULL_MAX, denormalise_band_gap, denormalise_e_hull
 from .model import CrystaLLMPKV, PKVConfig, count_parameters
 
@@ -56,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 1
+    init_from: str | None = None  # model directory to start from (a continued run with a fresh schedule)
     device: str = "auto"
     bf16: bool = True
     export_dtype: str = "bfloat16"  # shipped weights; loaders cast to the inference dtype
@@ -198,7 +199,10 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
     train_data, val_data = TokenData(npz, 0, 371), TokenData(npz, 1, 371)
     if int(lengths.max()) > cfg.context:
         raise ValueError(f"token cache holds sequences of {int(lengths.max())} tokens; the context is {cfg.context}")
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if cfg.init_from:
+        model.load_state_dict(load_model_weights(cfg.init_from, dtype=torch.float32).state_dict())
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg)
     state = {"step": 0, "best_val": float("inf"), "best_step": -1, "bad_evals": 0, "max_steps": cfg.max_steps,
              "log": [], "elapsed_s": 0.0}

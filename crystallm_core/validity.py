@@ -1,0 +1,263 @@
+"""Is a generated CIF a plausible crystal? The CrystaLLM-pi validity checks (reference §4a-d
+plus the generation-time sanity check), each with its own verdict and a reason a person can read.
+
+check_cif never raises: a check that crashes fails with the exception text as its reason, and
+checks that need the parsed structure fail with "skipped: CIF did not parse".
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from pymatgen.analysis.local_env import CrystalNN
+from pymatgen.core import Composition, Element, Structure
+from pymatgen.io.cif import CifParser
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+
+@dataclass(frozen=True)
+class ValidityConfig:
+    symprec: float = 0.1              # SpacegroupAnalyzer tolerance, as in CifWriter/training
+    site_tolerance: float = 1e-3      # fractional distance under which CifParser merges sites
+    composition_tol: float = 0.1      # rtol = atol for fractional compositions (§4a)
+    bond_tolerance: float = 0.32      # a bond passes if 0.68 < d / expected < 1.32 (§4c)
+    hydrogen_factor: float = 2.5      # bonds with H only need d / expected < 2.5
+    ionic_x_difference: float = 1.7   # |ΔX| from which a bond counts as ionic
+    length_range: tuple[float, float] = (0.5, 1000.0)   # Å
+    angle_range: tuple[float, float] = (10.0, 170.0)    # degrees
+    min_distance: float = 0.5         # Å between any two atoms
+    max_sites_for_bonds: int = 500    # CrystalNN cost grows fast; bigger cells are not checked
+
+
+CHECK_NAMES = ["parses", "formula_consistency", "multiplicity", "sane_cell", "space_group",
+               "bond_lengths"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    reason: str
+
+
+@dataclass
+class ValidityReport:
+    checks: list[CheckResult]
+    structure: Structure | None = None
+    formula: str | None = None       # reduced formula of the parsed structure, e.g. 'TiO2'
+    spacegroup: str | None = None    # detected H-M symbol (symprec 0.1), else the stated one
+
+    @property
+    def valid(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    @property
+    def failed_reasons(self) -> list[str]:
+        return [f"{check.name}: {check.reason}" for check in self.checks if not check.passed]
+
+    def check(self, name: str) -> CheckResult:
+        return next(check for check in self.checks if check.name == name)
+
+    def to_dict(self) -> dict:
+        return {"valid": self.valid, "formula": self.formula, "spacegroup": self.spacegroup,
+                "checks": {c.name: {"passed": c.passed, "reason": c.reason} for c in self.checks}}
+
+
+class CheckFailed(Exception):
+    """Raised inside a check to fail it with a readable reason."""
+
+
+def as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def element_symbol(label: str) -> str:
+    match = re.match(r"[A-Z][a-z]?", label.strip())
+    if not match:
+        raise CheckFailed(f"atom type '{label}' is not an element")
+    return match.group()
+
+
+def formula_of(composition: Composition) -> str:
+    return composition.formula.replace(" ", "")
+
+
+class CifChecker:
+    """Runs the checks on one CIF; each check_* returns a pass reason or raises CheckFailed."""
+
+    def __init__(self, cif: str, config: ValidityConfig):
+        self.cif, self.config = cif, config
+        self.structure: Structure | None = None
+        self.tags: dict = {}
+        self.detected_spacegroup: str | None = None
+        self.equivalent_atoms: np.ndarray | None = None  # spglib orbit label per site
+        self.stated_spacegroup: str | None = None
+        self.sane = False
+
+    def tag(self, name: str):
+        if name not in self.tags:
+            raise CheckFailed(f"missing {name}")
+        return self.tags[name]
+
+    def check_parses(self) -> str:
+        if not isinstance(self.cif, str) or "data_" not in self.cif:
+            raise CheckFailed("no CIF text (no data_ block)")
+        # Sites within 1e-3 (fractional) are one atom: 4-decimal coordinates such as
+        # (0.1629, 0.3259) put symmetry images ~1e-4 apart, beyond pymatgen's default 1e-4.
+        parser = CifParser.from_str(self.cif, site_tolerance=self.config.site_tolerance)
+        structures = parser.parse_structures(primitive=False, on_error="raise")
+        if not structures or len(structures[0]) == 0:
+            raise CheckFailed("pymatgen found no atoms")
+        self.structure = structures[0]
+        self.tags = next(iter(parser.as_dict().values()))
+        stated = self.tags.get("_symmetry_space_group_name_H-M", self.tags.get("_space_group_name_H-M_alt"))
+        self.stated_spacegroup = stated.strip() if isinstance(stated, str) else None
+        return f"{len(self.structure)} sites in the cell"
+
+    def check_formula_consistency(self) -> str:
+        data_name = re.search(r"data_(\S+)", self.cif)
+        if data_name is None:
+            raise CheckFailed("the data_ line holds no formula")
+        formulas = {
+            "data_": Composition(data_name.group(1)),
+            "_chemical_formula_sum": Composition(self.tag("_chemical_formula_sum")),
+            "_chemical_formula_structural": Composition(self.tag("_chemical_formula_structural")),
+        }
+        reduced = {name: comp.reduced_formula for name, comp in formulas.items()}
+        if len(set(reduced.values())) > 1:
+            raise CheckFailed("formulas disagree: " + ", ".join(f"{n} {f}" for n, f in reduced.items()))
+        stated, parsed = formulas["_chemical_formula_sum"], self.structure.composition
+        tol = self.config.composition_tol
+        if not stated.fractional_composition.almost_equals(parsed.fractional_composition, rtol=tol, atol=tol):
+            raise CheckFailed(f"atoms in the cell make {formula_of(parsed)} but "
+                              f"_chemical_formula_sum says {formula_of(stated)}")
+        return f"{reduced['data_']} everywhere"
+
+    def check_multiplicity(self) -> str:
+        symbols = as_list(self.tag("_atom_site_type_symbol"))
+        multiplicities = as_list(self.tag("_atom_site_symmetry_multiplicity"))
+        counted: Counter = Counter()
+        for symbol, multiplicity in zip(symbols, multiplicities, strict=True):
+            counted[element_symbol(symbol)] += int(multiplicity)
+        expected = Composition(self.tag("_chemical_formula_sum")).as_dict()
+        for element in sorted(set(counted) | set(expected)):
+            if counted[element] != expected.get(element, 0):
+                raise CheckFailed(f"{element}: site multiplicities sum to {counted[element]}, "
+                                  f"_chemical_formula_sum has {expected.get(element, 0):g}")
+        return "site multiplicities add up to the formula sum"
+
+    def check_sane_cell(self) -> str:
+        lattice, config = self.structure.lattice, self.config
+        low, high = config.length_range
+        for axis, length in zip("abc", lattice.abc):
+            if not low <= length <= high:
+                raise CheckFailed(f"cell length {axis} = {length:.4g} Å is outside {low:g}–{high:g} Å")
+        low, high = config.angle_range
+        for name, angle in zip(("alpha", "beta", "gamma"), lattice.angles):
+            if not low <= angle <= high:
+                raise CheckFailed(f"cell angle {name} = {angle:.4g}° is outside {low:g}–{high:g}°")
+        if len(self.structure) > 1:
+            distances = self.structure.distance_matrix + np.eye(len(self.structure)) * 1e9
+            i, j = np.unravel_index(np.argmin(distances), distances.shape)
+            if distances[i, j] < config.min_distance:
+                raise CheckFailed(f"atoms {i} ({self.structure[i].species_string}) and {j} "
+                                  f"({self.structure[j].species_string}) are {distances[i, j]:.2f} Å "
+                                  f"apart (< {config.min_distance} Å)")
+        self.sane = True
+        return "cell lengths, angles and interatomic distances are plausible"
+
+    def check_space_group(self) -> str:
+        if not self.stated_spacegroup:
+            raise CheckFailed("no _symmetry_space_group_name_H-M")
+        analyzer = SpacegroupAnalyzer(self.structure, symprec=self.config.symprec)
+        self.detected_spacegroup = analyzer.get_space_group_symbol()
+        self.equivalent_atoms = np.asarray(analyzer.get_symmetry_dataset().equivalent_atoms)
+        if self.stated_spacegroup.replace(" ", "") != self.detected_spacegroup.replace(" ", ""):
+            raise CheckFailed(f"CIF states {self.stated_spacegroup} but the atoms have "
+                              f"{self.detected_spacegroup} symmetry (symprec {self.config.symprec})")
+        return f"{self.detected_spacegroup} confirmed"
+
+    def expected_bond_length(self, a: Element, b: Element) -> float:
+        """Cation + anion radii for ionic bonds (|ΔX| >= 1.7), else the sum of atomic radii."""
+        if abs(a.X - b.X) >= self.config.ionic_x_difference:
+            cation, anion = (a, b) if a.X < b.X else (b, a)
+            expected = float(cation.average_cationic_radius) + float(anion.average_anionic_radius)
+        else:
+            if a.atomic_radius is None or b.atomic_radius is None:
+                missing = a if a.atomic_radius is None else b
+                raise CheckFailed(f"no atomic radius known for {missing}")
+            expected = float(a.atomic_radius) + float(b.atomic_radius)
+        if not expected > 0:
+            raise CheckFailed(f"no reference radii for a {a}–{b} bond")
+        return expected
+
+    def check_bond_lengths(self) -> str:
+        if not self.sane:
+            raise CheckFailed("skipped: cell is not sane")
+        if len(self.structure) > self.config.max_sites_for_bonds:
+            raise CheckFailed(f"skipped: {len(self.structure)} sites is too many for bond analysis")
+        low, high = 1 - self.config.bond_tolerance, 1 + self.config.bond_tolerance
+        # Symmetry-equivalent sites have the same bonds, so one site per orbit is enough
+        # (CrystalNN dominates the cost of check_cif).
+        if self.equivalent_atoms is not None and len(self.equivalent_atoms) == len(self.structure):
+            sites = [int(i) for i in np.unique(self.equivalent_atoms)]
+        else:
+            sites = list(range(len(self.structure)))
+        crystal_nn = CrystalNN()
+        bonds, bad = 0, []  # bad: (how far off, text)
+        for i in sites:
+            site = self.structure[i]
+            for neighbour in crystal_nn.get_nn_info(self.structure, i):
+                if neighbour["site_index"] == i:
+                    continue
+                a, b = site.specie, neighbour["site"].specie
+                length = site.distance(neighbour["site"])
+                expected = self.expected_bond_length(a, b)
+                ratio = length / expected
+                bonds += 1
+                ok = ratio < self.config.hydrogen_factor if "H" in (a.symbol, b.symbol) else low < ratio < high
+                if not ok:
+                    bad.append((abs(math.log(ratio)) if ratio > 0 else math.inf,
+                                f"{a}–{b} {length:.2f} Å is {ratio:.2f}× the expected {expected:.2f} Å"))
+        if bonds == 0:
+            raise CheckFailed("CrystalNN found no bonds")
+        if bad:
+            raise CheckFailed(f"{max(bad)[1]} ({len(bad)} of {bonds} bonds outside "
+                              f"{low:.2f}–{high:.2f}×)")
+        return (f"all {bonds} bonds of the {len(sites)} symmetry-distinct sites within "
+                f"{low:.2f}–{high:.2f}× of the expected lengths")
+
+
+def run_check(name: str, check: Callable[[], str]) -> CheckResult:
+    try:
+        return CheckResult(name, True, check())
+    except CheckFailed as failure:
+        return CheckResult(name, False, str(failure))
+    except Exception as error:  # any crash is a failed check, never a failed batch
+        text = " ".join(f"{type(error).__name__}: {error}".split())  # one line, even for multi-line errors
+        return CheckResult(name, False, text.rstrip(":"))
+
+
+def check_cif(cif_text: str, config: ValidityConfig = ValidityConfig()) -> ValidityReport:
+    """Run every validity check on a (repaired, standard) CIF. Never raises."""
+    checker = CifChecker(cif_text, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checks = [run_check("parses", checker.check_parses)]
+        for name in CHECK_NAMES[1:]:
+            if checker.structure is None:
+                checks.append(CheckResult(name, False, "skipped: CIF did not parse"))
+            else:
+                checks.append(run_check(name, getattr(checker, f"check_{name}")))
+    structure = checker.structure
+    return ValidityReport(
+        checks=checks,
+        structure=structure,
+        formula=structure.composition.reduced_formula if structure is not None else None,
+        spacegroup=checker.detected_spacegroup or checker.stated_spacegroup,
+    )

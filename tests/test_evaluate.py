@@ -1,0 +1,143 @@
+"""`python -m crystallm_core evaluate DIR` and `evaluate_structures` on a hand-made directory."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pandas as pd
+import pytest
+
+import crystallm_core.surrogates
+from crystallm_core import evaluate, stability
+from crystallm_core.cif_format import repair_generated_cif, structure_to_model_cif
+from crystallm_core.hull import HullReference
+from crystallm_core.novelty import NoveltyIndex, encode_structure
+from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
+
+
+def written_cif(structure) -> str:
+    """The CIF a generation run would write for this structure."""
+    return repair_generated_cif(structure_to_model_cif(structure)).cif
+
+
+class FakeSurrogate:
+    """Predicts 1.2 eV for everything (the real weights are not needed to test the plumbing)."""
+
+    @classmethod
+    def load(cls):
+        return cls()
+
+    def predict(self, structures):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(gnn=1.1, gbm=1.3, mean=1.2, std=0.1, p_metal=0.2) for _ in structures]
+
+
+class MissingSurrogate:
+    @classmethod
+    def load(cls):
+        raise FileNotFoundError("band-gap surrogate file missing: gnn.safetensors")
+
+
+@pytest.fixture
+def offline_components(monkeypatch):
+    """Tiny novelty index (NaCl, TiO2 'in training'), tiny hull, fake surrogate."""
+    index = NoveltyIndex({"NaCl": [encode_structure(rocksalt_nacl())], "TiO2": [encode_structure(rutile_tio2())]})
+    monkeypatch.setattr(NoveltyIndex, "load", classmethod(lambda cls, path=None: index))
+    hull = HullReference(pd.DataFrame({
+        "formula": ["Na", "Cl", "Ti", "O", "Si", "NaCl", "TiO2"],
+        "e_form_per_atom": [0, 0, 0, 0, 0, -2.1, -3.3],
+        "source_id": ["Na", "Cl", "Ti", "O", "Si", "nacl", "tio2"]}))
+    monkeypatch.setattr(stability, "load_hull", lambda: hull)
+    monkeypatch.setattr(crystallm_core.surrogates, "BandGapSurrogate", FakeSurrogate, raising=False)
+    evaluate.load_surrogate.cache_clear()
+    yield
+    evaluate.load_surrogate.cache_clear()  # do not leak the fake into other tests
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    nacl = written_cif(rocksalt_nacl())
+    perturbed = rocksalt_nacl()
+    perturbed.perturb(0.01, seed=1)
+    files = {
+        "000_NaCl.cif": nacl,
+        "001_NaCl.cif": written_cif(perturbed),  # a duplicate of 000
+        "002_TiO2.cif": written_cif(rutile_tio2()),  # in the (tiny) training set
+        "003_Si.cif": written_cif(diamond_si()),
+        "004_bad_formula.cif": nacl.replace("_chemical_formula_sum 'Na4 Cl4'", "_chemical_formula_sum 'Na4 Cl8'"),
+        "005_garbage.cif": "this is not a CIF\n_cell_length_a banana\n",
+        "006_empty.cif": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "007_binary.cif").write_bytes(b"\x00\xff\xfe\x89PNG\r\n")
+    (tmp_path / "notes.txt").write_text("not a CIF file: ignored")
+    (tmp_path / "manifest.json").write_text(json.dumps({"targets": {"band_gap": 1.0, "e_hull": 0.0}}))
+    return tmp_path
+
+
+def cli_args(directory, **overrides) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args([str(directory)])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
+    assert evaluate.run(cli_args(run_dir)) == 0
+    df = pd.read_csv(run_dir / evaluate.OUTPUT_NAME).set_index("file")
+    assert len(df) == 8 and "notes.txt" not in df.index
+    assert "biased low" in capsys.readouterr().out
+
+    assert df.loc["000_NaCl.cif", "valid"] and df.loc["000_NaCl.cif", "spacegroup"] == "Fm-3m"
+    assert df.loc["000_NaCl.cif", "unique"] and not df.loc["001_NaCl.cif", "unique"]
+    assert not df.loc["000_NaCl.cif", "novel"] and df.loc["003_Si.cif", "novel"]
+    assert not df.loc["002_TiO2.cif", "novel"]
+    assert -2.4 < df.loc["000_NaCl.cif", "e_form_pred"] < -1.8
+    assert math.isfinite(df.loc["003_Si.cif", "e_hull_pred"])
+    assert df.loc["003_Si.cif", "hit"] and df.loc["003_Si.cif", "band_gap_pred"] == pytest.approx(1.2)
+    assert df.loc["003_Si.cif", "vsun"] == (df.loc["003_Si.cif", "e_hull_pred"] <= 0.1)
+
+    assert not df.loc["004_bad_formula.cif", "valid"] and isinstance(df.loc["004_bad_formula.cif", "failed_checks"], str)
+    assert not df.loc["004_bad_formula.cif", "hit"]  # a hit needs a valid structure
+    for bad in ("005_garbage.cif", "006_empty.cif", "007_binary.cif"):
+        assert not df.loc[bad, "valid"] and len(str(df.loc[bad, "failed_checks"])) > 3
+        assert math.isnan(df.loc[bad, "band_gap_pred"]) and math.isnan(df.loc[bad, "e_hull_pred"])
+
+
+def test_missing_surrogate_degrades_gracefully(offline_components, monkeypatch):
+    monkeypatch.setattr(crystallm_core.surrogates, "BandGapSurrogate", MissingSurrogate, raising=False)
+    evaluate.load_surrogate.cache_clear()
+    df = evaluate.evaluate_structures([written_cif(diamond_si()), None], ["si.cif", "gone.cif"],
+                                      {"band_gap": 1.0}, stability=False)
+    assert df["band_gap_pred"].isna().all() and df["hit"].isna().all()
+    assert "band-gap surrogate unavailable" in df.loc[0, "notes"]
+    assert df.loc[1, "failed_checks"] == "not checked" and "could not be read" in df.loc[1, "notes"]
+
+
+def test_without_targets_hit_is_unknown(offline_components):
+    df = evaluate.evaluate_structures([written_cif(rocksalt_nacl())], ["a.cif"], stability=False, novelty=False)
+    assert df.loc[0, "valid"] and df["hit"].isna().all() and df["novel"].isna().all()
+    assert math.isnan(df.loc[0, "e_hull_pred"]) and df.loc[0, "stable"] is None
+
+
+def test_bad_directory_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        evaluate.run(cli_args(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no .cif files"):
+        evaluate.run(cli_args(tmp_path))
+
+
+def test_precomputed_reports_are_reused(offline_components):
+    from crystallm_core.validity import check_cif
+
+    report = check_cif(written_cif(rocksalt_nacl()))
+    df = evaluate.evaluate_structures([None], ["000"], {"band_gap": 1.0}, stability=False, reports=[report])
+    assert df.loc[0, "valid"] and df.loc[0, "formula"] == report.formula and not df.loc[0, "novel"]
+    assert df.loc[0, "hit"]  # fake surrogate: 1.2 eV vs target 1.0
+    with pytest.raises(ValueError, match="names"):
+        evaluate.evaluate_structures(["a", "b"], ["only one"])

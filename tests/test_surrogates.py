@@ -1,0 +1,171 @@
+"""Band-gap surrogates: featurisation, graph network, LightGBM wrapper, ensemble, shipped models."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from crystallm_core.paths import SURROGATE_DIR
+from crystallm_core.surrogates.cgcnn import (CrystalGNN, GNNConfig, GraphStore, load_gnn, predict_gap, save_gnn,
+                                             standardise)
+from crystallm_core.surrogates.ensemble import BandGapSurrogate, GapPrediction
+from crystallm_core.surrogates.features import (ELEMENT_PROPERTIES, MAX_Z, element_table, feature_names,
+                                                structure_features)
+from crystallm_core.surrogates.gbm import GBMModel
+from crystallm_core.surrogates.graphs import GraphConfig, pack_graphs, structure_to_graph
+from crystallm_core.surrogates.scoring import gap_metrics, gated_gap
+from crystallm_core.surrogates.train_gnn import TrainConfig, train
+from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
+
+
+@pytest.fixture(scope="module")
+def prototypes() -> dict[str, Structure]:
+    return all_prototypes()
+
+
+def tiny_gnn() -> CrystalGNN:
+    torch.manual_seed(0)
+    config = GNNConfig(hidden=16, n_layers=2, n_rbf=8)
+    return CrystalGNN(config, torch.as_tensor(standardise(element_table()))).eval()
+
+
+def tiny_gbm() -> GBMModel:
+    """Boosters fitted on random rows: only the plumbing is under test."""
+    rng = np.random.default_rng(0)
+    features, target = rng.normal(size=(40, len(feature_names()))), rng.uniform(0, 3, 40)
+    params = {"verbose": -1, "min_data_in_leaf": 2, "num_leaves": 4, "num_threads": 1}
+    names = feature_names()
+    classifier = lgb.train({**params, "objective": "binary"}, lgb.Dataset(features, target > 1.5, feature_name=names), 3)
+    regressor = lgb.train({**params, "objective": "l2"}, lgb.Dataset(features, target, feature_name=names), 3)
+    return GBMModel(classifier, regressor)
+
+
+def test_element_table_is_finite_and_complete():
+    table = element_table()
+    assert table.shape == (MAX_Z + 1, len(ELEMENT_PROPERTIES))
+    assert np.isfinite(table).all()
+    assert table[11, ELEMENT_PROPERTIES.index("valence_s")] == 1  # Na: [Ne].3s1
+
+
+def test_structure_features_have_one_finite_value_per_name(prototypes):
+    for name, structure in prototypes.items():
+        vector = structure_features(structure)
+        assert vector.shape == (len(feature_names()),), name
+        assert np.isfinite(vector).all(), name
+    nacl = dict(zip(feature_names(), structure_features(prototypes["NaCl"])))
+    assert nacl["spacegroup_number"] == 225 and nacl["n_elements"] == 2
+    assert nacl["coordination_mean"] == 6 and nacl["nn_distance_min"] == pytest.approx(2.82, abs=1e-3)
+
+
+def test_disordered_structure_is_rejected_with_a_reason():
+    alloy = Structure(Lattice.cubic(3.6), [{"Cu": 0.5, "Au": 0.5}], [[0, 0, 0]])
+    with pytest.raises(ValueError, match="disordered"):
+        structure_features(alloy)
+    with pytest.raises(ValueError, match="disordered"):
+        structure_to_graph(alloy)
+
+
+def test_graphs_keep_the_nearest_neighbours(prototypes):
+    config = GraphConfig(cutoff=8.0, max_neighbors=12)
+    for name, structure in prototypes.items():
+        graph = structure_to_graph(structure, config)
+        incoming = np.bincount(graph.dst, minlength=len(structure))
+        assert (incoming == config.max_neighbors).all(), name  # 8 Å always holds 12 neighbours here
+        assert graph.distances.max() <= config.cutoff
+    cu = structure_to_graph(prototypes["Cu"], config)
+    assert cu.distances == pytest.approx(np.full(len(cu.src), 3.615 / math.sqrt(2)), abs=1e-4)  # fcc: 12 at a/√2
+
+
+def test_graph_store_batches_are_disjoint_unions(prototypes):
+    graphs = [structure_to_graph(prototypes[name]) for name in ("NaCl", "Cu", "TiO2")]
+    store = GraphStore(pack_graphs(graphs))
+    batch = store.batch(torch.tensor([2, 1]))
+    n_tio2, n_cu = len(graphs[2].atomic_numbers), len(graphs[1].atomic_numbers)
+    assert batch.n_graphs == 2 and batch.graph_index.tolist() == [0] * n_tio2 + [1] * n_cu
+    assert batch.atomic_numbers.tolist() == graphs[2].atomic_numbers.tolist() + [29] * n_cu
+    cu_edges = batch.src[len(graphs[2].src):]
+    assert cu_edges.tolist() == (graphs[1].src + n_tio2).tolist()  # local ids shifted past TiO2
+
+
+def test_gnn_prediction_does_not_depend_on_batch_company(prototypes):
+    model = tiny_gnn()
+    store = GraphStore(pack_graphs([structure_to_graph(s) for s in prototypes.values()]))
+    p_all, gap_all = predict_gap(model, store, np.arange(len(store)))
+    p_one, gap_one = predict_gap(model, store, np.array([3]))
+    assert p_all.shape == gap_all.shape == (len(prototypes),)
+    assert ((p_all >= 0) & (p_all <= 1)).all() and (gap_all >= 0).all()
+    assert p_one[0] == pytest.approx(p_all[3], abs=1e-5) and gap_one[0] == pytest.approx(gap_all[3], abs=1e-5)
+
+
+def test_gnn_save_load_round_trip(tmp_path, prototypes):
+    model = tiny_gnn()
+    save_gnn(model, tmp_path)
+    loaded = load_gnn(tmp_path)
+    assert loaded.config == model.config
+    store = GraphStore(pack_graphs([structure_to_graph(prototypes["ZnO"])]))
+    for a, b in zip(predict_gap(model, store, np.arange(1)), predict_gap(loaded, store, np.arange(1))):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_train_gnn_runs_and_keeps_a_model(prototypes):
+    graphs = [structure_to_graph(s) for s in prototypes.values()]
+    arrays = pack_graphs(graphs * 2)
+    arrays.update(band_gap=np.array([5.0, 1.1, 3.0, 3.2, 3.4, 0.0] * 2, np.float32),
+                  split=np.array(["train"] * 6 + ["val"] * 6), source=np.array(["mp20"] * 12),
+                  element_features=element_table())
+    tiny = GNNConfig(hidden=8, n_layers=1, n_rbf=4)
+    model, log = train(arrays, tiny, TrainConfig(time_budget_s=30, max_epochs=3), "cpu")
+    assert len(log) == 3 and all(np.isfinite(entry["val_mae"]) for entry in log)
+    assert isinstance(model, CrystalGNN)
+
+
+def test_train_gnn_does_not_import_pymatgen():
+    # The GPU training machine has torch and numpy but no pymatgen.
+    code = ("import sys, crystallm_core.surrogates.train_gnn; "
+            "sys.exit(any(m.split('.')[0] in ('pymatgen', 'pandas', 'lightgbm') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_gating_and_metrics():
+    assert gated_gap([0.9, 0.19, 0.0], [3.0, 2.0, -1.0]).tolist() == pytest.approx([0.0, 1.8, 0.0])
+    metrics = gap_metrics(np.array([0.0, 2.0, 4.0]), np.array([0.0, 2.0, 3.0]), np.array([0.9, 0.1, 0.1]))
+    assert metrics["mae"] == pytest.approx(1 / 3) and metrics["mae_gap_pos"] == pytest.approx(0.5)
+    assert metrics["metal_accuracy"] == 1.0 and metrics["n_gap_pos"] == 2
+
+
+def test_ensemble_turns_bad_structures_into_reasons(tmp_path):
+    tiny_gnn_dir = tmp_path / "models"
+    save_gnn(tiny_gnn(), tiny_gnn_dir)
+    tiny_gbm().save(tiny_gnn_dir)
+    surrogate = BandGapSurrogate.load(tiny_gnn_dir)
+    disordered = Structure(Lattice.cubic(3.6), [{"Cu": 0.5, "Au": 0.5}], [[0, 0, 0]])
+    predictions = surrogate.predict([rocksalt_nacl(), "not a structure", disordered, fcc_cu()])
+    assert len(predictions) == 4 and all(isinstance(p, GapPrediction) for p in predictions)
+    for good in (predictions[0], predictions[3]):
+        assert good.reason is None and all(np.isfinite([good.gnn, good.gbm, good.mean, good.std, good.p_metal]))
+        assert good.std == pytest.approx(abs(good.gnn - good.gbm) / 2)
+    for bad, words in ((predictions[1], "pymatgen Structure"), (predictions[2], "disordered")):
+        assert words in bad.reason and math.isnan(bad.mean) and math.isnan(bad.gnn)
+    assert surrogate.predict([]) == []
+    assert math.isnan(surrogate.predict(["x"])[0].mean)
+
+
+def test_missing_model_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gnn_config.json"):
+        BandGapSurrogate.load(tmp_path)
+
+
+SHIPPED = all((SURROGATE_DIR / name).is_file() for name in ("gnn.safetensors", "gbm_regressor.txt"))
+
+
+@pytest.mark.skipif(not SHIPPED, reason="shipped surrogate weights not present in crystallm_core/assets/surrogates")
+def test_shipped_surrogates_know_salt_from_copper():
+    nacl, cu = BandGapSurrogate.load().predict([rocksalt_nacl(), fcc_cu()])
+    assert nacl.p_metal < 0.5 and nacl.mean > 2.0 and nacl.gnn > 2.0 and nacl.gbm > 2.0
+    assert cu.p_metal > 0.5 and cu.mean == 0.0
