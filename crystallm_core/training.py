@@ -238,12 +238,13 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
         step += 1
         tokens_seen += int(count.sum())
         elapsed = time.perf_counter() - t0
-        if cfg.time_budget_s and state["max_steps"] == cfg.max_steps:
-            # Time steps 10…40 (after start-up and kernel warm-up), then fix max_steps to fit the budget.
+        if cfg.time_budget_s:
+            # Time steps from 10 on (after start-up and kernel warm-up) and fit max_steps to the budget;
+            # re-fitted once at step 300, since early steps can be slow (e.g. a GPU shared at start).
             if step == first_step + 10:
                 timer_start = time.perf_counter()
-            elif step == first_step + 40:
-                per_step = (time.perf_counter() - timer_start) / 30
+            elif step in (first_step + 40, first_step + 300) and step < state["max_steps"]:
+                per_step = (time.perf_counter() - timer_start) / (step - first_step - 10)
                 fit = step + int((cfg.time_budget_s - elapsed) / (per_step * 1.1))  # 10 % for evaluation
                 state["max_steps"] = max(step + 1, min(cfg.max_steps, fit))
                 print(f"{per_step * 1000:.0f} ms/step: time budget {cfg.time_budget_s:.0f} s → max_steps {state['max_steps']}", flush=True)

@@ -1,0 +1,422 @@
+"""The logic behind the Streamlit app, kept out of the pages so it is testable without a browser.
+
+- `GenerationQueue`: one generation at a time per process. Several users on one CPU would
+  otherwise thrash each other; with the queue each waits its turn and sees its position.
+- `GenerationJob`: a run (or a target sweep) in a background thread. The page polls it
+  (`st.fragment(run_every=…)`) for progress and finished rows; Cancel sets an event that the
+  sampler checks between steps, so everything finished so far is kept. The thread touches no
+  Streamlit API, and each browser session holds its own job, so sessions never mix.
+- `StructureScorer`: surrogate band gap (± ensemble disagreement) and CHGNet E_hull for each
+  finished structure; a score whose model is unavailable is left out, never invented.
+- `results_frame`, `run_zip`, `build_manifest`: the results table and the download.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import threading
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from typing import Callable, Sequence
+
+import pandas as pd
+from pymatgen.core import Structure
+
+from .history import HistoryStore, RunRecord, StructureRecord
+from .metrics import MetricSettings, add_flags, hit_rate_curve, novelty_flags, summarise, uniqueness_flags
+
+LOG = logging.getLogger(__name__)
+NAN = float("nan")
+APP_PACKAGES = ("streamlit", "chgnet", "lightgbm")  # beyond what generation.package_versions records
+
+
+class GenerationQueue:
+    """FIFO of tickets; the ticket at the head may generate, the others wait and see their place."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._line: list[int] = []
+        self._tickets = itertools.count(1)
+
+    def join(self) -> int:
+        with self._cond:
+            ticket = next(self._tickets)
+            self._line.append(ticket)
+            return ticket
+
+    def position(self, ticket: int) -> int | None:
+        """0 = generating now, k = k runs ahead of it, None = not in the queue."""
+        with self._cond:
+            return self._line.index(ticket) if ticket in self._line else None
+
+    def wait_turn(self, ticket: int, should_cancel: Callable[[], bool], poll_seconds: float = 0.2) -> bool:
+        """Block until `ticket` is at the head (True) or `should_cancel()` (False)."""
+        with self._cond:
+            while self._line[0] != ticket:
+                if should_cancel():
+                    return False
+                self._cond.wait(poll_seconds)
+            return True
+
+    def leave(self, ticket: int) -> None:
+        with self._cond:
+            if ticket in self._line:
+                self._line.remove(ticket)
+            self._cond.notify_all()
+
+
+GENERATION_QUEUE = GenerationQueue()
+
+
+class StructureScorer:
+    """Surrogate band gap, CHGNet E_hull and novelty of one structure, each only where available.
+
+    Score keys follow `evaluate.evaluate_structures`' columns (band_gap_pred, band_gap_std,
+    e_hull_pred, novel, …) so the metrics functions apply to the app's tables unchanged.
+    `unavailable` maps a score family to why it is missing, for the UI.
+    """
+
+    def __init__(self):
+        from .stability import estimate_stability
+
+        self.estimate_stability = estimate_stability
+        self.unavailable: dict[str, str] = {}
+        self.gap_model = self.novelty_index = None
+        try:
+            from .surrogates import BandGapSurrogate
+
+            self.gap_model = BandGapSurrogate.load()
+        except Exception as error:  # missing weights: say so, invent nothing
+            self.unavailable["band gap"] = f"surrogate not available ({error})"
+        try:
+            from .novelty import NoveltyIndex
+
+            self.novelty_index = NoveltyIndex.load()
+        except Exception as error:
+            self.unavailable["novelty"] = f"novelty index not available ({error})"
+
+    def score(self, structure: Structure) -> dict:
+        """Finite numbers only; what could not be computed is absent, with a note why."""
+        scores: dict = {}
+        notes: list[str] = []
+        if self.gap_model is not None:
+            gap = self.gap_model.predict([structure])[0]
+            if gap.reason:
+                notes.append(f"band gap: {gap.reason}")
+            else:
+                scores.update(band_gap_pred=gap.mean, band_gap_std=gap.std, band_gap_gnn=gap.gnn,
+                              band_gap_gbm=gap.gbm, p_metal=gap.p_metal)
+        try:
+            estimate = self.estimate_stability([structure])[0]
+        except Exception as error:  # CHGNet could not be loaded
+            notes.append(f"stability not available: {type(error).__name__}: {error}")
+        else:
+            if estimate.e_hull is not None:
+                scores["e_hull_pred"] = estimate.e_hull
+            if estimate.e_form_per_atom is not None:
+                scores["e_form_pred"] = estimate.e_form_per_atom
+            if estimate.error:
+                notes.append(f"stability: {estimate.error}")
+        if self.novelty_index is not None:
+            scores["novel"] = novelty_flags([structure], self.novelty_index)[0]
+        if notes:
+            scores["notes"] = "; ".join(notes)
+        return scores
+
+
+@lru_cache(maxsize=1)
+def get_scorer() -> StructureScorer:
+    """One scorer per process (the surrogate and CHGNet are loaded once)."""
+    return StructureScorer()
+
+
+def app_versions() -> dict[str, str]:
+    from .generation import package_versions
+
+    return {**package_versions(), **{name: metadata.version(name) for name in APP_PACKAGES}}
+
+
+def check_request(loaded_model, request) -> None:
+    """Raise the ValueError `generate` would raise for this request, before it waits in the queue."""
+    from .prompts import build_prompt
+
+    request.validate()
+    build_prompt(loaded_model.tokenizer, request.composition, request.z, request.spacegroup)
+
+
+@dataclass
+class Progress:
+    status: str  # queued | running | done | cancelled | failed
+    done: int
+    total: int
+    elapsed: float
+    eta: float | None
+    position: int | None  # place in the generation queue while queued
+
+
+class GenerationJob:
+    """One run of one or more `GenerationRequest`s in a background thread.
+
+    `run` carries the model info and settings; structures are appended to it as they finish
+    and it is saved to `store` (if given) when the job ends, however it ends.
+    """
+
+    def __init__(self, loaded_model, requests: Sequence, run: RunRecord, store: HistoryStore | None = None,
+                 queue: GenerationQueue = GENERATION_QUEUE, scorer: Callable[[], StructureScorer] = get_scorer):
+        self.loaded_model, self.requests, self.run = loaded_model, list(requests), run
+        self.store, self.queue, self.scorer = store, queue, scorer
+        self.total = sum(r.n for r in self.requests)
+        self.status = "queued"
+        self.ticket: int | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.unavailable: dict[str, str] = {}  # score families the scorer could not provide, and why
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name=f"generation-{run.run_id}", daemon=True)
+
+    def start(self) -> GenerationJob:
+        self.ticket = self.queue.join()
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "cancelled", "failed")
+
+    def structures(self) -> list[StructureRecord]:
+        with self._lock:
+            return list(self.run.structures)
+
+    def progress(self) -> Progress:
+        done = len(self.run.structures)
+        end = self.finished_at or time.time()
+        elapsed = end - self.started_at if self.started_at else 0.0
+        eta = elapsed / done * (self.total - done) if done and not self.finished else None
+        position = self.queue.position(self.ticket) if self.status == "queued" else None
+        return Progress(self.status, done, self.total, elapsed, eta, position)
+
+    def _add(self, generated, request) -> None:
+        """on_structure callback: score a valid structure, then publish its row."""
+        scores = {}
+        if generated.valid and generated.report.structure is not None:
+            try:
+                scorer = self.scorer()
+                self.unavailable = scorer.unavailable
+                scores = scorer.score(generated.report.structure)
+            except Exception as error:  # a scoring failure must not lose the structure
+                scores = {"notes": f"scoring failed: {type(error).__name__}: {error}"}
+        with self._lock:
+            self.run.structures.append(StructureRecord(
+                index=len(self.run.structures), valid=bool(generated.valid), formula=generated.formula,
+                spacegroup=generated.spacegroup, reasons=list(generated.reasons), cif=generated.cif,
+                raw_text=generated.raw_text, seconds=float(generated.seconds), band_gap_target=request.band_gap,
+                e_hull_target=request.e_hull, scores=scores,
+            ))
+
+    def _work(self) -> None:
+        from .generation import generate
+
+        manifests, status = [], "cancelled"
+        try:
+            if self.queue.wait_turn(self.ticket, self._cancel.is_set):
+                self.status, self.started_at = "running", time.time()
+                for request in self.requests:
+                    if self._cancel.is_set():
+                        break
+                    manifests.append(generate(self.loaded_model, request, should_cancel=self._cancel.is_set,
+                                              on_structure=lambda g, r=request: self._add(g, r)).manifest)
+                status = "cancelled" if self._cancel.is_set() else "done"
+        except ValueError as error:  # bad request: the core's message is meant for the user
+            status, self.run.error = "failed", str(error)
+        except Exception as error:
+            LOG.exception("generation job %s failed", self.run.run_id)
+            status, self.run.error = "failed", f"generation failed ({type(error).__name__}: {error})"
+        finally:
+            self.queue.leave(self.ticket)
+            self.run.status = status
+            self.run.manifest = build_manifest(self.run, manifests, self.unavailable)
+            if self.store is not None and self.run.structures:
+                try:
+                    self.store.save(self.run)
+                except Exception:
+                    LOG.exception("could not save run %s to the history", self.run.run_id)
+            self.finished_at = time.time()
+            self.status = status  # last: from here on the UI treats the run as final
+
+
+def build_manifest(run: RunRecord, generation_manifests: Sequence[dict], unavailable: dict[str, str]) -> dict:
+    """What a download says about how it was made: model id + hash, settings, seeds, versions,
+    and which scores could not be computed (so a missing number is never mistaken for zero)."""
+    return {
+        "run_id": run.run_id,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(run.created_at)),
+        "kind": run.kind,
+        "status": run.status,
+        "error": run.error,
+        "model": run.model,
+        "settings": run.settings,
+        "seed": run.settings.get("seed"),
+        "generation": list(generation_manifests),
+        "n_requested": run.settings.get("n"),
+        "n_generated": len(run.structures),
+        "n_valid": run.n_valid,
+        "scores_unavailable": dict(unavailable),
+        "versions": app_versions(),
+    }
+
+
+RESULT_COLUMNS = ["index", "formula", "space_group", "valid", "reason", "band_gap_target", "band_gap_pred",
+                  "band_gap_std", "e_hull_target", "e_hull_pred", "unique", "novel", "stable", "hit", "vsun", "seconds"]
+
+
+def results_frame(structures: Sequence[StructureRecord], settings: MetricSettings | None = None,
+                  unique: Sequence[bool | None] | None = None) -> pd.DataFrame:
+    """One row per structure with the metrics flags: the live table, the CSV in the zip, and the
+    Evaluate page's input. `unique` (from `unique_flags`) is optional because it needs the whole run."""
+    settings = settings or MetricSettings()
+    frame = pd.DataFrame({
+        "index": [s.index for s in structures],
+        "formula": [s.formula for s in structures],
+        "space_group": [s.spacegroup for s in structures],
+        "valid": [s.valid for s in structures],
+        "reason": ["; ".join(s.reasons) for s in structures],
+        "band_gap_target": pd.array([s.band_gap_target for s in structures], dtype="Float64"),
+        "band_gap_pred": [s.scores.get("band_gap_pred", NAN) for s in structures],
+        "band_gap_std": [s.scores.get("band_gap_std", NAN) for s in structures],
+        "e_hull_target": [s.e_hull_target for s in structures],
+        "e_hull_pred": [s.scores.get("e_hull_pred", NAN) for s in structures],
+        "unique": list(unique) if unique is not None else [None] * len(structures),
+        "novel": [s.scores.get("novel") for s in structures],
+        "seconds": [round(s.seconds, 3) for s in structures],
+    })
+    if frame.empty:
+        return frame.reindex(columns=RESULT_COLUMNS)
+    # Hit needs each structure's own target (a sweep has several): flag per target group.
+    parts = [add_flags(group, None if pd.isna(target) else float(target), settings)
+             for target, group in frame.groupby("band_gap_target", dropna=False, sort=False)]
+    return pd.concat(parts).sort_index()[RESULT_COLUMNS]
+
+
+def unique_flags(structures: Sequence[StructureRecord]) -> list[bool | None]:
+    """Uniqueness within the run (valid structures first), via metrics.uniqueness_flags."""
+    parsed = []
+    for record in structures:
+        try:
+            parsed.append(parse_cif(record.cif) if record.valid and record.cif else None)
+        except ValueError:
+            parsed.append(None)
+    return uniqueness_flags(parsed, [s.valid for s in structures])
+
+
+def hit_rate_vs_tolerance(frame: pd.DataFrame, tolerances: Sequence[float]) -> pd.DataFrame:
+    """Hit rate over all samples as the tolerance grows (targets may differ per structure)."""
+    hits = pd.Series(0.0, index=range(len(tolerances)))
+    for target, group in frame.dropna(subset=["band_gap_target"]).groupby("band_gap_target"):
+        curve = hit_rate_curve(group["band_gap_pred"].tolist(), group["valid"].tolist(), float(target), tolerances)
+        hits += curve["hit_rate"] * len(group)
+    return pd.DataFrame({"tolerance": list(tolerances), "hit_rate": hits / max(len(frame), 1)})
+
+
+def sweep_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per band-gap target: samples, valid and hit rates (over all samples), mean predicted gap."""
+    rows = []
+    for target, group in frame.dropna(subset=["band_gap_target"]).groupby("band_gap_target"):
+        rates = summarise(group, float(target))
+        predicted = pd.to_numeric(group["band_gap_pred"], errors="coerce")
+        rows.append({"target": float(target), "n": len(group), "valid": rates["valid"], "hit": rates["hit"],
+                     "mean_pred": float(predicted.mean()) if predicted.notna().any() else NAN,
+                     "std_pred": float(predicted.std()) if predicted.notna().sum() > 1 else NAN})
+    return pd.DataFrame(rows, columns=["target", "n", "valid", "hit", "mean_pred", "std_pred"])
+
+
+def cif_filename(record: StructureRecord) -> str:
+    """As `generation.GeneratedStructure.file_stem` names files: index and formula."""
+    return f"{record.index:03d}_{record.formula or 'unparsed'}.cif"
+
+
+def run_zip(run: RunRecord, include_invalid: bool = False, tolerance: float | None = None) -> bytes:
+    """cifs/ (one CIF per valid structure), optionally invalid/ (what was written, with its reason
+    in the CSV), results.csv and manifest.json."""
+    tolerance = run.settings.get("tolerance", 0.5) if tolerance is None else tolerance
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for record in run.structures:
+            if record.valid and record.cif:
+                archive.writestr(f"cifs/{cif_filename(record)}", record.cif)
+            elif include_invalid:
+                text = record.cif or record.raw_text
+                archive.writestr(f"invalid/{cif_filename(record)}", text)
+        frame = results_frame(run.structures, MetricSettings(hit_tolerance=tolerance), unique_flags(run.structures))
+        archive.writestr("results.csv", frame.to_csv(index=False))
+        archive.writestr("manifest.json", json.dumps(run.manifest, indent=2, default=str))
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=1)
+def space_group_choices() -> list[tuple[int, str]]:
+    """(number, short H-M symbol) for all 230 space groups, in the notation the model writes."""
+    import spglib
+
+    symbols: dict[int, str] = {}
+    for hall_number in range(1, 531):  # the first Hall setting of each group is its standard one
+        group = spglib.get_spacegroup_type(hall_number)
+        symbols.setdefault(group.number, group.international_short)
+    return sorted(symbols.items())
+
+
+def parse_cif(text: str) -> Structure:
+    """A CIF (generated or uploaded) → Structure; ValueError with the reason when it cannot be read."""
+    if not text or not text.strip():
+        raise ValueError("the CIF is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Structure.from_str(text, fmt="cif")
+    except Exception as error:
+        raise ValueError(f"this CIF could not be read ({type(error).__name__}: {error})") from None
+
+
+def describe_structure(structure: Structure, symprec: float = 0.1) -> dict:
+    """Re-detected symmetry, lattice and density of a structure, for display."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    lattice = structure.lattice
+    summary = {"formula": structure.composition.reduced_formula,
+               "cell formula": structure.composition.formula, "sites": len(structure)}
+    try:
+        analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
+        summary.update({"space group": f"{analyzer.get_space_group_symbol()} (#{analyzer.get_space_group_number()})",
+                        "crystal system": analyzer.get_crystal_system()})
+    except Exception as error:  # spglib can fail on degenerate cells
+        summary.update({"space group": f"not detected ({error})", "crystal system": "—"})
+    summary.update({
+        "a, b, c (Å)": ", ".join(f"{x:.3f}" for x in lattice.abc),
+        "α, β, γ (°)": ", ".join(f"{x:.2f}" for x in lattice.angles),
+        "volume (Å³)": round(lattice.volume, 3),
+        "density (g/cm³)": round(float(structure.density), 3),
+    })
+    return summary
+
+
+def xrd_pattern(structure: Structure, two_theta_range: tuple[float, float] = (5, 90)) -> pd.DataFrame:
+    """Powder XRD peaks (Cu Kα): two_theta, intensity (max 100), hkl label."""
+    from pymatgen.analysis.diffraction.xrd import XRDCalculator
+
+    pattern = XRDCalculator(wavelength="CuKa").get_pattern(structure, two_theta_range=two_theta_range)
+    hkls = [", ".join("(" + " ".join(str(i) for i in h["hkl"]) + ")" for h in family) for family in pattern.hkls]
+    return pd.DataFrame({"two_theta": pattern.x, "intensity": pattern.y, "hkl": hkls})
+

@@ -1,0 +1,156 @@
+"""Evaluate: how close did the run come to its targets? Scatter, hit rate, funnel, target sweep."""
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from crystallm_core.app_support import hit_rate_vs_tolerance, results_frame, sweep_summary, unique_flags
+from crystallm_core.generation import GenerationRequest
+from crystallm_core.history import RunRecord
+from crystallm_core.metrics import PAPER_BY_TARGET, MetricSettings, funnel_counts
+from crystallm_core.stability import HULL_BIAS_NOTE
+from pages.common import active_job, current_model, current_run, live_job_panel, run_tolerance, start_job
+
+CATEGORY_COLOURS = {"valid, stable": "#2f855a", "valid, not stable": "#dd6b20", "valid, E_hull n/a": "#718096"}
+
+
+@st.cache_data(max_entries=8, show_spinner="Checking uniqueness…")
+def cached_unique_flags(run_id: str, _structures: list) -> list:
+    """Uniqueness needs structure matching over the whole run: once per run."""
+    return unique_flags(_structures)
+
+
+def scored(frame) -> pd.Series:
+    """Rows with both a band-gap target and a surrogate prediction."""
+    return frame["band_gap_pred"].notna() & frame["band_gap_target"].notna()
+
+
+def scatter_figure(frame, tolerance: float) -> go.Figure:
+    """Target vs surrogate gap, error bars = surrogate disagreement, the ±tolerance band shaded."""
+    shown = frame[scored(frame)].copy()
+    shown["category"] = [("valid, E_hull n/a" if pd.isna(stable) else "valid, stable" if stable else "valid, not stable")
+                         for stable in shown["stable"]]
+    targets = shown["band_gap_target"].astype(float)
+    # Every point of a target shares one x: spread each target's points a little, deterministically.
+    group = shown.groupby("band_gap_target")
+    jitter = ((group.cumcount() + 0.5) / group["index"].transform("count") - 0.5) * 0.3
+    top = max(float(targets.max()), float(shown["band_gap_pred"].max())) + tolerance + 0.5
+    line = np.array([0.0, top])
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=np.r_[line, line[::-1]], y=np.r_[line + tolerance, (line - tolerance)[::-1]],
+                                mode="lines", fill="toself", fillcolor="rgba(43,108,176,0.12)", line_width=0,
+                                name=f"target ± {tolerance:g} eV", hoverinfo="skip"))
+    figure.add_trace(go.Scatter(x=line, y=line, mode="lines", line=dict(dash="dash", color="#2b6cb0"),
+                                name="predicted = target"))
+    for category, colour in CATEGORY_COLOURS.items():
+        part = shown["category"] == category
+        if part.any():
+            figure.add_trace(go.Scatter(
+                x=(targets + jitter)[part], y=shown["band_gap_pred"][part], mode="markers", name=category,
+                marker=dict(color=colour, size=9), text=shown["formula"][part],
+                error_y=dict(type="data", array=shown["band_gap_std"][part].fillna(0), thickness=1),
+                hovertemplate="%{text}<br>target %{x:.2f} eV<br>surrogate %{y:.2f} eV<extra></extra>"))
+    figure.update_layout(height=420, margin=dict(l=10, r=10, t=30, b=40), title="Target vs surrogate band gap",
+                         xaxis_title="target band gap (eV)", yaxis_title="surrogate band gap (eV)")
+    figure.update_xaxes(range=[0, top])
+    figure.update_yaxes(range=[-0.2, top])
+    return figure
+
+
+def funnel_figure(frame) -> go.Figure:
+    counts = funnel_counts(frame)
+    figure = go.Figure(go.Funnel(y=list(counts), x=list(counts.values()), textinfo="value+percent initial",
+                                 marker_color="#2b6cb0"))
+    figure.update_layout(height=320, margin=dict(l=10, r=10, t=30, b=20), title="Valid → unique → novel → stable")
+    return figure
+
+
+def sweep_figures(summary) -> tuple[go.Figure, go.Figure]:
+    """Hit rate and mean surrogate gap vs target, with the published model's hit rates for reference."""
+    hits = go.Figure(go.Scatter(x=summary["target"], y=summary["hit"], mode="lines+markers", name="this model"))
+    hits.add_trace(go.Scatter(x=list(PAPER_BY_TARGET), y=[v[2] for v in PAPER_BY_TARGET.values()], mode="markers",
+                              marker_symbol="x", name="CrystaLLM-π paper (ALIGNN)"))
+    hits.update_layout(height=320, title="Hit rate vs target", xaxis_title="target (eV)", yaxis_title="hit rate",
+                       yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=30, b=40))
+    means = go.Figure(go.Scatter(x=summary["target"], y=summary["mean_pred"], mode="lines+markers",
+                                 error_y=dict(type="data", array=summary["std_pred"].fillna(0)),
+                                 name="mean surrogate gap"))
+    top = float(summary["target"].max()) + 0.5
+    means.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(dash="dash"), name="ideal"))
+    means.update_layout(height=320, title="Mean surrogate gap vs target", xaxis_title="target (eV)",
+                        yaxis_title="surrogate gap (eV)", margin=dict(l=10, r=10, t=30, b=40))
+    return hits, means
+
+
+def sweep_form() -> None:
+    """K samples at each of M targets, with the last Generate settings (or the defaults)."""
+    with st.form("sweep_form"):
+        cols = st.columns(4)
+        low = cols[0].number_input("Lowest target (eV)", 0.0, 12.0, 0.5, 0.1, key="sweep_low")
+        high = cols[1].number_input("Highest target (eV)", 0.0, 12.0, 4.0, 0.1, key="sweep_high")
+        m = cols[2].number_input("Targets M", 2, 12, 4, key="sweep_m")
+        k = cols[3].number_input("Samples per target K", 1, 64, 4, key="sweep_k")
+        e_hull = st.slider("E_hull target (eV/atom)", 0.0, 0.5, 0.0, 0.005, key="sweep_e_hull")
+        submitted = st.form_submit_button("Run sweep")
+    if not submitted:
+        return
+    if high <= low:
+        st.error("The highest target must be above the lowest.")
+        return
+    if active_job() is not None:
+        st.warning("A run is still in progress in this session: wait for it or cancel it first.")
+        return
+    loaded = current_model()
+    if loaded is None:
+        return
+    base = replace(st.session_state.get("last_request") or GenerationRequest(), e_hull=e_hull, composition=None,
+                   z=None, spacegroup=None)
+    targets = [round(float(t), 3) for t in np.linspace(low, high, int(m))]
+    # K samples per target; each target gets its own seed so the targets are independent draws.
+    requests = [replace(base, band_gap=target, n=int(k), seed=base.seed + i) for i, target in enumerate(targets)]
+    settings = {**asdict(base), "band_gap_targets": targets, "n": int(k) * len(targets), "tolerance": 0.5}
+    start_job(loaded, requests, RunRecord(asdict(loaded.info), settings, {}, kind="sweep"))
+
+
+st.title("Evaluate")
+run = current_run()
+if run is None:
+    st.info("No run yet: generate structures, run a sweep below, or reopen one from History.")
+else:
+    st.caption(f"Run `{run.run_id}` · {run.label}")
+    cols = st.columns(2)
+    tolerance = cols[0].slider("Hit tolerance ± (eV)", 0.05, 3.0, run_tolerance(run), 0.05, key="eval_tolerance")
+    threshold = cols[1].slider("Stable if E_hull ≤ (eV/atom)", 0.0, 0.3, MetricSettings.stability_threshold, 0.01,
+                               key="eval_threshold")
+    settings = MetricSettings(stability_threshold=threshold, hit_tolerance=tolerance)
+    frame = results_frame(run.structures, settings, cached_unique_flags(run.run_id, run.structures))
+    if scored(frame).any():
+        st.plotly_chart(scatter_figure(frame, tolerance), key="scatter")
+        curve = hit_rate_vs_tolerance(frame, [round(t, 2) for t in np.arange(0.05, 3.01, 0.05)])
+        figure = go.Figure(go.Scatter(x=curve["tolerance"], y=curve["hit_rate"], mode="lines"))
+        figure.add_vline(x=tolerance, line_dash="dot")
+        figure.update_layout(height=300, title="Hit rate (over all samples) vs tolerance", xaxis_title="tolerance (eV)",
+                             yaxis_title="hit rate", yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=30, b=40))
+        st.plotly_chart(figure, key="hit_curve")
+    else:
+        st.info("Surrogate band gaps: not available for this run (no valid structure, no surrogate model, or "
+                "no band-gap target), so there is no scatter or hit rate to show.")
+    st.plotly_chart(funnel_figure(frame), key="funnel")
+    st.caption("Rates divide by all samples, as in the CrystaLLM-π paper. " + HULL_BIAS_NOTE)
+    if run.kind == "sweep":
+        summary = sweep_summary(frame)
+        hits, means = sweep_figures(summary)
+        left, right = st.columns(2)
+        left.plotly_chart(hits, key="sweep_hits")
+        right.plotly_chart(means, key="sweep_means")
+        st.dataframe(summary, hide_index=True)
+
+st.subheader("Target sweep")
+st.caption("K samples at each of M band-gap targets, with the sampling settings of your last Generate run.")
+sweep_form()
+if active_job() is not None:
+    live_job_panel()

@@ -1,0 +1,68 @@
+"""Explore: one structure in 3D, its re-detected symmetry, lattice, density, XRD pattern and CIF."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from crystallm_core.app_support import cif_filename, describe_structure, parse_cif, xrd_pattern
+from pages.common import VIEWER_STYLES, current_run, viewer_html
+
+
+def pick_cif() -> tuple[str, str] | None:
+    """(name, CIF text) from the current run or an upload; None if there is nothing to show."""
+    run = current_run()
+    sources = (["Current run"] if run is not None else []) + ["Upload a CIF"]
+    source = st.radio("Structure from", sources, horizontal=True, key="explore_source")
+    if source == "Upload a CIF":
+        upload = st.file_uploader("CIF file", type=["cif"], key="explore_upload")
+        if upload is None:
+            return None
+        return upload.name, upload.getvalue().decode("utf-8", errors="replace")
+    readable = {s.index: s for s in run.structures if s.cif}
+    if not readable:
+        st.info("No structure of the current run could be turned into a CIF; nothing to show.")
+        return None
+    index = st.selectbox(
+        "Structure", list(readable), key="explore_structure",
+        format_func=lambda i: (f"#{i:03d} {readable[i].formula or '?'} ({readable[i].spacegroup or '?'}) "
+                               f"{'✓ valid' if readable[i].valid else '✗ invalid'}"),
+    )
+    chosen = readable[index]
+    if not chosen.valid:
+        st.warning("This structure failed validation: " + "; ".join(chosen.reasons))
+    return cif_filename(chosen), chosen.cif
+
+
+def xrd_figure(structure) -> go.Figure:
+    peaks = xrd_pattern(structure)
+    figure = go.Figure(go.Bar(x=peaks["two_theta"], y=peaks["intensity"], width=0.25, customdata=peaks["hkl"],
+                              hovertemplate="2θ %{x:.2f}°<br>I %{y:.1f}<br>%{customdata}<extra></extra>",
+                              marker_color="#2b6cb0"))
+    figure.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=40), title="Powder XRD (Cu Kα)",
+                         xaxis_title="2θ (°)", yaxis_title="intensity (a.u.)")
+    return figure
+
+
+st.title("Explore")
+picked = pick_cif()
+if picked is not None:
+    name, cif = picked
+    try:
+        structure = parse_cif(cif)
+    except ValueError as error:
+        st.error(f"{name}: {error}")
+        st.stop()
+    view_col, info_col = st.columns([3, 2])
+    with view_col:
+        controls = st.columns([1, 1, 1, 2, 1.3])
+        supercell = tuple(controls[i].number_input(axis, 1, 3, 1, key=f"cell_{axis}") for i, axis in enumerate("abc"))
+        style = controls[3].selectbox("Style", list(VIEWER_STYLES), key="viewer_style")
+        labels = controls[4].toggle("Labels", key="viewer_labels")
+        st.iframe(viewer_html(structure, supercell, labels, style), height=440)
+    with info_col:
+        summary = describe_structure(structure)
+        st.table({"property": list(summary), "value": [str(v) for v in summary.values()]})
+    st.plotly_chart(xrd_figure(structure), key="xrd")
+    with st.expander("CIF"):
+        st.code(cif, language=None)
+    st.download_button("Download this CIF", cif, file_name=name, mime="chemical/x-cif", key="cif_download")

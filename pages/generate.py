@@ -1,0 +1,96 @@
+"""Generate: targets and sampling settings in one form; a background run streams into the table."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import streamlit as st
+
+from crystallm_core.app_support import check_request, space_group_choices
+from crystallm_core.generation import MAX_STRUCTURES, GenerationRequest
+from crystallm_core.history import RunRecord
+from crystallm_core.prompts import space_group_symbols
+from crystallm_core.sampler import SamplingSettings
+from pages.common import (active_job, current_model, current_run, histogram_figure, live_job_panel, run_summary,
+                          start_job, training_stats)
+
+BAND_GAP_SLIDER_MAX = 12.0  # eV; the published model's highest evaluation target is 12.1 eV
+E_HULL_SLIDER_MAX = 0.5  # eV/atom; near-hull phases are what one asks for
+
+
+def space_group_label(choice, known: set[str]) -> str:
+    if choice is None:
+        return "any (the model chooses)"
+    number, symbol = choice
+    return f"{number}: {symbol}" + ("" if symbol in known else "  (not in this model's vocabulary)")
+
+
+def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] | None:
+    """The form; returns (request, tolerance) when submitted, None otherwise."""
+    can_omit = loaded.info.supports_missing_properties  # guidance also needs the "unknown" embedding
+    known = set(space_group_symbols(loaded.tokenizer))
+    with st.form("generate_form"):
+        left, right = st.columns(2)
+        band_gap = left.slider("Target band gap (eV)", 0.0, BAND_GAP_SLIDER_MAX, 1.5, 0.05, key="band_gap")
+        tolerance = left.slider("Tolerance ± (eV) for a hit", 0.05, 2.0, 0.5, 0.05, key="tolerance")
+        e_hull = right.slider("Target E_hull (eV/atom)", 0.0, E_HULL_SLIDER_MAX, 0.0, 0.005, key="e_hull")
+        omit_help = None if can_omit else "This model needs both targets."
+        any_gap = left.checkbox("Any band gap (no target)", key="any_gap", disabled=not can_omit, help=omit_help)
+        any_hull = right.checkbox("Any E_hull (no target)", key="any_hull", disabled=not can_omit, help=omit_help)
+        if stats:
+            left.plotly_chart(histogram_figure(stats["band_gap_hist"], "training band gaps (eV)", band_gap,
+                                               (0, BAND_GAP_SLIDER_MAX)), key="bg_density")
+            right.plotly_chart(histogram_figure(stats["e_hull_hist"], "training E_hull (eV/atom)", e_hull,
+                                                (0, E_HULL_SLIDER_MAX)), key="eh_density")
+            st.caption("Bars: where the training data are dense; targets far from them are harder to hit.")
+        else:
+            st.caption("Training-data density: not available (no training_data_stats.json in the model directory).")
+        with st.expander("Composition and symmetry (optional)"):
+            composition = st.text_input("Composition", placeholder="e.g. TiO2 or Li3PS4", key="composition")
+            cols = st.columns(2)
+            spacegroup = cols[0].selectbox("Space group (type to search; needs a composition)",
+                                           [None, *space_group_choices()], key="spacegroup",
+                                           format_func=lambda choice: space_group_label(choice, known))
+            z = cols[1].number_input("Z, formula units per cell (0 = as written)", 0, 20, 0, key="z")
+        with st.expander("Sampling", expanded=True):
+            cols = st.columns(3)
+            n = cols[0].number_input("Number of structures", 1, MAX_STRUCTURES, 8, key="n")
+            seed = cols[0].number_input("Seed", 0, 2**31 - 1, 0, key="seed")
+            temperature = cols[1].slider("Temperature", 0.1, 2.0, 1.0, 0.05, key="temperature")
+            top_k = cols[1].number_input("Top-k", 1, 377, 15, key="top_k")
+            top_p = cols[2].slider("Top-p", 0.05, 1.0, 0.95, 0.01, key="top_p")
+            guidance = cols[2].slider("Guidance scale (1 = off)", 1.0, 5.0, 1.0, 0.1, key="guidance",
+                                      disabled=not can_omit,
+                                      help=None if can_omit else "This model has no unconditional mode.")
+        submitted = st.form_submit_button("Generate", type="primary")
+    if not submitted:
+        return None
+    settings = SamplingSettings(temperature=temperature, top_k=int(top_k), top_p=top_p, guidance_scale=guidance)
+    request = GenerationRequest(band_gap=None if any_gap else band_gap, e_hull=None if any_hull else e_hull,
+                                n=int(n), composition=composition.strip() or None, z=int(z) or None,
+                                spacegroup=spacegroup[1] if spacegroup else None, settings=settings, seed=int(seed))
+    return request, tolerance
+
+
+st.title("Generate")
+loaded = current_model()
+if loaded is None:
+    st.stop()
+submission = request_form(loaded, training_stats(loaded.info.source))
+if submission is not None:
+    request, tolerance = submission
+    if active_job() is not None:
+        st.warning("A run is still in progress in this session: wait for it or cancel it first.")
+    else:
+        try:
+            check_request(loaded, request)
+        except ValueError as error:
+            st.error(str(error))
+        else:
+            st.session_state["last_request"] = request
+            settings = {**asdict(request), "tolerance": tolerance}
+            start_job(loaded, [request], RunRecord(asdict(loaded.info), settings, {}))
+
+if active_job() is not None:
+    live_job_panel()
+elif current_run() is not None:
+    run_summary(current_run())

@@ -1,0 +1,89 @@
+"""Model: the model card, training curves, training-data histograms and the surrogate's parity plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from crystallm_core.paths import DEFAULT_MODEL_DIR, SURROGATE_DIR
+from pages.common import current_model, histogram_figure, read_json, training_stats
+
+LOSS_LOG = "training_log.json"  # [{"step": …, "train_loss": …, "val_loss": …}, …] or {column: [values]}
+SURROGATE_PREDICTIONS = SURROGATE_DIR / "test_predictions.csv"  # columns true, pred (eV), optional split
+SURROGATE_METRICS = SURROGATE_DIR / "ensemble_metrics.json"  # {"metrics": {reading: {split: {n, mae, r2, …}}}}
+
+
+def loss_figure(log) -> go.Figure | None:
+    """One line per *loss* column against `step` (whichever of the two JSON layouts the log uses)."""
+    try:
+        frame = pd.DataFrame(log)
+    except ValueError:
+        return None
+    if "step" not in frame:
+        return None
+    figure = go.Figure()
+    for column in [c for c in frame.columns if "loss" in c]:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.notna().any():
+            figure.add_trace(go.Scatter(x=frame["step"][values.notna()], y=values.dropna(), mode="lines", name=column))
+    figure.update_layout(height=340, title="Training curves", xaxis_title="step", yaxis_title="loss",
+                         margin=dict(l=10, r=10, t=30, b=40))
+    return figure if figure.data else None
+
+
+def parity_figure(table: pd.DataFrame) -> go.Figure:
+    if "split" in table:
+        table = table[table["split"] == "test"]
+    true, pred = table["true"].astype(float), table["pred"].astype(float)
+    mae = float(np.mean(np.abs(true - pred)))
+    top = float(max(true.max(), pred.max())) + 0.5
+    figure = go.Figure(go.Scattergl(x=true, y=pred, mode="markers", marker=dict(size=4, opacity=0.5), name="test"))
+    figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(dash="dash"), name="ideal"))
+    figure.update_layout(height=380, title=f"Band-gap surrogate on its test split (MAE {mae:.3f} eV, n={len(table)})",
+                         xaxis_title="DFT (PBE) band gap (eV)", yaxis_title="surrogate band gap (eV)",
+                         margin=dict(l=10, r=10, t=30, b=40))
+    return figure
+
+
+st.title("Model")
+loaded = current_model()
+model_dir = Path(loaded.info.source) if loaded is not None else DEFAULT_MODEL_DIR
+card = next((p for p in (model_dir / "MODEL_CARD.md", DEFAULT_MODEL_DIR / "MODEL_CARD.md") if p.is_file()), None)
+with st.expander("Model card", expanded=True):
+    if card is None:
+        st.info("No model card (MODEL_CARD.md) ships with this model.")
+    else:
+        st.markdown(card.read_text())
+
+figure = loss_figure(read_json(model_dir / LOSS_LOG))
+if figure is None:
+    st.info(f"Training curves: not available (no readable {LOSS_LOG} in {model_dir}).")
+else:
+    st.plotly_chart(figure, key="loss")
+
+stats = training_stats(str(model_dir))
+if stats is None:
+    st.info("Training-data histograms: not available (no training_data_stats.json in the model directory).")
+else:
+    left, right = st.columns(2)
+    left.plotly_chart(histogram_figure(stats["band_gap_hist"], "band gap (eV)", height=280), key="bg_hist")
+    right.plotly_chart(histogram_figure(stats["e_hull_hist"], "E_hull (eV/atom)", height=280), key="eh_hist")
+
+try:
+    predictions = pd.read_csv(SURROGATE_PREDICTIONS)
+    figure = parity_figure(predictions)
+except (OSError, KeyError, ValueError) as error:
+    st.info(f"Surrogate parity plot: not available ({type(error).__name__}: {error}).")
+else:
+    st.plotly_chart(figure, key="parity")
+
+metrics = read_json(SURROGATE_METRICS)
+if metrics is not None:
+    st.caption("Band-gap surrogate on held-out splits (eV; the app shows the mean of the two readings, ± half "
+               "their difference).")
+    st.dataframe(pd.DataFrame([{"reading": reading, "split": split, **values}
+                               for reading, splits in metrics.get("metrics", {}).items()
+                               for split, values in splits.items()]), hide_index=True)

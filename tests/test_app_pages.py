@@ -1,0 +1,263 @@
+"""Every page's logic through Streamlit's AppTest, with the tiny random model (fast, no browser).
+
+Generation runs in a background thread; `wait_for_job` reruns the script (as the page's
+polling fragment would) until the job has finished.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pymatgen.io.cif import CifWriter
+from streamlit.testing.v1 import AppTest
+
+from crystallm_core.app_support import GENERATION_QUEUE
+from crystallm_core.history import HistoryStore, RunRecord, StructureRecord
+from prototypes import rocksalt_nacl, rutile_tio2
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(tmp_path_factory) -> Path:
+    """The tiny random model with a 64-token context: every sample ends fast, so runs take seconds."""
+    import torch
+    from conftest import tiny_config
+
+    from crystallm_core.checkpoints import save_model
+    from crystallm_core.model import CrystaLLMPKV
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("short_model")
+    save_model(CrystaLLMPKV(tiny_config(n_positions=66)), out, metadata={"name": "tiny-test-model"})
+    return out
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch, short_model_dir):
+    """The short tiny model as the default model; a fresh history database per test."""
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(short_model_dir))
+    monkeypatch.setenv("CRYSTALLM_HISTORY_DB", str(tmp_path / "history.sqlite"))
+    return tmp_path
+
+
+def new_app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def wait_for_job(at: AppTest, timeout: float = 120) -> AppTest:
+    deadline = time.time() + timeout
+    while "job" in at.session_state and time.time() < deadline:
+        time.sleep(0.3)
+        at.run()
+    assert "job" not in at.session_state, "generation did not finish in time"
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def messages(elements) -> str:
+    return " | ".join(str(e.value) for e in elements)
+
+
+def prototype_run(scores: bool = True) -> RunRecord:
+    """A finished run of two valid prototypes (with surrogate-like scores) and one invalid sample."""
+    def record(i, structure, gap, e_hull):
+        return StructureRecord(index=i, valid=True, formula=structure.composition.reduced_formula,
+                               spacegroup=None, reasons=[], cif=str(CifWriter(structure, symprec=0.1)),
+                               raw_text="", seconds=0.1, band_gap_target=2.0, e_hull_target=0.0,
+                               scores={"band_gap_pred": gap, "band_gap_std": 0.2, "e_hull_pred": e_hull,
+                                       "novel": True} if scores else {})
+    structures = [record(0, rocksalt_nacl(), 2.3, 0.02), record(1, rutile_tio2(), 1.1, 0.3),
+                  StructureRecord(index=2, valid=False, formula=None, spacegroup=None, reasons=["not repairable"],
+                                  cif=None, raw_text="data_[", seconds=0.1, band_gap_target=2.0, e_hull_target=0.0)]
+    return RunRecord(model={"name": "tiny"}, settings={"band_gap": 2.0, "tolerance": 0.5, "seed": 0},
+                     manifest={"seed": 0}, structures=structures)
+
+
+def test_home_shows_model_and_reports_a_bad_directory_inline(app_env):
+    at = new_app()
+    assert "tiny-test-model" in messages(at.markdown)
+    assert any("weights sha-256" in m.value.lower() for m in at.markdown)
+    at.radio(key="model_kind").set_value("Local directory")
+    at.text_input(key="model_location").set_value(str(app_env / "no_such_model"))
+    at.button[0].click().run()  # the form's "Load model"
+    assert not at.exception
+    assert "could not be loaded" in messages(at.error) and "does not exist" in messages(at.error)
+    assert "model_source" not in at.session_state  # the working model stays selected
+
+
+def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):
+    at = new_app("pages/generate.py")
+    at.slider(key="band_gap").set_value(2.5)
+    at.slider(key="e_hull").set_value(0.05)
+    at.number_input(key="n").set_value(4)
+    at.number_input(key="seed").set_value(7)
+    at.button[0].click().run()  # "Generate"
+    assert not at.error, messages(at.error)
+    wait_for_job(at)
+    run = at.session_state["run"]
+    assert run.status == "done" and len(run.structures) == 4
+    assert {s.band_gap_target for s in run.structures} == {2.5}
+    table = at.dataframe[0].value
+    assert len(table) == 4 and {"formula", "valid", "band_gap", "hit"} <= set(table.columns)
+    assert any(b.label == "Download zip" for b in at.get("download_button"))
+    stored = HistoryStore(app_env / "history.sqlite").load(run.run_id)
+    assert stored.settings["seed"] == 7 and stored.settings["e_hull"] == pytest.approx(0.05)
+    assert stored.manifest["model"]["name"] == "tiny-test-model" and len(stored.manifest["generation"]) == 1
+
+
+@pytest.mark.parametrize("composition, z, spacegroup, expected", [
+    ("Ti2Q3", 0, None, "not a chemical element"),
+    ("TiO2!", 0, None, "not a chemical formula"),
+    ("TiO2", 12, None, "atoms in the cell"),
+    ("", 0, (225, "Fm-3m"), "only be fixed together with a composition"),
+    ("NaCl", 4, (168, "P6"), "not one the model knows"),
+])
+def test_bad_inputs_give_an_inline_message_and_keep_the_previous_run(app_env, composition, z, spacegroup, expected):
+    at = new_app("pages/generate.py")
+    previous = prototype_run()
+    at.session_state["run"] = previous
+    at.text_input(key="composition").set_value(composition)
+    at.number_input(key="z").set_value(z)
+    at.selectbox(key="spacegroup").set_value(spacegroup)
+    at.button[0].click().run()
+    assert not at.exception
+    assert expected in messages(at.error)
+    assert "job" not in at.session_state
+    assert at.session_state["run"] is previous and len(at.dataframe[0].value) == 3  # nothing lost
+
+
+def test_cancel_keeps_finished_structures(app_env):
+    at = new_app("pages/generate.py")
+    at.number_input(key="n").set_value(256)
+    at.button[0].click().run()
+    deadline = time.time() + 120
+    while len(at.session_state["job"].structures()) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    at.run()
+    assert at.get("progress"), "no progress bar while generating"
+    at.button(key="cancel_job").click().run()
+    wait_for_job(at)
+    run = at.session_state["run"]
+    assert run.status == "cancelled" and 2 <= len(run.structures) < 256
+    assert "Cancelled" in messages(at.warning)
+    assert len(at.dataframe[0].value) == len(run.structures)
+
+
+def test_a_second_user_waits_in_the_queue_with_its_position(app_env):
+    other_user = GENERATION_QUEUE.join()  # someone else is generating
+    try:
+        at = new_app("pages/generate.py")
+        at.number_input(key="n").set_value(2)
+        at.checkbox(key="any_hull").check()  # this model can leave a property out
+        at.button[0].click().run()
+        at.run()
+        assert "position 1 in the queue" in messages(at.info)
+    finally:
+        GENERATION_QUEUE.leave(other_user)
+    wait_for_job(at)
+    assert len(at.session_state["run"].structures) == 2
+    assert {s.e_hull_target for s in at.session_state["run"].structures} == {None}
+
+
+def test_sessions_do_not_see_each_others_results(app_env):
+    first, second = new_app("pages/generate.py"), new_app("pages/generate.py")
+    first.session_state["run"] = prototype_run()
+    first.run()
+    second.run()
+    assert len(first.dataframe) == 1 and len(second.dataframe) == 0
+    assert "run" not in second.session_state
+
+
+def test_explore_shows_structure_xrd_and_rejects_a_corrupt_upload(app_env):
+    at = new_app()
+    at.session_state["run"] = prototype_run()
+    at.switch_page("pages/explore.py").run()
+    assert not at.exception
+    summary = at.table[0].value
+    assert "Fm-3m (#225)" in summary["value"].tolist()
+    assert at.get("iframe"), "no 3D viewer"
+    assert at.get("plotly_chart"), "no XRD pattern"
+    at.selectbox(key="explore_structure").set_value(1).run()
+    assert "P4_2/mnm (#136)" in at.table[0].value["value"].tolist()
+    at.radio(key="explore_source").set_value("Upload a CIF").run()
+    at.file_uploader(key="explore_upload").upload("broken.cif", b"data_x\n_cell_length_a 5\nloop_\n", "chemical/x-cif")
+    at.run()
+    assert not at.exception and "broken.cif" in messages(at.error)
+
+
+def test_evaluate_draws_scatter_hit_curve_and_funnel(app_env):
+    at = new_app()
+    at.session_state["run"] = prototype_run()
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.get("plotly_chart")) >= 3  # scatter, hit rate vs tolerance, funnel
+    at.session_state["run"] = prototype_run(scores=False)
+    at.run()
+    assert "not available" in messages(at.info) and len(at.get("plotly_chart")) == 1  # funnel only
+
+
+def test_evaluate_target_sweep_runs_k_samples_at_m_targets(app_env):
+    at = new_app("pages/evaluate.py")
+    at.number_input(key="sweep_m").set_value(2)
+    at.number_input(key="sweep_k").set_value(2)
+    at.button[0].click().run()  # "Run sweep"
+    assert not at.error, messages(at.error)
+    wait_for_job(at)
+    run = at.session_state["run"]
+    assert run.kind == "sweep" and len(run.structures) == 4
+    assert sorted({s.band_gap_target for s in run.structures}) == [0.5, 4.0]
+
+
+def test_model_page_renders_card_curves_and_histograms(app_env, short_model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    model_dir = tmp_path / "model_with_assets"
+    shutil.copytree(short_model_dir, model_dir)
+    (model_dir / "MODEL_CARD.md").write_text("# Tiny card\n\nTrained on nothing.")
+    (model_dir / "training_log.json").write_text(json.dumps([{"step": s, "train_loss": 3 / s, "val_loss": 3.5 / s,
+                                                              "elapsed_s": 10.0 * s}
+                                                             for s in range(1, 20)]))
+    hist = {"edges": [0, 1, 2, 3], "counts": [5, 3, 1]}
+    (model_dir / "training_data_stats.json").write_text(json.dumps({"band_gap_hist": hist, "e_hull_hist": hist}))
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir))
+    at = new_app("pages/model.py")
+    assert "Tiny card" in messages(at.markdown)
+    assert len(at.get("plotly_chart")) >= 3  # loss + two histograms (+ parity when the surrogate ships it)
+    at.switch_page("pages/generate.py").run()
+    assert not at.exception and len(at.get("plotly_chart")) == 2  # density hints beside the sliders
+
+
+def test_history_lists_reopens_compares_and_deletes(app_env):
+    store = HistoryStore(app_env / "history.sqlite")
+    first, second = prototype_run(), prototype_run()
+    second.created_at += 60
+    store.save(first)
+    store.save(second)
+    at = new_app("pages/history.py")
+    assert len(at.dataframe[0].value) == 2
+    at.multiselect(key="compare_runs").set_value([first.run_id, second.run_id]).run()
+    assert not at.exception and len(at.get("plotly_chart")) == 2
+    at.selectbox(key="history_run").set_value(first.run_id).run()
+    at.checkbox(key=f"confirm_delete_{first.run_id}").check().run()
+    at.button(key="delete_run").click().run()
+    assert [s.run_id for s in store.list_runs()] == [second.run_id]
+    at.button(key="open_evaluate").click().run()
+    assert not at.exception
+    assert at.session_state["run"].run_id == second.run_id and at.session_state["run"] == second
+
+
+def test_viewer_loads_local_3dmol_first_and_shows_the_p1_cell():
+    from pages.common import CDN_3DMOL, LOCAL_3DMOL, viewer_html
+
+    html = viewer_html(rocksalt_nacl(), supercell=(2, 2, 1), labels=True, style="spheres")
+    assert html.index(LOCAL_3DMOL) < html.index(CDN_3DMOL)  # local copy, CDN as fallback
+    assert "replicateUnitCell(2,2,1)" in html and "addUnitCell" in html and "addPropertyLabels" in html
+    assert "'P 1'" in html  # the expanded cell, so 3Dmol needs no symmetry assembly
