@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--composition", default=None, help="e.g. TiO2 (prompt level 2)")
     parser.add_argument("--z", type=int, default=None, help="formula units per cell")
     parser.add_argument("--spacegroup", default=None, help="H-M symbol, e.g. P4_2/mnm (needs --composition)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--elements", default=None, help="comma-separated element set the model may use, e.g. Li,Fe,P,O")
+    parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=15)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
                                 guidance_scale=args.guidance_scale, batch_size=args.batch_size)
     request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull, n=args.num_samples,
                                 composition=args.composition, z=args.z, spacegroup=args.spacegroup,
+                                elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
                                 settings=settings, seed=args.seed)
     request.validate()
     loaded = load_model(args.model)

@@ -20,12 +20,12 @@ from typing import Callable
 from .checkpoints import LoadedModel
 from .cif_format import repair_generated_cif
 from .conditions import condition_vector
-from .prompts import build_prompt
-from .sampler import FinishedSample, SamplingSettings, sample
+from .prompts import build_prompt, element_token_ids, parse_composition
+from .sampler import DEFAULT_BANNED_IDS, FinishedSample, SamplingSettings, sample
 from .validity import CheckResult, ValidityReport, check_cif
 
 MAX_STRUCTURES = 256
-VERSIONED_PACKAGES = ("torch", "transformers", "pymatgen", "numpy", "safetensors")
+VERSIONED_PACKAGES = ("torch", "transformers", "pymatgen", "numpy", "safetensors", "chgnet", "lightgbm", "streamlit")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class GenerationRequest:
     composition: str | None = None
     z: int | None = None
     spacegroup: str | None = None
+    elements: list[str] | None = None  # only these elements may be written (None = any)
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     seed: int = 0
 
@@ -103,12 +104,39 @@ def build_manifest(loaded: LoadedModel, request: GenerationRequest, prompt_text:
                   "n_params": info.n_params, "dtype": info.dtype},
         "targets": {"band_gap": request.band_gap, "e_hull": request.e_hull},
         "prompt": {"composition": request.composition, "z": request.z, "spacegroup": request.spacegroup,
-                   "text": prompt_text},
+                   "elements": request.elements, "text": prompt_text},
         "sampling": asdict(request.settings),
         "n_requested": request.n,
         "seed": request.seed,
         "versions": package_versions(),
     }
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request in the sampler's terms."""
+
+    prompt_text: str
+    prompt_ids: list[int]
+    conditions: list[float]
+    present: list[bool]
+    banned_ids: tuple[int, ...]
+
+
+def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedRequest:
+    """Validate a request against the model; raises ValueError with a clear reason (cheap: no sampling)."""
+    request.validate()
+    if not loaded.info.supports_missing_properties and (request.band_gap is None or request.e_hull is None):
+        raise ValueError("this model needs both targets (band gap and E_hull); it cannot leave one out")
+    prompt = build_prompt(loaded.tokenizer, request.composition, request.z, request.spacegroup)
+    banned_elements = element_token_ids(loaded.tokenizer, request.elements)
+    if request.elements and prompt.formula:
+        outside = sorted({el.symbol for el in parse_composition(prompt.formula)} - set(request.elements))
+        if outside:
+            raise ValueError(f"the composition uses {', '.join(outside)}, which the element set excludes")
+    values, present = condition_vector(request.band_gap, request.e_hull)
+    return PreparedRequest(prompt.text, loaded.tokenizer.encode(prompt.text), values, present,
+                           DEFAULT_BANNED_IDS + tuple(banned_elements))
 
 
 def check_sample(text: str, stop_reason: str, max_tokens: int) -> tuple[str | None, ValidityReport]:
@@ -138,13 +166,8 @@ def generate(
     should_cancel: Callable[[], bool] | None = None,
 ) -> GenerationRun:
     """Sample `request.n` structures and check each one as soon as it is finished."""
-    request.validate()
-    if not loaded.info.supports_missing_properties and (request.band_gap is None or request.e_hull is None):
-        raise ValueError("this model needs both targets (band gap and E_hull); it cannot leave one out")
-    prompt = build_prompt(loaded.tokenizer, request.composition, request.z, request.spacegroup)
-    prompt_ids = loaded.tokenizer.encode(prompt.text)
-    values, present = condition_vector(request.band_gap, request.e_hull)
-    manifest = build_manifest(loaded, request, prompt.text)
+    prepared = prepare(loaded, request)
+    manifest = build_manifest(loaded, request, prepared.prompt_text)
     max_tokens = request.settings.max_tokens or loaded.model.config.max_cif_tokens
     structures: list[GeneratedStructure] = []
 
@@ -157,8 +180,9 @@ def generate(
             on_structure(structure)
 
     started = time.perf_counter()
-    sample(loaded.model, prompt_ids, values, present, request.n, request.settings, request.seed,
-           eos_id=loaded.tokenizer.eos_id, on_finished=finished, should_cancel=should_cancel)
+    sample(loaded.model, prepared.prompt_ids, prepared.conditions, prepared.present, request.n, request.settings,
+           request.seed, eos_id=loaded.tokenizer.eos_id, banned_ids=prepared.banned_ids, on_finished=finished,
+           should_cancel=should_cancel)
     structures.sort(key=lambda s: s.index)
     cancelled = len(structures) < request.n
     manifest.update({"n_finished": len(structures), "n_valid": sum(s.valid for s in structures),

@@ -16,6 +16,7 @@ from .cif_format import atom_type_loop
 
 MAX_ATOMS = 20  # the model's context holds CIFs of about 20 atoms per cell (reference §6)
 SPACE_GROUP_TAG = "_symmetry_space_group_name_H-M"
+CENTRING_MULTIPLICITY = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "R": 3, "F": 4}  # lattice points per conventional cell
 FORMULA_PATTERN = re.compile(r"^\s*([A-Z][a-z]?\d*(\.\d+)?\s*)+$")
 
 
@@ -38,6 +39,19 @@ def parse_composition(formula: str) -> Composition:
     if any(not float(amount).is_integer() for amount in composition.values()):
         raise ValueError(f"'{formula}' has fractional amounts; give integer atom counts (ordered structures only)")
     return composition
+
+
+def element_token_ids(tokenizer, allowed: list[str] | None) -> list[int]:
+    """Ids of the element tokens NOT in `allowed` (to ban while sampling); [] when allowed is None."""
+    if not allowed:
+        return []
+    unknown = [symbol for symbol in allowed if not Element.is_valid_symbol(symbol)]
+    if unknown:
+        raise ValueError(f"not chemical elements: {', '.join(unknown)}")
+    outside_vocabulary = [symbol for symbol in allowed if symbol not in tokenizer.token_to_id]
+    if outside_vocabulary:
+        raise ValueError(f"the model cannot write these elements: {', '.join(outside_vocabulary)}")
+    return [i for i, token in enumerate(tokenizer.vocab) if Element.is_valid_symbol(token) and token not in allowed]
 
 
 def space_group_symbols(tokenizer) -> list[str]:
@@ -69,5 +83,21 @@ def build_prompt(tokenizer, composition: str | None = None, z: int | None = None
     symbol = spacegroup.strip()
     if symbol not in space_group_symbols(tokenizer):
         raise ValueError(f"space group '{symbol}' is not one the model knows (use the Hermann–Mauguin symbol, e.g. 'Fm-3m')")
+    check_centring(cell, symbol)
     text += atom_type_loop(cell).rstrip("\n") + f"\n{SPACE_GROUP_TAG} [{symbol}]\n"
     return Prompt(text, 4, formula)
+
+
+def check_centring(cell: Composition, symbol: str) -> None:
+    """A centred lattice repeats every atom: each element count must be a multiple of the centring.
+
+    A necessary condition only (Wyckoff multiplicities can demand more), but it catches the
+    common mistake of asking for e.g. NaCl with Z = 1 in Fm-3m (F-centring needs 4 of each).
+    """
+    factor = CENTRING_MULTIPLICITY.get(symbol[0], 1)
+    odd = [f"{el.symbol}{int(n)}" for el, n in cell.items() if int(n) % factor]
+    if odd:
+        raise ValueError(
+            f"space group {symbol} is {symbol[0]}-centred: every element count in the cell must be a multiple "
+            f"of {factor}, but {cell.formula.replace(' ', '')} has {', '.join(odd)} (raise Z or pick another space group)"
+        )

@@ -23,9 +23,12 @@ import torch
 from .model import CrystaLLMPKV, finish_block, split_heads
 
 
+DEFAULT_BANNED_IDS = (370, 371, 372, 376)  # <unk> <pad> <bos> <prop>: never part of a CIF
+
+
 @dataclass
 class SamplingSettings:
-    temperature: float = 1.0
+    temperature: float = 0.7  # the paper protocol; measured more valid CIFs than 1.0 (MODEL_CARD.md)
     top_k: int | None = 15
     top_p: float | None = 0.95
     guidance_scale: float = 1.0
@@ -150,7 +153,7 @@ def sample(
     settings: SamplingSettings | None = None,
     seed: int = 0,
     eos_id: int = 373,
-    banned_ids: tuple[int, ...] = (370, 371, 372, 376),
+    banned_ids: tuple[int, ...] = DEFAULT_BANNED_IDS,
     on_finished: Callable[[FinishedSample], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[FinishedSample]:

@@ -6,7 +6,7 @@ import pytest
 from crystallm_core.checkpoints import load_model
 from crystallm_core.cif_format import structure_to_model_cif
 from crystallm_core.cli import main
-from crystallm_core.generation import GenerationRequest, check_sample, generate, write_run
+from crystallm_core.generation import GenerationRequest, check_sample, generate, prepare, write_run
 from crystallm_core.prompts import build_prompt
 from crystallm_core.sampler import SamplingSettings
 from crystallm_core.tokenizer import get_tokenizer
@@ -62,11 +62,23 @@ def test_cancel_keeps_finished(tiny):
         (dict(composition="Ti O2 !!"), "not a chemical formula"),
         (dict(composition="Li10Fe5P5O20"), "at most 20"),
         (dict(composition="TiO2", spacegroup="P 7"), "not one the model knows"),
+        (dict(composition="NaCl", z=1, spacegroup="Fm-3m"), "F-centred: every element count"),
+        (dict(elements=["Li", "Qq"]), "not chemical elements: Qq"),
+        (dict(composition="TiO2", elements=["Ti", "S"]), "uses O, which the element set excludes"),
     ],
 )
 def test_bad_requests_are_clear_value_errors(tiny, overrides, message):
     with pytest.raises(ValueError, match=message):
         generate(tiny, small_request(**overrides))
+
+
+def test_element_set_bans_every_other_element(tiny):
+    # The sampler never emits banned ids (tests/test_sampler.py); here: the set becomes the right bans.
+    prepared = prepare(tiny, small_request(elements=["Li", "O"]))
+    vocab = tiny.tokenizer.vocab
+    allowed_elements = {vocab[i] for i in range(89)} - {vocab[i] for i in prepared.banned_ids}
+    assert allowed_elements == {"Li", "O"}
+    assert generate(tiny, small_request(elements=["Li", "O"], n=1)).manifest["prompt"]["elements"] == ["Li", "O"]
 
 
 def test_prompt_levels():
