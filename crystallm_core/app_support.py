@@ -18,22 +18,21 @@ import json
 import logging
 import threading
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import metadata
 from typing import Callable, Sequence
 
 import pandas as pd
 from pymatgen.core import Structure
 
+from .generation import package_versions
 from .history import HistoryStore, RunRecord, StructureRecord
 from .metrics import MetricSettings, add_flags, hit_rate_curve, novelty_flags, summarise, uniqueness_flags
+from .structure_info import parse_cif
 
 LOG = logging.getLogger(__name__)
 NAN = float("nan")
-APP_PACKAGES = ("streamlit", "chgnet", "lightgbm")  # beyond what generation.package_versions records
 
 
 class GenerationQueue:
@@ -134,20 +133,6 @@ class StructureScorer:
 def get_scorer() -> StructureScorer:
     """One scorer per process (the surrogate and CHGNet are loaded once)."""
     return StructureScorer()
-
-
-def app_versions() -> dict[str, str]:
-    from .generation import package_versions
-
-    return {**package_versions(), **{name: metadata.version(name) for name in APP_PACKAGES}}
-
-
-def check_request(loaded_model, request) -> None:
-    """Raise the ValueError `generate` would raise for this request, before it waits in the queue."""
-    from .prompts import build_prompt
-
-    request.validate()
-    build_prompt(loaded_model.tokenizer, request.composition, request.z, request.spacegroup)
 
 
 @dataclass
@@ -275,7 +260,7 @@ def build_manifest(run: RunRecord, generation_manifests: Sequence[dict], unavail
         "n_generated": len(run.structures),
         "n_valid": run.n_valid,
         "scores_unavailable": dict(unavailable),
-        "versions": app_versions(),
+        "versions": package_versions(),
     }
 
 
@@ -376,47 +361,3 @@ def space_group_choices() -> list[tuple[int, str]]:
         group = spglib.get_spacegroup_type(hall_number)
         symbols.setdefault(group.number, group.international_short)
     return sorted(symbols.items())
-
-
-def parse_cif(text: str) -> Structure:
-    """A CIF (generated or uploaded) → Structure; ValueError with the reason when it cannot be read."""
-    if not text or not text.strip():
-        raise ValueError("the CIF is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return Structure.from_str(text, fmt="cif")
-    except Exception as error:
-        raise ValueError(f"this CIF could not be read ({type(error).__name__}: {error})") from None
-
-
-def describe_structure(structure: Structure, symprec: float = 0.1) -> dict:
-    """Re-detected symmetry, lattice and density of a structure, for display."""
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-
-    lattice = structure.lattice
-    summary = {"formula": structure.composition.reduced_formula,
-               "cell formula": structure.composition.formula, "sites": len(structure)}
-    try:
-        analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
-        summary.update({"space group": f"{analyzer.get_space_group_symbol()} (#{analyzer.get_space_group_number()})",
-                        "crystal system": analyzer.get_crystal_system()})
-    except Exception as error:  # spglib can fail on degenerate cells
-        summary.update({"space group": f"not detected ({error})", "crystal system": "—"})
-    summary.update({
-        "a, b, c (Å)": ", ".join(f"{x:.3f}" for x in lattice.abc),
-        "α, β, γ (°)": ", ".join(f"{x:.2f}" for x in lattice.angles),
-        "volume (Å³)": round(lattice.volume, 3),
-        "density (g/cm³)": round(float(structure.density), 3),
-    })
-    return summary
-
-
-def xrd_pattern(structure: Structure, two_theta_range: tuple[float, float] = (5, 90)) -> pd.DataFrame:
-    """Powder XRD peaks (Cu Kα): two_theta, intensity (max 100), hkl label."""
-    from pymatgen.analysis.diffraction.xrd import XRDCalculator
-
-    pattern = XRDCalculator(wavelength="CuKa").get_pattern(structure, two_theta_range=two_theta_range)
-    hkls = [", ".join("(" + " ".join(str(i) for i in h["hkl"]) + ")" for h in family) for family in pattern.hkls]
-    return pd.DataFrame({"two_theta": pattern.x, "intensity": pattern.y, "hkl": hkls})
-

@@ -4,7 +4,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from crystallm_core.app_support import cif_filename, describe_structure, parse_cif, xrd_pattern
+from crystallm_core.app_support import cif_filename
+from crystallm_core.structure_info import describe_structure, parse_cif, xrd_pattern
 from pages.common import VIEWER_STYLES, current_run, viewer_html
 
 

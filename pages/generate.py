@@ -5,8 +5,8 @@ from dataclasses import asdict
 
 import streamlit as st
 
-from crystallm_core.app_support import check_request, space_group_choices
-from crystallm_core.generation import MAX_STRUCTURES, GenerationRequest
+from crystallm_core.app_support import space_group_choices
+from crystallm_core.generation import MAX_STRUCTURES, GenerationRequest, prepare
 from crystallm_core.history import RunRecord
 from crystallm_core.prompts import space_group_symbols
 from crystallm_core.sampler import SamplingSettings
@@ -46,6 +46,8 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
             st.caption("Training-data density: not available (no training_data_stats.json in the model directory).")
         with st.expander("Composition and symmetry (optional)"):
             composition = st.text_input("Composition", placeholder="e.g. TiO2 or Li3PS4", key="composition")
+            elements = st.text_input("Element set (only these elements may appear)", placeholder="e.g. Li, Fe, P, O",
+                                     key="elements")
             cols = st.columns(2)
             spacegroup = cols[0].selectbox("Space group (type to search; needs a composition)",
                                            [None, *space_group_choices()], key="spacegroup",
@@ -55,7 +57,7 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
             cols = st.columns(3)
             n = cols[0].number_input("Number of structures", 1, MAX_STRUCTURES, 8, key="n")
             seed = cols[0].number_input("Seed", 0, 2**31 - 1, 0, key="seed")
-            temperature = cols[1].slider("Temperature", 0.1, 2.0, 1.0, 0.05, key="temperature")
+            temperature = cols[1].slider("Temperature", 0.1, 2.0, SamplingSettings.temperature, 0.05, key="temperature")
             top_k = cols[1].number_input("Top-k", 1, 377, 15, key="top_k")
             top_p = cols[2].slider("Top-p", 0.05, 1.0, 0.95, 0.01, key="top_p")
             guidance = cols[2].slider("Guidance scale (1 = off)", 1.0, 5.0, 1.0, 0.1, key="guidance",
@@ -67,7 +69,8 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
     settings = SamplingSettings(temperature=temperature, top_k=int(top_k), top_p=top_p, guidance_scale=guidance)
     request = GenerationRequest(band_gap=None if any_gap else band_gap, e_hull=None if any_hull else e_hull,
                                 n=int(n), composition=composition.strip() or None, z=int(z) or None,
-                                spacegroup=spacegroup[1] if spacegroup else None, settings=settings, seed=int(seed))
+                                spacegroup=spacegroup[1] if spacegroup else None, settings=settings, seed=int(seed),
+                                elements=[e.strip() for e in elements.replace(",", " ").split()] or None)
     return request, tolerance
 
 
@@ -82,7 +85,7 @@ if submission is not None:
         st.warning("A run is still in progress in this session: wait for it or cancel it first.")
     else:
         try:
-            check_request(loaded, request)
+            prepare(loaded, request)  # the errors generate would raise, before the request queues
         except ValueError as error:
             st.error(str(error))
         else:

@@ -12,7 +12,7 @@ from crystallm_core.paths import DEFAULT_MODEL_DIR, SURROGATE_DIR
 from pages.common import current_model, histogram_figure, read_json, training_stats
 
 LOSS_LOG = "training_log.json"  # [{"step": …, "train_loss": …, "val_loss": …}, …] or {column: [values]}
-SURROGATE_PREDICTIONS = SURROGATE_DIR / "test_predictions.csv"  # columns true, pred (eV), optional split
+SURROGATE_PREDICTIONS = SURROGATE_DIR / "test_predictions.csv"  # true, pred (eV); optional split, source, std
 SURROGATE_METRICS = SURROGATE_DIR / "ensemble_metrics.json"  # {"metrics": {reading: {split: {n, mae, r2, …}}}}
 
 
@@ -35,13 +35,24 @@ def loss_figure(log) -> go.Figure | None:
 
 
 def parity_figure(table: pd.DataFrame) -> go.Figure:
+    """Surrogate vs DFT gap on the test rows: one colour per data source (MP-20, MPTS-52, WBM), MAE in the legend."""
     if "split" in table:
         table = table[table["split"] == "test"]
-    true, pred = table["true"].astype(float), table["pred"].astype(float)
-    mae = float(np.mean(np.abs(true - pred)))
-    top = float(max(true.max(), pred.max())) + 0.5
-    figure = go.Figure(go.Scattergl(x=true, y=pred, mode="markers", marker=dict(size=4, opacity=0.5), name="test"))
+    if table.empty:
+        raise ValueError("no test rows")
+    table = table.assign(true=table["true"].astype(float), pred=table["pred"].astype(float))
+    spread = " ± %{customdata:.2f}" if "std" in table else ""  # the ensemble's disagreement, if written
+    groups = table.groupby("source", sort=True) if "source" in table else [("test", table)]
+    figure = go.Figure()
+    for name, group in groups:
+        mae = float(np.mean(np.abs(group["true"] - group["pred"])))
+        figure.add_trace(go.Scattergl(
+            x=group["true"], y=group["pred"], mode="markers", marker=dict(size=4, opacity=0.5),
+            name=f"{name} (MAE {mae:.3f}, n={len(group)})", customdata=group.get("std"),
+            hovertemplate=f"DFT %{{x:.2f}} eV<br>surrogate %{{y:.2f}}{spread} eV<extra></extra>"))
+    top = float(max(table["true"].max(), table["pred"].max())) + 0.5
     figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(dash="dash"), name="ideal"))
+    mae = float(np.mean(np.abs(table["true"] - table["pred"])))
     figure.update_layout(height=380, title=f"Band-gap surrogate on its test split (MAE {mae:.3f} eV, n={len(table)})",
                          xaxis_title="DFT (PBE) band gap (eV)", yaxis_title="surrogate band gap (eV)",
                          margin=dict(l=10, r=10, t=30, b=40))

@@ -14,9 +14,11 @@ from streamlit.testing.v1 import AppTest
 
 from crystallm_core.app_support import GENERATION_QUEUE
 from crystallm_core.history import HistoryStore, RunRecord, StructureRecord
+from crystallm_core.paths import SURROGATE_DIR
 from prototypes import rocksalt_nacl, rutile_tio2
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PARITY_FILE = SURROGATE_DIR / "test_predictions.csv"  # shipped with the surrogates, drawn on the Model page
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +114,22 @@ def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):
     assert stored.manifest["model"]["name"] == "tiny-test-model" and len(stored.manifest["generation"]) == 1
 
 
-@pytest.mark.parametrize("composition, z, spacegroup, expected", [
-    ("Ti2Q3", 0, None, "not a chemical element"),
-    ("TiO2!", 0, None, "not a chemical formula"),
-    ("TiO2", 12, None, "atoms in the cell"),
-    ("", 0, (225, "Fm-3m"), "only be fixed together with a composition"),
-    ("NaCl", 4, (168, "P6"), "not one the model knows"),
+@pytest.mark.parametrize("composition, z, spacegroup, elements, expected", [
+    ("Ti2Q3", 0, None, "", "not a chemical element"),
+    ("TiO2!", 0, None, "", "not a chemical formula"),
+    ("TiO2", 12, None, "", "atoms in the cell"),
+    ("", 0, (225, "Fm-3m"), "", "only be fixed together with a composition"),
+    ("NaCl", 4, (168, "P6"), "", "not one the model knows"),
+    ("NaCl", 1, (225, "Fm-3m"), "", "F-centred"),
+    ("", 0, None, "Li, Qq", "not chemical elements: Qq"),
+    ("TiO2", 0, None, "Ti, S", "which the element set excludes"),
 ])
-def test_bad_inputs_give_an_inline_message_and_keep_the_previous_run(app_env, composition, z, spacegroup, expected):
+def test_bad_inputs_give_an_inline_message_and_keep_the_previous_run(app_env, composition, z, spacegroup, elements,
+                                                                     expected):
     at = new_app("pages/generate.py")
     previous = prototype_run()
     at.session_state["run"] = previous
+    at.text_input(key="elements").set_value(elements)
     at.text_input(key="composition").set_value(composition)
     at.number_input(key="z").set_value(z)
     at.selectbox(key="spacegroup").set_value(spacegroup)
@@ -231,6 +238,11 @@ def test_model_page_renders_card_curves_and_histograms(app_env, short_model_dir,
     at = new_app("pages/model.py")
     assert "Tiny card" in messages(at.markdown)
     assert len(at.get("plotly_chart")) >= 3  # loss + two histograms (+ parity when the surrogate ships it)
+    parity = [chart for chart in at.get("plotly_chart") if "Band-gap surrogate on its test split" in chart.proto.spec]
+    if PARITY_FILE.is_file():
+        assert len(parity) == 1 and "MAE" in parity[0].proto.spec and "wbm" in parity[0].proto.spec
+    else:
+        assert not parity and "Surrogate parity plot: not available" in messages(at.info)
     at.switch_page("pages/generate.py").run()
     assert not at.exception and len(at.get("plotly_chart")) == 2  # density hints beside the sliders
 

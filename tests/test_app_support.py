@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core.app_support import (GenerationJob, GenerationQueue, describe_structure, hit_rate_vs_tolerance,
-                                        parse_cif, results_frame, run_zip, space_group_choices, sweep_summary,
-                                        unique_flags, xrd_pattern)
+from crystallm_core.app_support import (GenerationJob, GenerationQueue, hit_rate_vs_tolerance, results_frame, run_zip,
+                                        space_group_choices, sweep_summary, unique_flags)
 from crystallm_core.history import HistoryStore, RunRecord, StructureRecord
 from crystallm_core.metrics import MetricSettings
+from crystallm_core.structure_info import describe_structure, parse_cif, xrd_pattern
 from prototypes import rocksalt_nacl, rutile_tio2
 
 

@@ -1,6 +1,7 @@
 """Band-gap surrogates: featurisation, graph network, LightGBM wrapper, ensemble, shipped models."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from crystallm_core.paths import SURROGATE_DIR
 from crystallm_core.surrogates.cgcnn import (CrystalGNN, GNNConfig, GraphStore, load_gnn, predict_gap, save_gnn,
                                              standardise)
 from crystallm_core.surrogates.ensemble import BandGapSurrogate, GapPrediction
+from crystallm_core.surrogates.ensemble import main as score_ensemble
 from crystallm_core.surrogates.features import (ELEMENT_PROPERTIES, MAX_Z, element_table, feature_names,
                                                 structure_features)
 from crystallm_core.surrogates.gbm import GBMModel
@@ -154,6 +156,30 @@ def test_ensemble_turns_bad_structures_into_reasons(tmp_path):
         assert words in bad.reason and math.isnan(bad.mean) and math.isnan(bad.gnn)
     assert surrogate.predict([]) == []
     assert math.isnan(surrogate.predict(["x"])[0].mean)
+
+
+def test_ensemble_cli_writes_metrics_and_test_predictions(tmp_path, prototypes):
+    import pandas as pd
+
+    models = tmp_path / "models"
+    save_gnn(tiny_gnn(), models)
+    tiny_gbm().save(models)
+    rows = [("nacl", "mp20", 5.0, "test", "NaCl"), ("cu", "wbm", 0.0, "test", "Cu"),
+            ("tio2", "mp20", 3.0, "val", "TiO2"), ("si", "mp20", 1.1, "train", "Si"),
+            ("zno", "mp20", float("nan"), "test", "ZnO")]  # only NaCl and Cu are labelled test rows
+    pd.DataFrame([{"id": i, "source": source, "band_gap": gap, "split": split, "cif": prototypes[name].to(fmt="cif")}
+                  for i, source, gap, split, name in rows]).to_parquet(tmp_path / "dataset.parquet")
+    score_ensemble(["--dataset", str(tmp_path / "dataset.parquet"), "--models", str(models), "--threads", "1",
+                    "--out", str(tmp_path / "metrics.json"), "--predictions", str(tmp_path / "predictions.csv")])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"gnn", "gbm", "mean"} and metrics["mean"]["test_all"]["n"] == 2
+    table = pd.read_csv(tmp_path / "predictions.csv")
+    assert list(table.columns) == ["id", "source", "split", "true", "pred", "std", "gnn", "gbm", "p_metal"]
+    assert table["id"].tolist() == ["nacl", "cu"] and table["source"].tolist() == ["mp20", "wbm"]  # test rows only
+    assert (table["split"] == "test").all() and table["true"].tolist() == [5.0, 0.0]
+    assert table["std"].to_numpy() == pytest.approx(abs(table["gnn"] - table["gbm"]).to_numpy() / 2, abs=2e-4)
+    mae = np.mean(np.abs(table["true"] - table["pred"]))
+    assert mae == pytest.approx(metrics["mean"]["test_all"]["mae"], abs=1e-3)
 
 
 def test_missing_model_files_are_named(tmp_path):

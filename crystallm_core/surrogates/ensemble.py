@@ -6,7 +6,8 @@
 The spread between the readings is the uncertainty shown to users. A structure that cannot be
 featurised gets NaNs and a `reason`; it never breaks the batch.
 
-    python -m crystallm_core.surrogates.ensemble   # score the shipped models on the test split
+    python -m crystallm_core.surrogates.ensemble   # score the shipped models on the val / test split
+        [--predictions test_predictions.csv]       # + per-structure test readings (Model page parity plot)
 """
 from __future__ import annotations
 
@@ -107,15 +108,18 @@ class BandGapSurrogate:
         return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import pandas as pd  # evaluation only
 
     parser = argparse.ArgumentParser(description="Score the band-gap surrogates on the val / test split.")
     parser.add_argument("--dataset", type=Path, default=cache_dir() / "dataset.parquet")
     parser.add_argument("--models", type=Path, default=SURROGATE_DIR)
     parser.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
+    parser.add_argument("--predictions", type=Path, default=None,
+                        help="write the test rows' readings here (CSV: id, source, split, true, pred, std, gnn, gbm, "
+                             "p_metal)")
     parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -134,18 +138,23 @@ def main() -> None:
 
     y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
     ok = np.array([p.reason is None for p in predictions])
-    columns = {name: np.array([getattr(p, name) for p in predictions]) for name in ("gnn", "gbm", "mean")}
+    readings = {name: np.array([getattr(p, name) for p in predictions])
+                for name in ("gnn", "gbm", "mean", "std", "p_metal")}
     # A gated reading is exactly 0 iff its classifier said metal, so that is the class it predicted.
     metrics = {name: report_splits(y[ok], pred[ok], (pred[ok] <= 0).astype(float), split[ok], source[ok])
-               for name, pred in columns.items()}
-    std = np.array([p.std for p in predictions])[ok]
-    error = np.abs(columns["mean"][ok] - y[ok])
+               for name, pred in readings.items() if name in ("gnn", "gbm", "mean")}
+    error = np.abs(readings["mean"][ok] - y[ok])
     summary = {"metrics": metrics, "failed": int((~ok).sum()), "load_seconds": round(load_seconds, 2),
                "ms_per_structure": round(ms_per_structure, 2), "torch_threads": torch.get_num_threads(),
-               "std_error_spearman": float(pd.Series(std).corr(pd.Series(error), method="spearman"))}
+               "std_error_spearman": float(pd.Series(readings["std"][ok]).corr(pd.Series(error), method="spearman"))}
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1))
+    if args.predictions:
+        # Rounded to 0.1 meV: far below the error, and keeps the shipped file small.
+        rows = pd.DataFrame({"id": table.id, "source": source, "split": split, "true": y, "pred": readings["mean"],
+                             **{name: readings[name] for name in ("std", "gnn", "gbm", "p_metal")}})
+        rows[ok & (split == "test")].round(4).to_csv(args.predictions, index=False)
 
 
 if __name__ == "__main__":
