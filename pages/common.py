@@ -23,6 +23,7 @@ from crystallm_core.app_support import GenerationJob, results_frame, run_zip
 from crystallm_core.checkpoints import load_model, resolve_model_dir
 from crystallm_core.history import HistoryStore, RunRecord, default_db_path
 from crystallm_core.metrics import MetricSettings
+from crystallm_core.stability import HULL_BIAS_NOTE
 
 LOCAL_3DMOL = "/app/static/vendor/3Dmol-min.js"  # scripts/fetch_3dmol.sh, served by enableStaticServing
 CDN_3DMOL = inspect.signature(py3Dmol.view).parameters["js"].default  # the version py3Dmol was built for
@@ -108,7 +109,10 @@ def results_table(structures: list, tolerance: float) -> None:
         hide_index=True, width="stretch",
         column_config={
             "index": "#", "space_group": "space group", "reason": "why not valid",
-            "band_gap": "surrogate gap (eV)", "e_hull": "E_hull est. (eV/atom)", "hit": f"hit (±{tolerance:g} eV)",
+            "band_gap": st.column_config.TextColumn(
+                "surrogate gap (eV)", help="Ensemble of a crystal-graph network and LightGBM (PBE gaps); ± is their disagreement."),
+            "e_hull": st.column_config.TextColumn("E_hull est. (eV/atom)", help=HULL_BIAS_NOTE),
+            "hit": f"hit (±{tolerance:g} eV)",
         },
     )
 

@@ -12,9 +12,16 @@ if [[ -s "$target" && "${1:-}" != "--force" ]]; then
   echo "$target already present (use --force to fetch again)"
   exit 0
 fi
+if ! command -v npm >/dev/null; then
+  echo "npm not found: the 3D viewer will load 3Dmol.js from its CDN (needs internet)" >&2
+  exit 0
+fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && npm pack --silent "3dmol@$VERSION" >/dev/null)
+if ! (cd "$work" && npm pack --silent "3dmol@$VERSION" >/dev/null); then
+  echo "could not fetch 3dmol@$VERSION from the npm registry: the 3D viewer will use its CDN" >&2
+  exit 0
+fi
 tarball="$work/3dmol-$VERSION.tgz"
 if [[ "$VERSION" == "2.5.5" ]]; then
   echo "$SHA1  $tarball" | sha1sum -c --quiet -
