@@ -146,7 +146,7 @@ def test_generate_view_evaluate_and_download(app_url, tmp_path):
             expect(page.get_by_text("memorised-nacl")).to_be_visible()
             open_page(page, "Generate")
 
-            # Sliders by keyboard: band gap 1.50 → 2.00 (10 × 0.05), temperature 1.00 → 0.80 (4 × 0.05).
+            # Sliders by keyboard: band gap 1.50 → 2.00 (10 × 0.05), temperature 0.70 → 0.50 (4 × 0.05).
             press(page, page.get_by_role("slider", name="Target band gap (eV)"), "ArrowRight", 10)
             press(page, page.get_by_role("slider", name="Temperature"), "ArrowLeft", 4)
             page.get_by_label("Number of structures").fill("4")
@@ -168,7 +168,7 @@ def test_generate_view_evaluate_and_download(app_url, tmp_path):
             manifest = json.loads(archive.read("manifest.json"))
             assert manifest["model"]["name"] == "memorised-nacl" and len(manifest["model"]["weights_sha256"]) == 64
             assert manifest["settings"]["band_gap"] == pytest.approx(2.0)
-            assert manifest["settings"]["settings"]["temperature"] == pytest.approx(0.8)
+            assert manifest["settings"]["settings"]["temperature"] == pytest.approx(0.5)
 
             open_page(page, "Explore")
             expect(page.get_by_text("Powder XRD (Cu Kα)")).to_be_visible()
