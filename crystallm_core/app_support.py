@@ -4,11 +4,12 @@
   otherwise thrash each other; with the queue each waits its turn and sees its position.
 - `GenerationJob`: a run (or a target sweep) in a background thread. The page polls it
   (`st.fragment(run_every=…)`) for progress and finished rows; Cancel sets an event that the
-  sampler checks between steps, so everything finished so far is kept. The thread touches no
+  sampler checks between steps, so everything finished so far is kept. A job nobody has polled
+  for ABANDON_SECONDS (its browser tab was closed) cancels itself so it frees the queue. The thread touches no
   Streamlit API, and each browser session holds its own job, so sessions never mix.
 - `StructureScorer`: surrogate band gap (± ensemble disagreement) and CHGNet E_hull for each
   finished structure; a score whose model is unavailable is left out, never invented.
-- `results_frame`, `run_zip`, `build_manifest`: the results table and the download.
+- `results_frame`, `run_zip`, `run_manifest`: the results table and the download.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from .structure_info import parse_cif
 
 LOG = logging.getLogger(__name__)
 NAN = float("nan")
+ABANDON_SECONDS = 120  # a job unpolled this long has lost its page (tab closed): stop it
 
 
 class GenerationQueue:
@@ -82,11 +84,17 @@ class StructureScorer:
     """
 
     def __init__(self):
-        from .stability import estimate_stability
+        from .stability import estimate_stability, load_chgnet
 
         self.estimate_stability = estimate_stability
         self.unavailable: dict[str, str] = {}
         self.gap_model = self.novelty_index = None
+        self.chgnet_loaded = False
+        try:  # once here, not per structure: a missing CHGNet would otherwise be retried every time
+            load_chgnet()
+            self.chgnet_loaded = True
+        except Exception as error:
+            self.unavailable["stability"] = f"CHGNet not available ({type(error).__name__}: {error})"
         try:
             from .surrogates import BandGapSurrogate
 
@@ -111,23 +119,25 @@ class StructureScorer:
             else:
                 scores.update(band_gap_pred=gap.mean, band_gap_std=gap.std, band_gap_gnn=gap.gnn,
                               band_gap_gbm=gap.gbm, p_metal=gap.p_metal)
-        try:
-            estimate = self.estimate_stability([structure])[0]
-        except Exception as error:  # CHGNet could not be loaded
-            notes.append(f"stability not available: {type(error).__name__}: {error}")
+        if not self.chgnet_loaded:
+            notes.append(f"stability: {self.unavailable['stability']}")
         else:
-            if estimate.e_hull is not None:
-                scores["e_hull_pred"] = estimate.e_hull
-            if estimate.e_form_per_atom is not None:
-                scores["e_form_pred"] = estimate.e_form_per_atom
-            if estimate.error:
-                notes.append(f"stability: {estimate.error}")
+            try:
+                estimate = self.estimate_stability([structure])[0]
+            except Exception as error:
+                notes.append(f"stability not available: {type(error).__name__}: {error}")
+            else:
+                if estimate.e_hull is not None:
+                    scores["e_hull_pred"] = estimate.e_hull
+                if estimate.e_form_per_atom is not None:
+                    scores["e_form_pred"] = estimate.e_form_per_atom
+                if estimate.error:
+                    notes.append(f"stability: {estimate.error}")
         if self.novelty_index is not None:
             scores["novel"] = novelty_flags([structure], self.novelty_index)[0]
         if notes:
             scores["notes"] = "; ".join(notes)
         return scores
-
 
 @lru_cache(maxsize=1)
 def get_scorer() -> StructureScorer:
@@ -162,6 +172,7 @@ class GenerationJob:
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.unavailable: dict[str, str] = {}  # score families the scorer could not provide, and why
+        self.last_polled = time.monotonic()  # progress() is the page's heartbeat
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name=f"generation-{run.run_id}", daemon=True)
@@ -173,6 +184,12 @@ class GenerationJob:
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def should_cancel(self) -> bool:
+        """Cancel was pressed, or the page stopped polling (tab closed): either way, stop."""
+        if time.monotonic() - self.last_polled > ABANDON_SECONDS:
+            self._cancel.set()
+        return self._cancel.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
@@ -187,6 +204,7 @@ class GenerationJob:
             return list(self.run.structures)
 
     def progress(self) -> Progress:
+        self.last_polled = time.monotonic()
         done = len(self.run.structures)
         end = self.finished_at or time.time()
         elapsed = end - self.started_at if self.started_at else 0.0
@@ -217,12 +235,12 @@ class GenerationJob:
 
         manifests, status = [], "cancelled"
         try:
-            if self.queue.wait_turn(self.ticket, self._cancel.is_set):
+            if self.queue.wait_turn(self.ticket, self.should_cancel):
                 self.status, self.started_at = "running", time.time()
                 for request in self.requests:
-                    if self._cancel.is_set():
+                    if self.should_cancel():
                         break
-                    manifests.append(generate(self.loaded_model, request, should_cancel=self._cancel.is_set,
+                    manifests.append(generate(self.loaded_model, request, should_cancel=self.should_cancel,
                                               on_structure=lambda g, r=request: self._add(g, r)).manifest)
                 status = "cancelled" if self._cancel.is_set() else "done"
         except ValueError as error:  # bad request: the core's message is meant for the user
@@ -231,19 +249,24 @@ class GenerationJob:
             LOG.exception("generation job %s failed", self.run.run_id)
             status, self.run.error = "failed", f"generation failed ({type(error).__name__}: {error})"
         finally:
-            self.queue.leave(self.ticket)
-            self.run.status = status
-            self.run.manifest = build_manifest(self.run, manifests, self.unavailable)
-            if self.store is not None and self.run.structures:
+            try:
+                self.queue.leave(self.ticket)
+                self.run.status = status
                 try:
-                    self.store.save(self.run)
+                    self.run.manifest = run_manifest(self.run, manifests, self.unavailable)
                 except Exception:
-                    LOG.exception("could not save run %s to the history", self.run.run_id)
-            self.finished_at = time.time()
-            self.status = status  # last: from here on the UI treats the run as final
+                    LOG.exception("could not build the manifest of run %s", self.run.run_id)
+                if self.store is not None and self.run.structures:
+                    try:
+                        self.store.save(self.run)
+                    except Exception:
+                        LOG.exception("could not save run %s to the history", self.run.run_id)
+            finally:  # always final, or the page would poll a dead thread forever
+                self.finished_at = time.time()
+                self.status = status  # last: from here on the UI treats the run as final
 
 
-def build_manifest(run: RunRecord, generation_manifests: Sequence[dict], unavailable: dict[str, str]) -> dict:
+def run_manifest(run: RunRecord, generation_manifests: Sequence[dict], unavailable: dict[str, str]) -> dict:
     """What a download says about how it was made: model id + hash, settings, seeds, versions,
     and which scores could not be computed (so a missing number is never mistaken for zero)."""
     return {

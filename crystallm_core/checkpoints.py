@@ -22,6 +22,7 @@ from .paths import DEFAULT_MODEL_DIR
 
 MAX_SHARD_BYTES = 15 * 2**20 - 2**16  # 15 MiB files, leaving room for the safetensors header
 PART_MARK = "::part"  # suffix of row-chunks of a tensor larger than one shard
+VOCAB_SIZE = 377  # the CrystaLLM-pi CIF vocabulary (tokenizer.build_vocabulary)
 HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -125,7 +126,13 @@ def read_config(model_dir: Path) -> tuple[PKVConfig, bool]:
         raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "transformers_version")}
         raw["missing_property_embedding"] = False
         raw["cond_dropout"] = raw.pop("dropout", 0.1)
-    return PKVConfig(**{k: v for k, v in raw.items() if k != "model_type"}), published
+    try:
+        config = PKVConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    except Exception as error:  # transformers validates fields with its own error types
+        raise ValueError(f"{config_path} has invalid settings: {str(error).splitlines()[0]}") from None
+    if config.vocab_size != VOCAB_SIZE:
+        raise ValueError(f"{config_path} declares {config.vocab_size} tokens; the CIF tokenizer has {VOCAB_SIZE}")
+    return config, published
 
 
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -173,7 +180,10 @@ def load_model_weights(model_dir: str | Path, device: str = "cpu", dtype: torch.
     model_dir = Path(model_dir)
     config, _ = read_config(model_dir)
     state = read_state_dict(model_dir)
-    model = CrystaLLMPKV(config)
+    try:
+        model = CrystaLLMPKV(config)
+    except (AssertionError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot build a model from {model_dir / 'config.json'}: {error}") from None
     expected = set(model.state_dict())
     missing = sorted(expected - set(state) - {"lm_head.weight"})
     unexpected = sorted(set(state) - expected)

@@ -16,7 +16,6 @@ import math
 BAND_GAP_MAX = 17.891  # eV, largest gap in the published model's training data
 E_HULL_MAX = 5.418  # eV/atom
 BAND_GAP_EXPONENT = 0.8
-PROPERTY_NAMES = ("band_gap", "e_hull")
 
 
 def _check_value(value: float, name: str, unit: str, maximum: float) -> float:

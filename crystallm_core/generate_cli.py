@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
-    from .generation import GenerationRequest, generate, write_run
+    from .generation import GenerationRequest, check_run_dir, generate, write_run
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 guidance_scale=args.guidance_scale, batch_size=args.batch_size)
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
                                 elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
                                 settings=settings, seed=args.seed)
     request.validate()
+    check_run_dir(args.out)  # before sampling, not after
     loaded = load_model(args.model)
 
     def report(structure) -> None:

@@ -85,6 +85,7 @@ class GenerationRun:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages a run depends on, for manifests."""
     versions = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
         try:
@@ -168,7 +169,8 @@ def generate(
     """Sample `request.n` structures and check each one as soon as it is finished."""
     prepared = prepare(loaded, request)
     manifest = build_manifest(loaded, request, prepared.prompt_text)
-    max_tokens = request.settings.max_tokens or loaded.model.config.max_cif_tokens
+    context = loaded.model.config.max_cif_tokens
+    max_tokens = min(request.settings.max_tokens or context, context)  # as the sampler caps it
     structures: list[GeneratedStructure] = []
 
     def finished(done: FinishedSample) -> None:
@@ -191,6 +193,7 @@ def generate(
 
 
 def summary_rows(structures: list[GeneratedStructure]) -> list[dict]:
+    """One summary.csv row per structure."""
     return [
         {"index": s.index, "file": s.file_stem() + ".cif", "formula": s.formula or "", "spacegroup": s.spacegroup or "",
          "valid": s.valid, "failed_checks": "; ".join(s.reasons), "n_tokens": s.n_tokens,
@@ -199,9 +202,17 @@ def summary_rows(structures: list[GeneratedStructure]) -> list[dict]:
     ]
 
 
+def check_run_dir(out_dir: str | Path) -> Path:
+    """A run directory must not hold another run's CIFs (evaluate would score them against this manifest)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.glob("*.cif")):
+        raise ValueError(f"{out_dir} already holds CIF files from another run; choose a new directory")
+    return out_dir
+
+
 def write_run(run: GenerationRun, out_dir: str | Path) -> Path:
     """One CIF per sample (the repaired CIF, or the raw text if unrepairable), summary.csv, manifest.json."""
-    out_dir = Path(out_dir)
+    out_dir = check_run_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for s in run.structures:
         (out_dir / (s.file_stem() + ".cif")).write_text(s.cif if s.cif is not None else s.raw_text)

@@ -75,7 +75,8 @@ def novelty_flags(
     structures: Sequence[Structure | None], index: NoveltyIndex | None = None
 ) -> list[bool | None]:
     """Novel w.r.t. the training split; None where there is no structure or matching failed."""
-    index = index or NoveltyIndex.load()
+    if index is None:  # not `or`: an empty index is falsy (it has __len__)
+        index = NoveltyIndex.load()
     flags: list[bool | None] = []
     for structure in structures:
         try:

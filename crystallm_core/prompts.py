@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pymatgen.core import Composition, Element
 
 from .cif_format import atom_type_loop
+from .tokenizer import CIFTokenizer
 
 MAX_ATOMS = 20  # the model's context holds CIFs of about 20 atoms per cell (reference §6)
 SPACE_GROUP_TAG = "_symmetry_space_group_name_H-M"
@@ -41,7 +42,7 @@ def parse_composition(formula: str) -> Composition:
     return composition
 
 
-def element_token_ids(tokenizer, allowed: list[str] | None) -> list[int]:
+def element_token_ids(tokenizer: CIFTokenizer, allowed: list[str] | None) -> list[int]:
     """Ids of the element tokens NOT in `allowed` (to ban while sampling); [] when allowed is None."""
     if not allowed:
         return []
@@ -54,12 +55,12 @@ def element_token_ids(tokenizer, allowed: list[str] | None) -> list[int]:
     return [i for i, token in enumerate(tokenizer.vocab) if Element.is_valid_symbol(token) and token not in allowed]
 
 
-def space_group_symbols(tokenizer) -> list[str]:
+def space_group_symbols(tokenizer: CIFTokenizer) -> list[str]:
     """H-M symbols the model's vocabulary can write, in vocabulary order."""
     return [token[: -len("_sg")] for token in tokenizer.vocab if token.endswith("_sg")]
 
 
-def build_prompt(tokenizer, composition: str | None = None, z: int | None = None, spacegroup: str | None = None) -> Prompt:
+def build_prompt(tokenizer: CIFTokenizer, composition: str | None = None, z: int | None = None, spacegroup: str | None = None) -> Prompt:
     """Validated prompt text for the sampler. Raises ValueError with a clear reason."""
     if composition is None or not composition.strip():
         if spacegroup:

@@ -44,6 +44,8 @@ class SamplingSettings:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if not (0.0 <= self.guidance_scale <= 10.0):
             raise ValueError(f"guidance scale must be in [0, 10], got {self.guidance_scale}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"max tokens must be ≥ 2, got {self.max_tokens}")
         if not (1 <= self.batch_size <= 512):
             raise ValueError(f"batch size must be in [1, 512], got {self.batch_size}")
 

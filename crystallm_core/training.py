@@ -184,7 +184,7 @@ def data_stats(npz: dict) -> dict:
     gap = np.array([denormalise_band_gap(v) for v in npz["conditions"][train & npz["present"][:, 0], 0]])
     hull = np.array([denormalise_e_hull(v) for v in npz["conditions"][train & npz["present"][:, 1], 1]])
     return {"n_train": int(train.sum()), "n_band_gap": len(gap), "n_e_hull": len(hull),
-            "band_gap_hist": histogram(gap, np.linspace(0, 12, 49)),
+            "band_gap_hist": histogram(gap, np.append(np.linspace(0, 12, 49), BAND_GAP_MAX)),  # last bin: 12 eV and up
             "e_hull_hist": histogram(hull, np.array([0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5.5]))}
 
 

@@ -157,3 +157,68 @@ def test_job_keeps_structures_when_cancelled_and_saves_history(tmp_path, monkeyp
     assert saved.manifest["generation"] == [{"fake": True}] and saved.manifest["n_generated"] == progress.done
     assert saved.manifest["scores_unavailable"] == {"band gap": "no surrogate weights"}
     assert saved.structures[0].scores == {"e_hull_pred": 0.01, "novel": True} and saved.structures[1].scores == {}
+
+
+def fake_generate_until_cancelled(loaded, request, on_structure=None, should_cancel=None):
+    """Generates nothing, slowly, until asked to stop (or 10 s pass)."""
+    from crystallm_core import generation
+
+    deadline = time.time() + 10
+    while not should_cancel() and time.time() < deadline:
+        time.sleep(0.02)
+    return generation.GenerationRun([], {"fake": True}, cancelled=should_cancel())
+
+
+def test_job_nobody_polls_cancels_itself_and_frees_the_queue(monkeypatch):
+    """A closed tab stops polling: after ABANDON_SECONDS the job stops and leaves the queue."""
+    from crystallm_core import app_support, generation
+
+    monkeypatch.setattr(generation, "generate", fake_generate_until_cancelled)
+    monkeypatch.setattr(app_support, "ABANDON_SECONDS", 0.3)
+    queue = GenerationQueue()
+    job = GenerationJob(None, [generation.GenerationRequest(n=1)], RunRecord(model={}, settings={}, manifest={}),
+                        queue=queue).start()
+    assert job.join(5) and job.status == "cancelled" and queue.position(job.ticket) is None
+
+
+def test_job_is_final_even_if_the_manifest_fails(monkeypatch):
+    from crystallm_core import app_support, generation
+
+    def broken_manifest(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(generation, "generate", fake_generate_until_cancelled)
+    monkeypatch.setattr(app_support, "run_manifest", broken_manifest)
+    job = GenerationJob(None, [generation.GenerationRequest(n=1)], RunRecord(model={}, settings={}, manifest={}),
+                        queue=GenerationQueue()).start()
+    job.cancel()
+    assert job.join(5) and job.finished and job.status == "cancelled"
+
+
+def test_scorer_loads_chgnet_once_and_notes_it_missing(monkeypatch):
+    import sys
+
+    from crystallm_core import app_support, stability
+
+    calls = []
+
+    def missing_chgnet():
+        calls.append(1)
+        raise ImportError("no chgnet")
+
+    def never(*args, **kwargs):
+        raise AssertionError("CHGNet must not be retried per structure")
+
+    def unavailable():
+        raise FileNotFoundError("no weights")
+
+    monkeypatch.setattr(stability, "load_chgnet", missing_chgnet)
+    monkeypatch.setattr(stability, "estimate_stability", never)
+    monkeypatch.setitem(sys.modules, "crystallm_core.surrogates",
+                        SimpleNamespace(BandGapSurrogate=SimpleNamespace(load=unavailable)))
+    monkeypatch.setitem(sys.modules, "crystallm_core.novelty", SimpleNamespace(NoveltyIndex=SimpleNamespace(load=unavailable)))
+    scorer = app_support.StructureScorer()
+    first, second = scorer.score(rocksalt_nacl()), scorer.score(rutile_tio2())
+    assert len(calls) == 1 and "no chgnet" in scorer.unavailable["stability"]
+    assert "e_hull_pred" not in first and "CHGNet not available" in first["notes"]
+    assert "CHGNet not available" in second["notes"]

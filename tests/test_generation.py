@@ -108,6 +108,8 @@ def test_write_run_files(tiny, tmp_path):
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(rows) == 3 and rows[0]["valid"] == "False" and rows[0]["failed_checks"]
     assert json.loads((tmp_path / "manifest.json").read_text())["n_finished"] == 3
+    with pytest.raises(ValueError, match="already holds CIF files"):
+        write_run(run, tmp_path)  # never mix two runs' CIFs under one manifest
 
 
 def test_cli_generate_writes_a_run(tiny_model_dir, tmp_path, capsys):

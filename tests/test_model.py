@@ -117,6 +117,12 @@ def test_loads_published_checkpoint_format(tmp_path):
     assert torch.equal(state["lm_head.weight"], tensors["transformer.wte.weight"])  # tied
 
 
+def edit_config(directory, **changes):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -124,6 +130,9 @@ def test_loads_published_checkpoint_format(tmp_path):
         (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
         (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), "cannot read weights"),
         (lambda d: (d / "model.safetensors").unlink(), "no .safetensors"),
+        (lambda d: edit_config(d, n_embd=30, n_head=4), "cannot build a model"),
+        (lambda d: edit_config(d, vocab_size=500), "declares 500 tokens"),
+        (lambda d: edit_config(d, n_layer="eight"), "invalid settings"),
     ],
 )
 def test_corrupt_checkpoints_give_clear_errors(tmp_path, damage, message):
