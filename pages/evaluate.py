@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from crystallm_core.app_support import hit_rate_vs_tolerance, results_frame, sweep_summary, unique_flags
-from crystallm_core.generation import GenerationRequest
+from crystallm_core.generation import GenerationRequest, prepare
 from crystallm_core.history import RunRecord
 from crystallm_core.metrics import PAPER_BY_TARGET, MetricSettings, funnel_counts
 from crystallm_core.stability import HULL_BIAS_NOTE
@@ -107,11 +107,18 @@ def sweep_form() -> None:
     loaded = current_model()
     if loaded is None:
         return
-    base = replace(st.session_state.get("last_request") or GenerationRequest(), e_hull=e_hull, composition=None,
-                   z=None, spacegroup=None)
+    # band_gap=None: the last run's single target must not pass for this sweep's in the settings.
+    base = replace(st.session_state.get("last_request") or GenerationRequest(), band_gap=None, e_hull=e_hull,
+                   composition=None, z=None, spacegroup=None)
     targets = [round(float(t), 3) for t in np.linspace(low, high, int(m))]
     # K samples per target; each target gets its own seed so the targets are independent draws.
     requests = [replace(base, band_gap=target, n=int(k), seed=base.seed + i) for i, target in enumerate(targets)]
+    try:
+        for request in requests:
+            prepare(loaded, request)  # the errors generate would raise, before the sweep queues
+    except ValueError as error:
+        st.error(str(error))
+        return
     settings = {**asdict(base), "band_gap_targets": targets, "n": int(k) * len(targets), "tolerance": 0.5}
     start_job(loaded, requests, RunRecord(asdict(loaded.info), settings, {}, kind="sweep"))
 

@@ -34,6 +34,11 @@ def pick_cif() -> tuple[str, str] | None:
     return cif_filename(chosen), chosen.cif
 
 
+def why(error: Exception) -> str:
+    """The error's message, or its type where pymatgen gives none (e.g. a dummy species' mass)."""
+    return str(error) or f"{type(error).__name__} (unusual species?)"
+
+
 def xrd_figure(structure) -> go.Figure:
     peaks = xrd_pattern(structure)
     figure = go.Figure(go.Bar(x=peaks["two_theta"], y=peaks["intensity"], width=0.25, customdata=peaks["hkl"],
@@ -53,17 +58,30 @@ if picked is not None:
     except ValueError as error:
         st.error(f"{name}: {error}")
         st.stop()
+    # A CIF can parse yet defeat a view (e.g. a dummy species X has no scattering factors): say so
+    # and show the rest, never a traceback.
+    expected = (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError)
     view_col, info_col = st.columns([3, 2])
     with view_col:
         controls = st.columns([1, 1, 1, 2, 1.3])
         supercell = tuple(controls[i].number_input(axis, 1, 3, 1, key=f"cell_{axis}") for i, axis in enumerate("abc"))
         style = controls[3].selectbox("Style", list(VIEWER_STYLES), key="viewer_style")
         labels = controls[4].toggle("Labels", key="viewer_labels")
-        st.iframe(viewer_html(structure, supercell, labels, style), height=440)
+        try:
+            st.iframe(viewer_html(structure, supercell, labels, style), height=440)
+        except expected as error:
+            st.info(f"3D view not available: {why(error)}")
     with info_col:
-        summary = describe_structure(structure)
-        st.table({"property": list(summary), "value": [str(v) for v in summary.values()]})
-    st.plotly_chart(xrd_figure(structure), key="xrd")
+        try:
+            summary = describe_structure(structure)
+        except expected as error:
+            st.info(f"Structure summary not available: {why(error)}")
+        else:
+            st.table({"property": list(summary), "value": [str(v) for v in summary.values()]})
+    try:
+        st.plotly_chart(xrd_figure(structure), key="xrd")
+    except expected as error:
+        st.info(f"XRD pattern not available: {why(error)}")
     with st.expander("CIF"):
         st.code(cif, language=None)
     st.download_button("Download this CIF", cif, file_name=name, mime="chemical/x-cif", key="cif_download")

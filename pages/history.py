@@ -14,9 +14,21 @@ from pages.common import history_store
 store = history_store()
 
 
+GONE = "That run no longer exists."  # deleted in another tab since this page was drawn
+
+
 def zip_of(run_id: str) -> bytes:
     """Built only when the download is clicked."""
     return run_zip(store.load(run_id))
+
+
+def load_run(run_id: str):
+    """The stored run, or None (with a warning) if another tab deleted it."""
+    try:
+        return store.load(run_id)
+    except KeyError:
+        st.warning(GONE)
+        return None
 
 
 def compare_figure(frames: dict[str, pd.DataFrame], column: str, title: str) -> go.Figure:
@@ -30,7 +42,9 @@ def compare_figure(frames: dict[str, pd.DataFrame], column: str, title: str) -> 
 
 def compare(run_ids: list[str], labels: dict[str, str]) -> None:
     """Distributions of surrogate gap and E_hull, and the headline rates, of two runs side by side."""
-    runs = [store.load(run_id) for run_id in run_ids]
+    runs = [load_run(run_id) for run_id in run_ids]
+    if None in runs:
+        return
     frames = {run.run_id: results_frame(run.structures) for run in runs}
     st.plotly_chart(compare_figure(frames, "band_gap_pred", "Surrogate band gap (eV)"), key="cmp_gap")
     st.plotly_chart(compare_figure(frames, "e_hull_pred", "E_hull estimate (eV/atom)"), key="cmp_ehull")
@@ -53,12 +67,11 @@ st.dataframe(pd.DataFrame([{"run": s.run_id, "description": s.label, "structures
 
 run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="history_run")
 cols = st.columns(4)
-if cols[0].button("Open in Explore", key="open_explore"):
-    st.session_state["run"] = store.load(run_id)
-    st.switch_page("pages/explore.py")
-if cols[1].button("Open in Evaluate", key="open_evaluate"):
-    st.session_state["run"] = store.load(run_id)
-    st.switch_page("pages/evaluate.py")
+for col, label, key, page in ((cols[0], "Open in Explore", "open_explore", "pages/explore.py"),
+                               (cols[1], "Open in Evaluate", "open_evaluate", "pages/evaluate.py")):
+    if col.button(label, key=key) and (opened := load_run(run_id)) is not None:
+        st.session_state["run"] = opened
+        st.switch_page(page)
 cols[2].download_button("Download zip", data=partial(zip_of, run_id),
                         file_name=f"crystallm_run_{run_id}.zip", mime="application/zip", key="history_zip")
 confirm = cols[3].checkbox("Confirm delete", key=f"confirm_delete_{run_id}")

@@ -62,9 +62,9 @@ def parity_figure(table: pd.DataFrame) -> go.Figure:
 st.title("Model")
 loaded = current_model()
 model_dir = Path(loaded.info.source) if loaded is not None else DEFAULT_MODEL_DIR
-card = next((p for p in (model_dir / "MODEL_CARD.md", DEFAULT_MODEL_DIR / "MODEL_CARD.md") if p.is_file()), None)
+card = model_dir / "MODEL_CARD.md"  # only this model's own card: another model's would mislead
 with st.expander("Model card", expanded=True):
-    if card is None:
+    if not card.is_file():
         st.info("No model card (MODEL_CARD.md) ships with this model.")
     else:
         st.markdown(card.read_text())

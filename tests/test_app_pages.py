@@ -199,6 +199,35 @@ def test_explore_shows_structure_xrd_and_rejects_a_corrupt_upload(app_env):
     assert not at.exception and "broken.cif" in messages(at.error)
 
 
+X_CIF = """data_X
+_symmetry_space_group_name_H-M 'P 1'
+_cell_length_a 4
+_cell_length_b 4
+_cell_length_c 4
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_Int_Tables_number 1
+loop_
+_atom_site_type_symbol
+_atom_site_label
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+X X0 0 0 0 1
+Na Na0 0.5 0.5 0.5 1
+"""
+
+
+def test_explore_reports_views_a_dummy_species_defeats_without_a_traceback(app_env):
+    at = new_app("pages/explore.py")
+    at.file_uploader(key="explore_upload").upload("dummy.cif", X_CIF.encode(), "chemical/x-cif")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "XRD pattern not available" in messages(at.info) and "scattering" in messages(at.info)
+
+
 def test_evaluate_draws_scatter_hit_curve_and_funnel(app_env):
     at = new_app()
     at.session_state["run"] = prototype_run()
@@ -220,6 +249,17 @@ def test_evaluate_target_sweep_runs_k_samples_at_m_targets(app_env):
     run = at.session_state["run"]
     assert run.kind == "sweep" and len(run.structures) == 4
     assert sorted({s.band_gap_target for s in run.structures}) == [0.5, 4.0]
+    assert run.settings["band_gap"] is None and run.settings["band_gap_targets"] == [0.5, 4.0]
+
+
+def test_evaluate_sweep_rejects_bad_settings_before_queueing(app_env):
+    from crystallm_core.generation import GenerationRequest
+    from crystallm_core.sampler import SamplingSettings
+
+    at = new_app("pages/evaluate.py")
+    at.session_state["last_request"] = GenerationRequest(band_gap=2.0, settings=SamplingSettings(temperature=-1.0))
+    at.button[0].click().run()  # "Run sweep"
+    assert not at.exception and at.error and "job" not in at.session_state
 
 
 def test_model_page_renders_card_curves_and_histograms(app_env, short_model_dir, tmp_path, monkeypatch):
@@ -247,6 +287,11 @@ def test_model_page_renders_card_curves_and_histograms(app_env, short_model_dir,
     assert not at.exception and len(at.get("plotly_chart")) == 2  # density hints beside the sliders
 
 
+def test_model_page_shows_no_other_models_card(app_env):
+    at = new_app("pages/model.py")  # the short test model has no MODEL_CARD.md (the shipped one does)
+    assert "No model card" in messages(at.info)
+
+
 def test_history_lists_reopens_compares_and_deletes(app_env):
     store = HistoryStore(app_env / "history.sqlite")
     first, second = prototype_run(), prototype_run()
@@ -264,6 +309,24 @@ def test_history_lists_reopens_compares_and_deletes(app_env):
     at.button(key="open_evaluate").click().run()
     assert not at.exception
     assert at.session_state["run"].run_id == second.run_id and at.session_state["run"] == second
+
+
+def test_history_warns_when_another_tab_deleted_the_run(app_env, monkeypatch):
+    store = HistoryStore(app_env / "history.sqlite")
+    first, second = prototype_run(), prototype_run()
+    store.save(first)
+    store.save(second)
+    at = new_app("pages/history.py")
+
+    def deleted_meanwhile(self, run_id):  # another tab deletes it between listing and loading
+        raise KeyError(run_id)
+
+    monkeypatch.setattr(HistoryStore, "load", deleted_meanwhile)
+    at.button(key="open_explore").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "That run no longer exists." in messages(at.warning) and "run" not in at.session_state
+    at.multiselect(key="compare_runs").set_value([first.run_id, second.run_id]).run()
+    assert not at.exception and "That run no longer exists." in messages(at.warning)
 
 
 def test_viewer_loads_local_3dmol_first_and_shows_the_p1_cell():
