@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import pandas as pd
 from pymatgen.core import Structure
 
-from .generation import package_versions
+from .generation import package_versions, structure_file_stem
 from .history import HistoryStore, RunRecord, StructureRecord
 from .metrics import MetricSettings, add_flags, hit_rate_curve, novelty_flags, summarise, uniqueness_flags
 from .structure_info import parse_cif
@@ -352,8 +352,8 @@ def sweep_summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def cif_filename(record: StructureRecord) -> str:
-    """As `generation.GeneratedStructure.file_stem` names files: index and formula."""
-    return f"{record.index:03d}_{record.formula or 'unparsed'}.cif"
+    """The stored structure's CIF file name, as generation names run files."""
+    return structure_file_stem(record.index, record.formula) + ".cif"
 
 
 def run_zip(run: RunRecord, include_invalid: bool = False, tolerance: float | None = None) -> bytes:

@@ -47,6 +47,11 @@ class GenerationRequest:
         condition_vector(self.band_gap, self.e_hull)  # raises on NaN / negative / out of range
 
 
+def structure_file_stem(index: int, formula: str | None) -> str:
+    """How a run names a structure's files: zero-padded index and formula."""
+    return f"{index:03d}_{formula or 'unparsed'}"
+
+
 @dataclass
 class GeneratedStructure:
     index: int
@@ -74,7 +79,7 @@ class GeneratedStructure:
         return self.report.failed_reasons
 
     def file_stem(self) -> str:
-        return f"{self.index:03d}_{self.formula or 'unparsed'}"
+        return structure_file_stem(self.index, self.formula)
 
 
 @dataclass

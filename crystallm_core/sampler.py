@@ -184,13 +184,8 @@ def sample(
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
 
     def start(slots: torch.Tensor) -> None:
-        k = len(slots)
-        slot_prefix = [(pk[:1].expand(k, *pk.shape[1:]), pv[:1].expand(k, *pv.shape[1:])) for pk, pv in prefix]
-        if guided:
-            slot_prefix = [
-                (torch.cat([pk, uk[1:].expand(k, *uk.shape[1:])]), torch.cat([pv, uv[1:].expand(k, *uv.shape[1:])]))
-                for (pk, pv), (uk, uv) in zip(slot_prefix, prefix)
-            ]
+        # prefix rows are [cond] or [cond, uncond]; slot rows are k conditional, then k unconditional.
+        slot_prefix = [(pk.repeat_interleave(len(slots), 0), pv.repeat_interleave(len(slots), 0)) for pk, pv in prefix]
         batch.write_prefix(slots, slot_prefix)
         batch.prefill(slots, prompt[:-1])
 
