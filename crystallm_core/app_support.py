@@ -7,8 +7,8 @@
   sampler checks between steps, so everything finished so far is kept. A job nobody has polled
   for ABANDON_SECONDS (its browser tab was closed) cancels itself so it frees the queue. The thread touches no
   Streamlit API, and each browser session holds its own job, so sessions never mix.
-- `StructureScorer`: surrogate band gap (± ensemble disagreement) and CHGNet E_hull for each
-  finished structure; a score whose model is unavailable is left out, never invented.
+- Each finished structure is scored by `scoring.StructureScorer` (surrogate band gap, CHGNet
+  E_hull, novelty) as it arrives; a score whose model is unavailable is left out, never invented.
 - `results_frame`, `run_zip`, `run_manifest`: the results table and the download.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ from functools import lru_cache
 from typing import Callable, Sequence
 
 import pandas as pd
-from pymatgen.core import Structure
 
 from .generation import package_versions, structure_file_stem
 from .history import HistoryStore, RunRecord, StructureRecord
-from .metrics import MetricSettings, add_flags, hit_rate_curve, novelty_flags, summarise, uniqueness_flags
+from .metrics import MetricSettings, add_flags, hit_rate_curve, summarise, uniqueness_flags
+from .scoring import StructureScorer, default_scorer
 from .structure_info import parse_cif
 
 LOG = logging.getLogger(__name__)
@@ -75,81 +75,14 @@ class GenerationQueue:
 GENERATION_QUEUE = GenerationQueue()
 
 
-class StructureScorer:
-    """Surrogate band gap, CHGNet E_hull and novelty of one structure, each only where available.
-
-    Score keys follow `evaluate.evaluate_structures`' columns (band_gap_pred, band_gap_std,
-    e_hull_pred, novel, …) so the metrics functions apply to the app's tables unchanged.
-    `unavailable` maps a score family to why it is missing, for the UI.
-    """
-
-    def __init__(self):
-        from .stability import estimate_stability, load_chgnet
-
-        self.estimate_stability = estimate_stability
-        self.unavailable: dict[str, str] = {}
-        self.gap_model = self.novelty_index = None
-        self.chgnet_loaded = False
-        try:  # once here, not per structure: a missing CHGNet would otherwise be retried every time
-            load_chgnet()
-            self.chgnet_loaded = True
-        except Exception as error:
-            self.unavailable["stability"] = f"CHGNet not available ({type(error).__name__}: {error})"
-        try:
-            from .surrogates import BandGapSurrogate
-
-            self.gap_model = BandGapSurrogate.load()
-        except Exception as error:  # missing weights: say so, invent nothing
-            self.unavailable["band gap"] = f"surrogate not available ({error})"
-        try:
-            from .novelty import NoveltyIndex
-
-            self.novelty_index = NoveltyIndex.load()
-        except Exception as error:
-            self.unavailable["novelty"] = f"novelty index not available ({error})"
-
-    def score(self, structure: Structure) -> dict:
-        """Finite numbers only; what could not be computed is absent, with a note why."""
-        scores: dict = {}
-        notes: list[str] = []
-        if self.gap_model is not None:
-            gap = self.gap_model.predict([structure])[0]
-            if gap.reason:
-                notes.append(f"band gap: {gap.reason}")
-            else:
-                scores.update(band_gap_pred=gap.mean, band_gap_std=gap.std, band_gap_gnn=gap.gnn,
-                              band_gap_gbm=gap.gbm, p_metal=gap.p_metal)
-        if not self.chgnet_loaded:
-            notes.append(f"stability: {self.unavailable['stability']}")
-        else:
-            try:
-                estimate = self.estimate_stability([structure])[0]
-            except Exception as error:
-                notes.append(f"stability not available: {type(error).__name__}: {error}")
-            else:
-                if estimate.e_hull is not None:
-                    scores["e_hull_pred"] = estimate.e_hull
-                if estimate.e_form_per_atom is not None:
-                    scores["e_form_pred"] = estimate.e_form_per_atom
-                if estimate.error:
-                    notes.append(f"stability: {estimate.error}")
-        if self.novelty_index is not None:
-            scores["novel"] = novelty_flags([structure], self.novelty_index)[0]
-        if notes:
-            scores["notes"] = "; ".join(notes)
-        return scores
-
-@lru_cache(maxsize=1)
-def get_scorer() -> StructureScorer:
-    """One scorer per process (the surrogate and CHGNet are loaded once)."""
-    return StructureScorer()
-
-
 @dataclass
 class Progress:
     status: str  # queued | running | done | cancelled | failed
-    done: int
-    total: int
+    done: int  # structures finished
+    total: int  # the most structures the requests may draw
+    valid: int
+    valid_target: int | None  # with "until N valid" requests: how many valid ones are wanted in all
+    fraction: float  # of the work, 0–1 (a request that stops at N valid is done at N valid)
     elapsed: float
     eta: float | None
     position: int | None  # place in the generation queue while queued
@@ -163,10 +96,14 @@ class GenerationJob:
     """
 
     def __init__(self, loaded_model, requests: Sequence, run: RunRecord, store: HistoryStore | None = None,
-                 queue: GenerationQueue = GENERATION_QUEUE, scorer: Callable[[], StructureScorer] = get_scorer):
+                 queue: GenerationQueue = GENERATION_QUEUE, scorer: Callable[[], StructureScorer] = default_scorer):
         self.loaded_model, self.requests, self.run = loaded_model, list(requests), run
         self.store, self.queue, self.scorer = store, queue, scorer
         self.total = sum(r.n for r in self.requests)
+        targets = [r.stop_after_valid for r in self.requests]
+        self.valid_target = sum(targets) if all(targets) else None
+        self.requests_done = 0
+        self.current_counts = [0, 0]  # structures and valid ones of the request being sampled
         self.status = "queued"
         self.ticket: int | None = None
         self.started_at: float | None = None
@@ -203,14 +140,27 @@ class GenerationJob:
         with self._lock:
             return list(self.run.structures)
 
+    def fraction_done(self) -> float:
+        """Share of the work done, weighting each request by its most samples."""
+        done = sum(r.n for r in self.requests[: self.requests_done])
+        if self.requests_done < len(self.requests):
+            request, (structures, valid) = self.requests[self.requests_done], self.current_counts
+            part = structures / request.n
+            if request.stop_after_valid:
+                part = max(part, valid / request.stop_after_valid)
+            done += min(part, 1.0) * request.n
+        return done / self.total
+
     def progress(self) -> Progress:
         self.last_polled = time.monotonic()
-        done = len(self.run.structures)
+        with self._lock:
+            done, valid = len(self.run.structures), sum(s.valid for s in self.run.structures)
+            fraction = self.fraction_done()
         end = self.finished_at or time.time()
         elapsed = end - self.started_at if self.started_at else 0.0
-        eta = elapsed / done * (self.total - done) if done and not self.finished else None
+        eta = elapsed / fraction * (1 - fraction) if fraction and not self.finished else None
         position = self.queue.position(self.ticket) if self.status == "queued" else None
-        return Progress(self.status, done, self.total, elapsed, eta, position)
+        return Progress(self.status, done, self.total, valid, self.valid_target, fraction, elapsed, eta, position)
 
     def _add(self, generated, request) -> None:
         """on_structure callback: score a valid structure, then publish its row."""
@@ -219,7 +169,7 @@ class GenerationJob:
             try:
                 scorer = self.scorer()
                 self.unavailable = scorer.unavailable
-                scores = scorer.score(generated.report.structure)
+                scores = scorer.score([generated.report.structure])[0]
             except Exception as error:  # a scoring failure must not lose the structure
                 scores = {"notes": f"scoring failed: {type(error).__name__}: {error}"}
         with self._lock:
@@ -229,6 +179,8 @@ class GenerationJob:
                 raw_text=generated.raw_text, seconds=float(generated.seconds), band_gap_target=request.band_gap,
                 e_hull_target=request.e_hull, scores=scores,
             ))
+            self.current_counts[0] += 1
+            self.current_counts[1] += bool(generated.valid)
 
     def _work(self) -> None:
         from .generation import generate
@@ -242,6 +194,8 @@ class GenerationJob:
                         break
                     manifests.append(generate(self.loaded_model, request, should_cancel=self.should_cancel,
                                               on_structure=lambda g, r=request: self._add(g, r)).manifest)
+                    with self._lock:
+                        self.requests_done, self.current_counts = self.requests_done + 1, [0, 0]
                 status = "cancelled" if self._cancel.is_set() else "done"
         except ValueError as error:  # bad request: the core's message is meant for the user
             status, self.run.error = "failed", str(error)

@@ -15,16 +15,15 @@ import json
 import math
 import sys
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 from pymatgen.core import Structure
 
-from crystallm_core.metrics import MetricSettings, add_flags, novelty_flags, summarise, uniqueness_flags
-from crystallm_core.novelty import NoveltyIndex
-from crystallm_core.stability import HULL_BIAS_NOTE, RelaxSettings, estimate_stability
+from crystallm_core.metrics import MetricSettings, add_flags, summarise, uniqueness_flags
+from crystallm_core.scoring import SCORE_COLUMNS, StructureScorer
+from crystallm_core.stability import HULL_BIAS_NOTE, RelaxSettings
 from crystallm_core.validity import ValidityReport, check_cif
 
 OUTPUT_NAME = "evaluation.csv"
@@ -50,32 +49,6 @@ def read_structure(
         except Exception:
             structure = None
     return report, structure, None
-
-
-@lru_cache(maxsize=1)
-def load_surrogate():
-    from crystallm_core.surrogates import BandGapSurrogate
-
-    return BandGapSurrogate.load()
-
-
-def predict_gaps(structures: list[Structure | None]) -> tuple[list[dict], str | None]:
-    """Surrogate readings per structure (NaN where none, `reason` says why), plus a note if the
-    surrogate itself is missing."""
-    empty = {"band_gap_gnn": NAN, "band_gap_gbm": NAN, "band_gap_pred": NAN, "band_gap_std": NAN,
-             "p_metal": NAN, "reason": None}
-    rows = [dict(empty) for _ in structures]
-    present = [i for i, s in enumerate(structures) if s is not None]
-    if not present:
-        return rows, None
-    try:
-        predictions = load_surrogate().predict([structures[i] for i in present])
-    except Exception as exc:
-        return rows, f"band-gap surrogate unavailable: {type(exc).__name__}: {exc}"
-    for i, p in zip(present, predictions):
-        rows[i] = {"band_gap_gnn": p.gnn, "band_gap_gbm": p.gbm, "band_gap_pred": p.mean,
-                   "band_gap_std": p.std, "p_metal": p.p_metal, "reason": getattr(p, "reason", None)}
-    return rows, None
 
 
 def evaluate_structures(
@@ -114,28 +87,17 @@ def evaluate_structures(
         })
     df = pd.DataFrame(rows).astype({"n_atoms": "Int64"})
 
-    gaps, gap_note = predict_gaps(structures)
-    for row_notes, gap in zip(notes, gaps):
-        if reason := gap.pop("reason"):
-            row_notes.append(f"band gap: {reason}")
-    df = pd.concat([df, pd.DataFrame(gaps, index=df.index)], axis=1)
-
-    df["e_form_pred"], df["e_hull_pred"] = NAN, NAN
-    if stability:
-        for i, est in enumerate(estimate_stability(structures, relax=relax is not None, relax_settings=relax)):
-            df.loc[i, "e_form_pred"] = NAN if est.e_form_per_atom is None else est.e_form_per_atom
-            df.loc[i, "e_hull_pred"] = NAN if est.e_hull is None else est.e_hull
-            if est.error and structures[i] is not None:
-                notes[i].append(f"stability: {est.error}")
-
+    scorer = StructureScorer(stability=stability, relax=relax, novelty=novelty)
+    scores = pd.DataFrame(scorer.score(structures), index=df.index, columns=[*SCORE_COLUMNS, "notes"])
+    df = pd.concat([df, scores.drop(columns="notes").astype({c: float for c in SCORE_COLUMNS if c != "novel"})],
+                   axis=1)
+    df["novel"] = [None if pd.isna(v) else bool(v) for v in df["novel"]]
     df["unique"] = uniqueness_flags(structures, df["valid"].tolist())
-    df["novel"] = None
-    batch_notes = [gap_note] if gap_note else []  # a missing component: said once per row and in attrs
-    if novelty:
-        try:
-            df["novel"] = novelty_flags(structures, NoveltyIndex.load())
-        except FileNotFoundError as exc:
-            batch_notes.append(f"novelty unavailable: {exc}")
+    for row_notes, score_note in zip(notes, scores["notes"]):
+        if isinstance(score_note, str):
+            row_notes.append(score_note)
+    # a missing component: said on every row (the CSV travels alone) and kept in attrs
+    batch_notes = list(scorer.unavailable.values())
 
     df = add_flags(df, targets.get("band_gap"), settings)
     df["notes"] = ["; ".join(batch_notes + n) for n in notes]

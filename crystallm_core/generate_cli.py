@@ -15,6 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--band-gap", type=optional_float, required=True, help="target band gap in eV ('none' = unknown)")
     parser.add_argument("--e-hull", type=optional_float, default=0.0, help="target E_hull in eV/atom (default 0)")
     parser.add_argument("-n", "--num-samples", type=int, default=16, help="structures to generate (1–256)")
+    parser.add_argument("--until-valid", action="store_true",
+                        help="-n counts valid structures: keep sampling until that many are valid")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="with --until-valid, the most samples to draw (default 4×n, at most 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="run directory to write")
     parser.add_argument("--model", default=None, help="model directory or hub id (default: the shipped model)")
@@ -31,11 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
-    from .generation import GenerationRequest, check_run_dir, generate, write_run
+    from .generation import GenerationRequest, check_run_dir, generate, until_valid_sample_cap, write_run
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 guidance_scale=args.guidance_scale, batch_size=args.batch_size)
-    request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull, n=args.num_samples,
+    if args.max_samples is not None and not args.until_valid:
+        raise ValueError("--max-samples only applies with --until-valid")
+    n = until_valid_sample_cap(args.num_samples, args.max_samples) if args.until_valid else args.num_samples
+    request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull, n=n,
+                                stop_after_valid=args.num_samples if args.until_valid else None,
                                 composition=args.composition, z=args.z, spacegroup=args.spacegroup,
                                 elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
                                 settings=settings, seed=args.seed)
@@ -43,12 +51,21 @@ def run(args: argparse.Namespace) -> int:
     check_run_dir(args.out)  # before sampling, not after
     loaded = load_model(args.model)
 
+    counts = {"done": 0, "valid": 0}
+
     def report(structure) -> None:
+        counts["done"] += 1
+        counts["valid"] += structure.valid
         status = "valid" if structure.valid else "invalid: " + "; ".join(structure.reasons[:2])
-        print(f"[{structure.index + 1}/{request.n}] {structure.formula or '?'} {structure.spacegroup or ''} {status}",
-              file=sys.stderr)
+        where = (f"{counts['valid']}/{request.stop_after_valid} valid, {counts['done']} sampled"
+                 if request.stop_after_valid else f"{counts['done']}/{request.n}")
+        print(f"[{where}] {structure.formula or '?'} {structure.spacegroup or ''} {status}", file=sys.stderr)
 
     run_result = generate(loaded, request, on_structure=report)
     out = write_run(run_result, args.out)
-    print(f"{run_result.manifest['n_valid']}/{run_result.manifest['n_finished']} valid; wrote {out}")
+    n_valid = run_result.manifest["n_valid"]
+    if request.stop_after_valid and n_valid < request.stop_after_valid:
+        print(f"only {n_valid} of the {request.stop_after_valid} valid structures asked for after {request.n} samples "
+              "(raise --max-samples, or lower the temperature)", file=sys.stderr)
+    print(f"{n_valid}/{run_result.manifest['n_finished']} valid; wrote {out}")
     return 0

@@ -25,6 +25,7 @@ from .sampler import DEFAULT_BANNED_IDS, FinishedSample, SamplingSettings, sampl
 from .validity import CheckResult, ValidityReport, check_cif
 
 MAX_STRUCTURES = 256
+UNTIL_VALID_SAMPLE_FACTOR = 4  # "until N valid" draws at most this many times N samples
 VERSIONED_PACKAGES = ("torch", "transformers", "pymatgen", "numpy", "safetensors", "chgnet", "lightgbm", "streamlit")
 
 
@@ -39,12 +40,22 @@ class GenerationRequest:
     elements: list[str] | None = None  # only these elements may be written (None = any)
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     seed: int = 0
+    # Stop as soon as this many samples are valid (n is then the most samples drawn); None = draw all n.
+    stop_after_valid: int | None = None
 
     def validate(self) -> None:
         if not (1 <= int(self.n) <= MAX_STRUCTURES):
             raise ValueError(f"number of structures must be between 1 and {MAX_STRUCTURES}, got {self.n}")
+        if self.stop_after_valid is not None and not (1 <= int(self.stop_after_valid) <= self.n):
+            raise ValueError(f"the number of valid structures to stop at must be between 1 and the number of "
+                             f"samples ({self.n}), got {self.stop_after_valid}")
         self.settings.validate()
         condition_vector(self.band_gap, self.e_hull)  # raises on NaN / negative / out of range
+
+
+def until_valid_sample_cap(n_valid: int, max_samples: int | None = None) -> int:
+    """How many samples an "until `n_valid` are valid" request may draw (default 4×, at most 256)."""
+    return min(MAX_STRUCTURES, max_samples or UNTIL_VALID_SAMPLE_FACTOR * n_valid)
 
 
 def structure_file_stem(index: int, formula: str | None) -> str:
@@ -113,6 +124,7 @@ def build_manifest(loaded: LoadedModel, request: GenerationRequest, prompt_text:
                    "elements": request.elements, "text": prompt_text},
         "sampling": asdict(request.settings),
         "n_requested": request.n,
+        "stop_after_valid": request.stop_after_valid,
         "seed": request.seed,
         "versions": package_versions(),
     }
@@ -171,12 +183,23 @@ def generate(
     on_structure: Callable[[GeneratedStructure], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> GenerationRun:
-    """Sample `request.n` structures and check each one as soon as it is finished."""
+    """Sample `request.n` structures and check each one as soon as it is finished.
+
+    With `request.stop_after_valid`, sampling stops once that many are valid; samples still
+    in flight then are dropped, so every returned structure was finished.
+    """
     prepared = prepare(loaded, request)
     manifest = build_manifest(loaded, request, prepared.prompt_text)
     context = loaded.model.config.max_cif_tokens
     max_tokens = min(request.settings.max_tokens or context, context)  # as the sampler caps it
     structures: list[GeneratedStructure] = []
+
+    def target_reached() -> bool:
+        wanted = request.stop_after_valid
+        return wanted is not None and sum(s.valid for s in structures) >= wanted
+
+    def stop() -> bool:
+        return target_reached() or (should_cancel is not None and should_cancel())
 
     def finished(done: FinishedSample) -> None:
         text = loaded.tokenizer.decode(done.token_ids, skip_special_tokens=False)
@@ -189,9 +212,9 @@ def generate(
     started = time.perf_counter()
     sample(loaded.model, prepared.prompt_ids, prepared.conditions, prepared.present, request.n, request.settings,
            request.seed, eos_id=loaded.tokenizer.eos_id, banned_ids=prepared.banned_ids, on_finished=finished,
-           should_cancel=should_cancel)
+           should_cancel=stop)
     structures.sort(key=lambda s: s.index)
-    cancelled = len(structures) < request.n
+    cancelled = len(structures) < request.n and not target_reached()
     manifest.update({"n_finished": len(structures), "n_valid": sum(s.valid for s in structures),
                      "cancelled": cancelled, "wall_seconds": round(time.perf_counter() - started, 2)})
     return GenerationRun(structures, manifest, cancelled)

@@ -135,9 +135,10 @@ def job_fragment() -> None:
     if progress.status == "queued":
         st.info(f"Waiting for the generator: position {progress.position} in the queue "
                 "(another session is generating).")
-    label = (f"{progress.done}/{progress.total} structures · elapsed {format_seconds(progress.elapsed)}"
-             f" · ETA {format_seconds(progress.eta)}")
-    st.progress(progress.done / max(progress.total, 1), text=label)
+    counted = (f"{progress.valid}/{progress.valid_target} valid ({progress.done} sampled, at most {progress.total})"
+               if progress.valid_target else f"{progress.done}/{progress.total} structures")
+    label = f"{counted} · elapsed {format_seconds(progress.elapsed)} · ETA {format_seconds(progress.eta)}"
+    st.progress(min(progress.fraction, 1.0), text=label)
     st.button("Cancel", key="cancel_job", on_click=job.cancel, help="Stop now; finished structures are kept.")
     results_table(job.structures(), tolerance)
     if job.finished:
@@ -154,6 +155,10 @@ def run_summary(run: RunRecord) -> None:
     elif run.status == "cancelled":
         st.warning(f"Cancelled: {len(run.structures)} finished structures kept.")
     st.write(f"**{run.n_valid} of {len(run.structures)}** structures valid · run `{run.run_id}`")
+    wanted = run.settings.get("stop_after_valid")
+    if run.status == "done" and wanted and run.n_valid < wanted:
+        st.info(f"Only {run.n_valid} of the {wanted} valid structures asked for after {len(run.structures)} samples: "
+                "lower the temperature, or loosen the composition and symmetry prompt.")
     results_table(run.structures, tolerance)
     for family, reason in run.manifest.get("scores_unavailable", {}).items():
         st.caption(f"{family}: {reason}")

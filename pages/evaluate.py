@@ -109,7 +109,7 @@ def sweep_form() -> None:
         return
     # band_gap=None: the last run's single target must not pass for this sweep's in the settings.
     base = replace(st.session_state.get("last_request") or GenerationRequest(), band_gap=None, e_hull=e_hull,
-                   composition=None, z=None, spacegroup=None)
+                   composition=None, z=None, spacegroup=None, stop_after_valid=None)
     targets = [round(float(t), 3) for t in np.linspace(low, high, int(m))]
     # K samples per target; each target gets its own seed so the targets are independent draws.
     requests = [replace(base, band_gap=target, n=int(k), seed=base.seed + i) for i, target in enumerate(targets)]

@@ -6,7 +6,8 @@ from dataclasses import asdict
 import streamlit as st
 
 from crystallm_core.app_support import space_group_choices
-from crystallm_core.generation import MAX_STRUCTURES, GenerationRequest, prepare
+from crystallm_core.generation import (MAX_STRUCTURES, UNTIL_VALID_SAMPLE_FACTOR, GenerationRequest, prepare,
+                                      until_valid_sample_cap)
 from crystallm_core.history import RunRecord
 from crystallm_core.prompts import space_group_symbols
 from crystallm_core.sampler import SamplingSettings
@@ -56,6 +57,11 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
         with st.expander("Sampling", expanded=True):
             cols = st.columns(3)
             n = cols[0].number_input("Number of structures", 1, MAX_STRUCTURES, 8, key="n")
+            until_valid = cols[0].checkbox(
+                "Count valid ones only", key="until_valid",
+                help=f"Keep sampling until this many structures are valid, drawing at most "
+                     f"{UNTIL_VALID_SAMPLE_FACTOR}× as many (and at most {MAX_STRUCTURES}). Invalid ones stay "
+                     "in the table with their reasons.")
             seed = cols[0].number_input("Seed", 0, 2**31 - 1, 0, key="seed")
             temperature = cols[1].slider("Temperature", 0.1, 2.0, SamplingSettings.temperature, 0.05, key="temperature")
             top_k = cols[1].number_input("Top-k", 1, 377, 15, key="top_k")
@@ -68,7 +74,9 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
         return None
     settings = SamplingSettings(temperature=temperature, top_k=int(top_k), top_p=top_p, guidance_scale=guidance)
     request = GenerationRequest(band_gap=None if any_gap else band_gap, e_hull=None if any_hull else e_hull,
-                                n=int(n), composition=composition.strip() or None, z=int(z) or None,
+                                n=until_valid_sample_cap(int(n)) if until_valid else int(n),
+                                stop_after_valid=int(n) if until_valid else None,
+                                composition=composition.strip() or None, z=int(z) or None,
                                 spacegroup=spacegroup[1] if spacegroup else None, settings=settings, seed=int(seed),
                                 elements=[e.strip() for e in elements.replace(",", " ").split()] or None)
     return request, tolerance

@@ -114,6 +114,17 @@ def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):
     assert stored.manifest["model"]["name"] == "tiny-test-model" and len(stored.manifest["generation"]) == 1
 
 
+def test_count_valid_only_draws_up_to_four_times_and_explains_a_shortfall(app_env):
+    at = new_app("pages/generate.py")
+    at.number_input(key="n").set_value(2)
+    at.checkbox(key="until_valid").check()
+    at.button[0].click().run()
+    wait_for_job(at)
+    run = at.session_state["run"]  # the tiny random model writes no valid CIF, so all 8 samples are drawn
+    assert run.status == "done" and len(run.structures) == 8 and run.settings["stop_after_valid"] == 2
+    assert "Only 0 of the 2 valid structures asked for after 8 samples" in messages(at.info)
+
+
 @pytest.mark.parametrize("composition, z, spacegroup, elements, expected", [
     ("Ti2Q3", 0, None, "", "not a chemical element"),
     ("TiO2!", 0, None, "", "not a chemical formula"),

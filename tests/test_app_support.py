@@ -116,27 +116,47 @@ def test_space_group_choices_cover_all_230_in_model_notation():
     assert dict(choices)[14] == "P2_1/c" and dict(choices)[225] == "Fm-3m"
 
 
+class FakeGenerated:
+    """Stands in for a GeneratedStructure: even samples are valid NaCl, odd ones invalid."""
+
+    def __init__(self, i):
+        self.index, self.valid, self.spacegroup, self.raw_text, self.seconds = i, i % 2 == 0, None, "raw", 0.01
+        self.formula, self.reasons, self.cif = ("NaCl", [], "cif") if self.valid else (None, ["fake"], None)
+        self.report = SimpleNamespace(structure=rocksalt_nacl() if self.valid else None)
+
+
+def test_progress_of_an_until_valid_request_counts_valid_structures():
+    from crystallm_core.generation import GenerationRequest
+
+    until_valid, plain = GenerationRequest(n=20, stop_after_valid=5), GenerationRequest(n=10)
+    job = GenerationJob(None, [until_valid, plain], RunRecord(model={}, settings={}, manifest={}),
+                        queue=GenerationQueue(), scorer=lambda: SimpleNamespace(unavailable={}, score=lambda s: [{}]))
+    for i in range(6):  # 3 valid of 6: the first request is 3/5 done (valid beats 6/20 sampled)
+        job._add(FakeGenerated(i), until_valid)
+    progress = job.progress()
+    assert (progress.done, progress.valid, progress.total, progress.valid_target) == (6, 3, 30, None)
+    assert progress.fraction == pytest.approx(20 * 3 / 5 / 30)
+    job.requests_done, job.current_counts = 1, [0, 0]  # the first request stopped at 5 valid
+    assert job.progress().fraction == pytest.approx(20 / 30)
+    assert GenerationJob(None, [until_valid], RunRecord(model={}, settings={}, manifest={}),
+                         queue=GenerationQueue()).progress().valid_target == 5
+
+
 def test_job_keeps_structures_when_cancelled_and_saves_history(tmp_path, monkeypatch):
     """A fake generate() streams structures until cancelled; the job keeps and stores them."""
     from crystallm_core import generation
 
-    class Fake:  # even samples are valid NaCl, odd ones invalid
-        def __init__(self, i):
-            self.index, self.valid, self.spacegroup, self.raw_text, self.seconds = i, i % 2 == 0, None, "raw", 0.01
-            self.formula, self.reasons, self.cif = ("NaCl", [], "cif") if self.valid else (None, ["fake"], None)
-            self.report = SimpleNamespace(structure=rocksalt_nacl() if self.valid else None)
-
     class FakeScorer:
         unavailable = {"band gap": "no surrogate weights"}
 
-        def score(self, structure):
-            return {"e_hull_pred": 0.01, "novel": structure.composition.reduced_formula == "NaCl"}
+        def score(self, structures):
+            return [{"e_hull_pred": 0.01, "novel": s.composition.reduced_formula == "NaCl"} for s in structures]
 
     def fake_generate(loaded, request, on_structure=None, should_cancel=None):
         for i in range(request.n):
             if should_cancel():
                 break
-            on_structure(Fake(i))
+            on_structure(FakeGenerated(i))
             time.sleep(0.05)
         return generation.GenerationRun([], {"fake": True}, cancelled=should_cancel())
 
@@ -193,32 +213,3 @@ def test_job_is_final_even_if_the_manifest_fails(monkeypatch):
                         queue=GenerationQueue()).start()
     job.cancel()
     assert job.join(5) and job.finished and job.status == "cancelled"
-
-
-def test_scorer_loads_chgnet_once_and_notes_it_missing(monkeypatch):
-    import sys
-
-    from crystallm_core import app_support, stability
-
-    calls = []
-
-    def missing_chgnet():
-        calls.append(1)
-        raise ImportError("no chgnet")
-
-    def never(*args, **kwargs):
-        raise AssertionError("CHGNet must not be retried per structure")
-
-    def unavailable():
-        raise FileNotFoundError("no weights")
-
-    monkeypatch.setattr(stability, "load_chgnet", missing_chgnet)
-    monkeypatch.setattr(stability, "estimate_stability", never)
-    monkeypatch.setitem(sys.modules, "crystallm_core.surrogates",
-                        SimpleNamespace(BandGapSurrogate=SimpleNamespace(load=unavailable)))
-    monkeypatch.setitem(sys.modules, "crystallm_core.novelty", SimpleNamespace(NoveltyIndex=SimpleNamespace(load=unavailable)))
-    scorer = app_support.StructureScorer()
-    first, second = scorer.score(rocksalt_nacl()), scorer.score(rutile_tio2())
-    assert len(calls) == 1 and "no chgnet" in scorer.unavailable["stability"]
-    assert "e_hull_pred" not in first and "CHGNet not available" in first["notes"]
-    assert "CHGNet not available" in second["notes"]

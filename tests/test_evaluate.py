@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import crystallm_core.surrogates
-from crystallm_core import evaluate, stability
+from crystallm_core import evaluate, scoring, stability
 from crystallm_core.cif_format import repair_generated_cif, structure_to_model_cif
 from crystallm_core.hull import HullReference
 from crystallm_core.novelty import NoveltyIndex, encode_structure
@@ -29,9 +29,9 @@ class FakeSurrogate:
         return cls()
 
     def predict(self, structures):
-        from types import SimpleNamespace
+        from crystallm_core.surrogates.ensemble import GapPrediction
 
-        return [SimpleNamespace(gnn=1.1, gbm=1.3, mean=1.2, std=0.1, p_metal=0.2) for _ in structures]
+        return [GapPrediction(mean=1.2, std=0.1, gnn=1.1, gbm=1.3, p_metal=0.2, reason=None) for _ in structures]
 
 
 class MissingSurrogate:
@@ -51,9 +51,9 @@ def offline_components(monkeypatch):
         "source_id": ["Na", "Cl", "Ti", "O", "Si", "nacl", "tio2"]}))
     monkeypatch.setattr(stability, "load_hull", lambda: hull)
     monkeypatch.setattr(crystallm_core.surrogates, "BandGapSurrogate", FakeSurrogate, raising=False)
-    evaluate.load_surrogate.cache_clear()
+    scoring.load_gap_model.cache_clear()
     yield
-    evaluate.load_surrogate.cache_clear()  # do not leak the fake into other tests
+    scoring.load_gap_model.cache_clear()  # do not leak the fake into other tests
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
 
 def test_missing_surrogate_degrades_gracefully(offline_components, monkeypatch):
     monkeypatch.setattr(crystallm_core.surrogates, "BandGapSurrogate", MissingSurrogate, raising=False)
-    evaluate.load_surrogate.cache_clear()
+    scoring.load_gap_model.cache_clear()
     df = evaluate.evaluate_structures([written_cif(diamond_si()), None], ["si.cif", "gone.cif"],
                                       {"band_gap": 1.0}, stability=False)
     assert df["band_gap_pred"].isna().all() and df["hit"].isna().all()

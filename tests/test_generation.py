@@ -6,7 +6,8 @@ import pytest
 from crystallm_core.checkpoints import load_model
 from crystallm_core.cif_format import structure_to_model_cif
 from crystallm_core.cli import main
-from crystallm_core.generation import GenerationRequest, check_sample, generate, prepare, write_run
+from crystallm_core.generation import (GenerationRequest, check_sample, generate, prepare, until_valid_sample_cap,
+                                      write_run)
 from crystallm_core.prompts import build_prompt
 from crystallm_core.sampler import SamplingSettings
 from crystallm_core.tokenizer import get_tokenizer
@@ -51,9 +52,37 @@ def test_cancel_keeps_finished(tiny):
     assert run.cancelled and len(run.structures) == 3 and run.manifest["n_finished"] == 3
 
 
+def test_stop_after_valid_stops_once_enough_are_valid(tiny, monkeypatch):
+    from crystallm_core import generation
+    from crystallm_core.validity import CheckResult, ValidityReport
+
+    calls = []
+
+    def every_other_valid(text, stop_reason, max_tokens):
+        calls.append(text)
+        return "cif", ValidityReport([CheckResult("parses", len(calls) % 2 == 0, "fake")])
+
+    monkeypatch.setattr(generation, "check_sample", every_other_valid)
+    request = small_request(n=12, stop_after_valid=3, settings=SamplingSettings(batch_size=1, max_tokens=24))
+    run = generate(tiny, request)
+    assert sum(s.valid for s in run.structures) == 3 and len(run.structures) == 6
+    assert not run.cancelled and run.manifest["stop_after_valid"] == 3 and run.manifest["n_valid"] == 3
+
+
+def test_stop_after_valid_draws_every_sample_when_none_is_valid(tiny):
+    run = generate(tiny, small_request(n=4, stop_after_valid=2))  # the untrained model writes no valid CIF
+    assert len(run.structures) == 4 and not run.cancelled and run.manifest["n_valid"] == 0
+
+
+def test_until_valid_sample_cap():
+    assert until_valid_sample_cap(8) == 32 and until_valid_sample_cap(8, 10) == 10 and until_valid_sample_cap(200) == 256
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        (dict(stop_after_valid=0), "between 1 and the number of samples"),
+        (dict(n=4, stop_after_valid=5), r"between 1 and the number of samples \(4\), got 5"),
         (dict(band_gap=float("nan")), "band gap must be a finite"),
         (dict(band_gap=-1.0), "band gap must be ≥ 0"),
         (dict(e_hull=9.0), "E_hull must be ≤"),
@@ -119,12 +148,21 @@ def test_cli_generate_writes_a_run(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "x" / "manifest.json").is_file() and (tmp_path / "x" / "summary.csv").is_file()
 
 
+def test_cli_until_valid_says_when_it_fell_short(tiny_model_dir, tmp_path, capsys):
+    code = main(["generate", "--band-gap", "1", "-n", "1", "--until-valid", "--max-samples", "2", "--out",
+                 str(tmp_path / "x"), "--model", str(tiny_model_dir), "--batch-size", "2"])
+    assert code == 0
+    assert "only 0 of the 1 valid structures asked for after 2 samples" in capsys.readouterr().err
+    assert json.loads((tmp_path / "x" / "manifest.json").read_text())["stop_after_valid"] == 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["generate", "--band-gap", "-3", "--out", "x"], "band gap must be ≥ 0"),
         (["generate", "--band-gap", "abc", "--out", "x"], "invalid optional_float value"),
         (["generate", "--out", "x"], "required"),
+        (["generate", "--band-gap", "1", "--max-samples", "9", "--out", "x"], "only applies with --until-valid"),
     ],
 )
 def test_cli_bad_arguments_one_line_exit_2(argv, message, capsys):
