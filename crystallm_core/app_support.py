@@ -328,6 +328,18 @@ def run_zip(run: RunRecord, include_invalid: bool = False, tolerance: float | No
     return buffer.getvalue()
 
 
+def stored_run_zip(store: HistoryStore, run_id: str) -> bytes:
+    """`run_zip` of a stored run; a run deleted since the page was drawn gives a zip that says so
+    (a download button builds its file in a later request, where an error would be a broken link)."""
+    try:
+        return run_zip(store.load(run_id))
+    except KeyError:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("RUN_DELETED.txt", f"Run {run_id} was deleted from the history before this download.\n")
+        return buffer.getvalue()
+
+
 @lru_cache(maxsize=1)
 def space_group_choices() -> list[tuple[int, str]]:
     """(number, short H-M symbol) for all 230 space groups, in the notation the model writes."""

@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from crystallm_core.app_support import results_frame, run_zip
+from crystallm_core.app_support import results_frame, stored_run_zip
 from crystallm_core.metrics import summarise
 from pages.common import history_store
 
@@ -15,11 +15,6 @@ store = history_store()
 
 
 GONE = "That run no longer exists."  # deleted in another tab since this page was drawn
-
-
-def zip_of(run_id: str) -> bytes:
-    """Built only when the download is clicked."""
-    return run_zip(store.load(run_id))
 
 
 def load_run(run_id: str):
@@ -72,7 +67,7 @@ for col, label, key, page in ((cols[0], "Open in Explore", "open_explore", "page
     if col.button(label, key=key) and (opened := load_run(run_id)) is not None:
         st.session_state["run"] = opened
         st.switch_page(page)
-cols[2].download_button("Download zip", data=partial(zip_of, run_id),
+cols[2].download_button("Download zip", data=partial(stored_run_zip, store, run_id),
                         file_name=f"crystallm_run_{run_id}.zip", mime="application/zip", key="history_zip")
 confirm = cols[3].checkbox("Confirm delete", key=f"confirm_delete_{run_id}")
 if cols[3].button("Delete", key="delete_run", disabled=not confirm):

@@ -13,7 +13,7 @@ import pytest
 from pymatgen.io.cif import CifWriter
 
 from crystallm_core.app_support import (GenerationJob, GenerationQueue, hit_rate_vs_tolerance, results_frame, run_zip,
-                                        space_group_choices, sweep_summary, unique_flags)
+                                        space_group_choices, stored_run_zip, sweep_summary, unique_flags)
 from crystallm_core.history import HistoryStore, RunRecord, StructureRecord
 from crystallm_core.metrics import MetricSettings
 from crystallm_core.structure_info import describe_structure, parse_cif, xrd_pattern
@@ -92,6 +92,17 @@ def test_zip_holds_valid_cifs_csv_manifest_and_optionally_invalid():
     assert manifest["seed"] == 3
     with zipfile.ZipFile(io.BytesIO(run_zip(run, include_invalid=True))) as archive:
         assert archive.read("invalid/003_unparsed.cif").decode() == "data_[garbage"
+
+
+def test_zip_of_a_stored_run_and_of_one_deleted_meanwhile(tmp_path):
+    store = HistoryStore(tmp_path / "h.sqlite")
+    run = sample_run()
+    store.save(run)
+    with zipfile.ZipFile(io.BytesIO(stored_run_zip(store, run.run_id))) as archive:
+        assert "cifs/002_TiO2.cif" in archive.namelist()
+    store.delete(run.run_id)
+    with zipfile.ZipFile(io.BytesIO(stored_run_zip(store, run.run_id))) as archive:
+        assert archive.namelist() == ["RUN_DELETED.txt"] and b"was deleted" in archive.read("RUN_DELETED.txt")
 
 
 def test_parse_cif_reports_corrupt_input():
