@@ -10,6 +10,7 @@ COMMANDS = {
     "prepare-data": ("crystallm_core.data_prep", "build the training table, splits and token cache"),
     "train": ("crystallm_core.training", "train a PKV model from the token cache"),
     "evaluate": ("crystallm_core.evaluate", "score a directory of CIF files"),
+    "relax": ("crystallm_core.relaxation", "relax one CIF with CHGNet and re-check it"),
 }
 
 

@@ -59,6 +59,7 @@ class RelaxSettings:
     max_steps: int = 100
     max_seconds: float = 30.0
     fmax: float = 0.1  # eV/Å
+    keep_symmetry: bool = True  # ASE FixSymmetry (symprec 0.1): relax within the written space group
 
 
 @contextlib.contextmanager
@@ -136,23 +137,41 @@ def static_energies(structures: Sequence[Structure], batch_size: int = 16) -> li
             return results
 
 
-def relaxed_energy(structure: Structure, settings: RelaxSettings) -> tuple[float, Structure]:
-    """FIRE relaxation of positions and cell, stopped at fmax, max_steps or max_seconds."""
+@dataclass
+class Relaxation:
+    """Where a bounded FIRE relaxation (positions and cell) ended."""
+
+    structure: Structure
+    energy_per_atom: float  # eV/atom at the end
+    steps: int
+    converged: bool  # max force below fmax (else stopped by max_steps or max_seconds)
+    seconds: float
+
+
+def relax_structure(structure: Structure, settings: RelaxSettings | None = None) -> Relaxation:
+    """FIRE relaxation of positions and cell with CHGNet, stopped at fmax, max_steps or max_seconds."""
+    from ase.constraints import FixSymmetry
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
     from chgnet.model.dynamics import CHGNetCalculator
     from pymatgen.io.ase import AseAtomsAdaptor
 
+    settings = settings or RelaxSettings()
     atoms = AseAtomsAdaptor.get_atoms(structure)
+    if settings.keep_symmetry:  # symmetrises to symprec first, then keeps forces and stress symmetric
+        atoms.set_constraint(FixSymmetry(atoms, symprec=0.1, adjust_positions=True, adjust_cell=True))
     start = time.perf_counter()
+    converged, steps = False, 0
     with quiet_chgnet():
         atoms.calc = CHGNetCalculator(load_chgnet(), use_device="cpu", on_isolated_atoms="error")
         optimizer = FIRE(FrechetCellFilter(atoms), logfile=None)
-        for _ in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
-            if time.perf_counter() - start > settings.max_seconds:
+        for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
+            steps = optimizer.nsteps
+            if converged or time.perf_counter() - start > settings.max_seconds:
                 break
         energy = float(atoms.get_potential_energy()) / len(atoms)
-    return energy, AseAtomsAdaptor.get_structure(atoms)
+    return Relaxation(AseAtomsAdaptor.get_structure(atoms), energy, steps, bool(converged),
+                      time.perf_counter() - start)
 
 
 def estimate_stability(
@@ -181,7 +200,7 @@ def estimate_stability(
     for i in todo if relax else []:
         start = time.perf_counter()
         try:
-            energies[i] = relaxed_energy(structures[i], settings)[0]
+            energies[i] = relax_structure(structures[i], settings).energy_per_atom
         except Exception as exc:
             energies[i] = f"CHGNet relaxation failed: {exc}"
         seconds[i] = time.perf_counter() - start

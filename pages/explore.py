@@ -1,10 +1,16 @@
-"""Explore: one structure in 3D, its re-detected symmetry, lattice, density, XRD pattern and CIF."""
+"""Explore: one structure in 3D, its re-detected symmetry, lattice, density, XRD pattern and CIF,
+and an on-demand CHGNet relaxation that shows what changes."""
 from __future__ import annotations
+
+import hashlib
+from pathlib import PurePath
 
 import plotly.graph_objects as go
 import streamlit as st
 
 from crystallm_core.app_support import cif_filename
+from crystallm_core.relaxation import relax_and_check
+from crystallm_core.stability import HULL_BIAS_NOTE, RelaxSettings
 from crystallm_core.structure_info import describe_structure, parse_cif, xrd_pattern
 from pages.common import VIEWER_STYLES, current_run, viewer_html
 
@@ -49,6 +55,36 @@ def xrd_figure(structure) -> go.Figure:
     return figure
 
 
+def relaxation_panel(name: str, cif: str, structure) -> None:
+    """Relax on request; the report is kept per CIF so reruns (e.g. the viewer's controls) reuse it."""
+    key = hashlib.sha256(cif.encode()).hexdigest()
+    reports = st.session_state.setdefault("relaxations", {})
+    limits = RelaxSettings()
+    with st.expander("Relax with CHGNet", expanded=key in reports):
+        st.caption(f"A bounded FIRE relaxation of positions and cell within the written space group "
+                   f"(at most {limits.max_steps} steps or {limits.max_seconds:g} s, fmax {limits.fmax} eV/Å). "
+                   "Small changes mean the model wrote a structure near a local minimum.")
+        if st.button("Relax", key="relax"):
+            with st.spinner("Relaxing with CHGNet…"):
+                try:
+                    reports[key] = relax_and_check(structure)
+                except Exception as error:  # e.g. isolated atoms: CHGNet has no energy for them
+                    st.error(f"CHGNet could not relax this structure: {type(error).__name__}: {error}")
+        report = reports.get(key)
+        if report is None:
+            return
+        st.write(report.summary())
+        st.table({column: [row[column] for row in report.rows()] for column in ("quantity", "before", "after")})
+        st.caption(HULL_BIAS_NOTE)
+        try:
+            st.iframe(viewer_html(report.relaxation.structure), height=440)
+        except Exception as error:
+            st.info(f"3D view of the relaxed structure not available: {why(error)}")
+        if report.cif:
+            st.download_button("Download the relaxed CIF", report.cif, file_name=f"{PurePath(name).stem}_relaxed.cif",
+                               mime="chemical/x-cif", key="relaxed_download")
+
+
 st.title("Explore")
 picked = pick_cif()
 if picked is not None:
@@ -85,3 +121,4 @@ if picked is not None:
     with st.expander("CIF"):
         st.code(cif, language=None)
     st.download_button("Download this CIF", cif, file_name=name, mime="chemical/x-cif", key="cif_download")
+    relaxation_panel(name, cif, structure)

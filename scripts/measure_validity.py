@@ -27,12 +27,14 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.0, 1.5, 4.0])
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=15)
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     loaded = load_model(args.model)
-    settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size)
+    settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance_scale,
+                                batch_size=args.batch_size)
     rows = []
     for target in args.targets:
         run = generate(loaded, GenerationRequest(band_gap=target, e_hull=0.0, n=args.n, settings=settings, seed=args.seed))

@@ -210,6 +210,19 @@ def test_explore_shows_structure_xrd_and_rejects_a_corrupt_upload(app_env):
     assert not at.exception and "broken.cif" in messages(at.error)
 
 
+def test_explore_relaxes_with_chgnet_and_offers_the_relaxed_cif(app_env):
+    at = new_app()
+    at.session_state["run"] = prototype_run()
+    at.switch_page("pages/explore.py").run()
+    at.button(key="relax").click().run()
+    assert not at.exception and not at.error, messages(at.error)
+    table = at.table[1].value.set_index("quantity")
+    assert table.loc["space group (symprec 0.1)", "after"] == "Fm-3m"  # relaxed within its space group
+    assert float(table.loc["CHGNet energy (eV/atom)", "after"]) <= float(table.loc["CHGNet energy (eV/atom)", "before"])
+    assert "FIRE steps" in messages(at.markdown)
+    assert any(b.label == "Download the relaxed CIF" for b in at.get("download_button"))
+
+
 X_CIF = """data_X
 _symmetry_space_group_name_H-M 'P 1'
 _cell_length_a 4
