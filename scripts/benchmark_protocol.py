@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="for the main table (paper: none = 1)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="paper: 0.7")
     parser.add_argument("--guidance-sweep", action="store_true", help="hit rate at guidance 1, 1.5, 2, 3")
     parser.add_argument("--sweep-samples", type=int, default=None, help="per target and scale (default: same N)")
     parser.add_argument("--stability-threshold", type=float, default=MetricSettings.stability_threshold,
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sample_target(loaded, target: float, n: int, guidance: float, args) -> list:
     """n samples for one target, in requests of at most MAX_STRUCTURES (distinct seeds)."""
-    settings = SamplingSettings(temperature=0.7, top_k=30, top_p=0.95, guidance_scale=guidance,
+    settings = SamplingSettings(temperature=args.temperature, top_k=30, top_p=0.95, guidance_scale=guidance,
                                 batch_size=args.batch_size)
     structures = []
     for chunk, start in enumerate(range(0, n, MAX_STRUCTURES)):
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     samples.to_parquet(args.out / "benchmark_samples.parquet", index=False)
     report = {"model": loaded.info.name, "weights_sha256": loaded.info.weights_sha256,
               "samples_per_target": args.samples_per_target, "guidance_scale": args.guidance_scale,
-              "sampling": {"temperature": 0.7, "top_k": 30, "top_p": 0.95}, "seed": args.seed,
+              "sampling": {"temperature": args.temperature, "top_k": 30, "top_p": 0.95}, "seed": args.seed,
               "stability_threshold": args.stability_threshold, "hit_tolerance": settings.hit_tolerance,
               "timings": timings, "summary": table.to_dict(orient="records"),
               "paper_overall": PAPER_OVERALL, "note": HULL_BIAS_NOTE}
