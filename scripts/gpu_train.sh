@@ -2,7 +2,10 @@
 # The one prepared command for a lent GPU: trains the default generator and the GNN band-gap
 # surrogate side by side, then packs the results into ≤ 15 MiB parts under OUT.
 #   bash scripts/gpu_train.sh OUT GEN_BUDGET_S GNN_BUDGET_S [extra training --set overrides…]
-# Inputs (pre-processed on a CPU machine, carried): data/gpu/tokens.npz, data/gpu/surrogate_graphs.npz.
+# GNN_BUDGET_S 0 trains the generator alone, e.g. a continuation of the shipped model:
+#   bash scripts/gpu_train.sh OUT 500 0 init_from=crystallm_core/assets/default_model learning_rate=0.0004 warmup_steps=50
+# Inputs (pre-processed on a CPU machine by scripts/pack_gpu_inputs.py, carried): data/gpu/tokens.npz,
+# data/gpu/surrogate_graphs.npz.
 # Unpack at home: cat OUT/result.tgz.part-* | tar xzf - -C runs/gpu
 set -u
 OUT=$1; GEN_BUDGET=$2; GNN_BUDGET=$3; shift 3
@@ -14,13 +17,16 @@ python3 -c "import torch, transformers, numpy, safetensors; print('torch', torch
 python3 -m crystallm_core.training --config scripts/train_default.json --no-resume \
   --set data=data/gpu/tokens.npz out_dir="$WORK/gen" time_budget_s="$GEN_BUDGET" "$@" > "$WORK/gen.log" 2>&1 &
 gen=$!
-python3 -m crystallm_core.surrogates.train_gnn --graphs data/gpu/surrogate_graphs.npz --out "$WORK/gnn" \
-  --time-budget-s "$GNN_BUDGET" > "$WORK/gnn.log" 2>&1 &
-gnn=$!
-wait $gen; echo "generator exit $?"; wait $gnn; echo "gnn exit $?"
+gnn=
+if [ "$GNN_BUDGET" != 0 ]; then
+  python3 -m crystallm_core.surrogates.train_gnn --graphs data/gpu/surrogate_graphs.npz --out "$WORK/gnn" \
+    --time-budget-s "$GNN_BUDGET" > "$WORK/gnn.log" 2>&1 &
+  gnn=$!
+fi
+wait $gen; echo "generator exit $?"
+if [ -n "$gnn" ]; then wait $gnn; echo "gnn exit $?"; tail -15 "$WORK/gnn.log"; fi
 grep -E "time budget|val_loss|exported|Error|error" "$WORK/gen.log" | tail -12
 python3 scripts/measure_conditioning.py --model "$WORK/gen/model" --data data/gpu/tokens.npz \
   --out "$WORK/gen/model/conditioning_measurements.json" > "$WORK/measure.log" 2>&1; tail -30 "$WORK/measure.log"
-tail -15 "$WORK/gnn.log"
 tar czf - -C "$WORK" gen/model gnn gen.log gnn.log measure.log 2>/dev/null | split -b 15M - "$OUT/result.tgz.part-"
 ls -la "$OUT"
