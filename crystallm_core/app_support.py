@@ -103,7 +103,7 @@ class GenerationJob:
         targets = [r.stop_after_valid for r in self.requests]
         self.valid_target = sum(targets) if all(targets) else None
         self.requests_done = 0
-        self.current_counts = [0, 0]  # structures and valid ones of the request being sampled
+        self.request_start = 0  # index in run.structures where the request being sampled begins
         self.status = "queued"
         self.ticket: int | None = None
         self.started_at: float | None = None
@@ -144,10 +144,10 @@ class GenerationJob:
         """Share of the work done, weighting each request by its most samples."""
         done = sum(r.n for r in self.requests[: self.requests_done])
         if self.requests_done < len(self.requests):
-            request, (structures, valid) = self.requests[self.requests_done], self.current_counts
-            part = structures / request.n
+            request, current = self.requests[self.requests_done], self.run.structures[self.request_start:]
+            part = len(current) / request.n
             if request.stop_after_valid:
-                part = max(part, valid / request.stop_after_valid)
+                part = max(part, sum(s.valid for s in current) / request.stop_after_valid)
             done += min(part, 1.0) * request.n
         return done / self.total
 
@@ -179,8 +179,6 @@ class GenerationJob:
                 raw_text=generated.raw_text, seconds=float(generated.seconds), band_gap_target=request.band_gap,
                 e_hull_target=request.e_hull, scores=scores,
             ))
-            self.current_counts[0] += 1
-            self.current_counts[1] += bool(generated.valid)
 
     def _work(self) -> None:
         from .generation import generate
@@ -195,7 +193,7 @@ class GenerationJob:
                     manifests.append(generate(self.loaded_model, request, should_cancel=self.should_cancel,
                                               on_structure=lambda g, r=request: self._add(g, r)).manifest)
                     with self._lock:
-                        self.requests_done, self.current_counts = self.requests_done + 1, [0, 0]
+                        self.requests_done, self.request_start = self.requests_done + 1, len(self.run.structures)
                 status = "cancelled" if self._cancel.is_set() else "done"
         except ValueError as error:  # bad request: the core's message is meant for the user
             status, self.run.error = "failed", str(error)

@@ -35,15 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
-    from .generation import GenerationRequest, check_run_dir, generate, until_valid_sample_cap, write_run
+    from .generation import GenerationRequest, check_run_dir, generate, sample_counts, write_run
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 guidance_scale=args.guidance_scale, batch_size=args.batch_size)
     if args.max_samples is not None and not args.until_valid:
         raise ValueError("--max-samples only applies with --until-valid")
-    n = until_valid_sample_cap(args.num_samples, args.max_samples) if args.until_valid else args.num_samples
-    request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull, n=n,
-                                stop_after_valid=args.num_samples if args.until_valid else None,
+    request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull,
+                                **sample_counts(args.num_samples, args.until_valid, args.max_samples),
                                 composition=args.composition, z=args.z, spacegroup=args.spacegroup,
                                 elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
                                 settings=settings, seed=args.seed)

@@ -53,9 +53,12 @@ class GenerationRequest:
         condition_vector(self.band_gap, self.e_hull)  # raises on NaN / negative / out of range
 
 
-def until_valid_sample_cap(n_valid: int, max_samples: int | None = None) -> int:
-    """How many samples an "until `n_valid` are valid" request may draw (default 4×, at most 256)."""
-    return min(MAX_STRUCTURES, max_samples or UNTIL_VALID_SAMPLE_FACTOR * n_valid)
+def sample_counts(n: int, until_valid: bool = False, max_samples: int | None = None) -> dict:
+    """`n` and `stop_after_valid` for a request of n structures, or (until_valid) of n VALID ones
+    drawn from at most `max_samples` samples (default 4 × n, at most 256)."""
+    if not until_valid:
+        return {"n": n, "stop_after_valid": None}
+    return {"n": min(MAX_STRUCTURES, max_samples or UNTIL_VALID_SAMPLE_FACTOR * n), "stop_after_valid": n}
 
 
 def structure_file_stem(index: int, formula: str | None) -> str:

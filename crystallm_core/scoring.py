@@ -12,6 +12,7 @@ from typing import Sequence
 
 from pymatgen.core import Structure
 
+from . import stability as stability_estimates
 from .metrics import novelty_flags
 from .stability import RelaxSettings
 
@@ -36,9 +37,7 @@ class StructureScorer:
     so the metrics functions apply to both the app's tables and `evaluate`'s CSV."""
 
     def __init__(self, stability: bool = True, relax: RelaxSettings | None = None, novelty: bool = True):
-        from . import stability as stability_module
-
-        self.stability_module, self.relax = stability_module, relax
+        self.relax = relax
         self.unavailable: dict[str, str] = {}  # score family -> why it is missing
         self.gap_model = self.novelty_index = None
         self.with_stability = stability
@@ -48,7 +47,7 @@ class StructureScorer:
             self.unavailable["band gap"] = f"band-gap surrogate unavailable ({why(error)})"
         if stability:
             try:  # once here, not per structure: a missing CHGNet would otherwise be retried every time
-                stability_module.load_chgnet()
+                stability_estimates.load_chgnet()
             except Exception as error:
                 self.with_stability = False
                 self.unavailable["stability"] = f"CHGNet not available ({why(error)})"
@@ -94,7 +93,7 @@ class StructureScorer:
 
     def add_stability(self, structures: list[Structure], rows: list[dict], notes: list[list[str]]) -> None:
         try:
-            estimates = self.stability_module.estimate_stability(
+            estimates = stability_estimates.estimate_stability(
                 structures, relax=self.relax is not None, relax_settings=self.relax)
         except Exception as error:
             for row_notes in notes:

@@ -7,7 +7,7 @@ import streamlit as st
 
 from crystallm_core.app_support import space_group_choices
 from crystallm_core.generation import (MAX_STRUCTURES, UNTIL_VALID_SAMPLE_FACTOR, GenerationRequest, prepare,
-                                      until_valid_sample_cap)
+                                      sample_counts)
 from crystallm_core.history import RunRecord
 from crystallm_core.prompts import space_group_symbols
 from crystallm_core.sampler import SamplingSettings
@@ -74,8 +74,7 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
         return None
     settings = SamplingSettings(temperature=temperature, top_k=int(top_k), top_p=top_p, guidance_scale=guidance)
     request = GenerationRequest(band_gap=None if any_gap else band_gap, e_hull=None if any_hull else e_hull,
-                                n=until_valid_sample_cap(int(n)) if until_valid else int(n),
-                                stop_after_valid=int(n) if until_valid else None,
+                                **sample_counts(int(n), until_valid),
                                 composition=composition.strip() or None, z=int(z) or None,
                                 spacegroup=spacegroup[1] if spacegroup else None, settings=settings, seed=int(seed),
                                 elements=[e.strip() for e in elements.replace(",", " ").split()] or None)

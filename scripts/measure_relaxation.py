@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from crystallm_core.checkpoints import load_model
-from crystallm_core.generation import GenerationRequest, generate, until_valid_sample_cap
+from crystallm_core.generation import GenerationRequest, generate, sample_counts
 from crystallm_core.relaxation import relax_and_check
 
 
@@ -40,8 +40,8 @@ def main() -> None:
         chosen = [s for s in generate(loaded, request).structures
                   if s.report.structure is not None and [c.name for c in s.report.checks if not c.passed] == ["bond_lengths"]]
     else:
-        request = GenerationRequest(band_gap=args.band_gap, e_hull=0.0, n=until_valid_sample_cap(args.n),
-                                    stop_after_valid=args.n, seed=args.seed)
+        request = GenerationRequest(band_gap=args.band_gap, e_hull=0.0, **sample_counts(args.n, until_valid=True),
+                                    seed=args.seed)
         chosen = [s for s in generate(loaded, request).structures if s.valid]
     rows = []
     for s in chosen:

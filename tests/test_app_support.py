@@ -147,7 +147,7 @@ def test_progress_of_an_until_valid_request_counts_valid_structures():
     progress = job.progress()
     assert (progress.done, progress.valid, progress.total, progress.valid_target) == (6, 3, 30, None)
     assert progress.fraction == pytest.approx(20 * 3 / 5 / 30)
-    job.requests_done, job.current_counts = 1, [0, 0]  # the first request stopped at 5 valid
+    job.requests_done, job.request_start = 1, 6  # as if the first request had ended: none of the second yet
     assert job.progress().fraction == pytest.approx(20 / 30)
     assert GenerationJob(None, [until_valid], RunRecord(model={}, settings={}, manifest={}),
                          queue=GenerationQueue()).progress().valid_target == 5

@@ -6,7 +6,7 @@ import pytest
 from crystallm_core.checkpoints import load_model
 from crystallm_core.cif_format import structure_to_model_cif
 from crystallm_core.cli import main
-from crystallm_core.generation import (GenerationRequest, check_sample, generate, prepare, until_valid_sample_cap,
+from crystallm_core.generation import (GenerationRequest, check_sample, generate, prepare, sample_counts,
                                       write_run)
 from crystallm_core.prompts import build_prompt
 from crystallm_core.sampler import SamplingSettings
@@ -74,8 +74,10 @@ def test_stop_after_valid_draws_every_sample_when_none_is_valid(tiny):
     assert len(run.structures) == 4 and not run.cancelled and run.manifest["n_valid"] == 0
 
 
-def test_until_valid_sample_cap():
-    assert until_valid_sample_cap(8) == 32 and until_valid_sample_cap(8, 10) == 10 and until_valid_sample_cap(200) == 256
+def test_sample_counts():
+    assert sample_counts(8) == {"n": 8, "stop_after_valid": None}
+    assert sample_counts(8, until_valid=True) == {"n": 32, "stop_after_valid": 8}
+    assert sample_counts(8, True, 10)["n"] == 10 and sample_counts(200, True)["n"] == 256
 
 
 @pytest.mark.parametrize(
