@@ -24,7 +24,8 @@ from pymatgen.core import Structure
 from crystallm_core.metrics import MetricSettings, add_flags, summarise, uniqueness_flags
 from crystallm_core.scoring import SCORE_COLUMNS, StructureScorer
 from crystallm_core.stability import HULL_BIAS_NOTE, RelaxSettings
-from crystallm_core.validity import ValidityReport, check_cif
+from crystallm_core.isolation import check_cif_isolated
+from crystallm_core.validity import ValidityReport
 
 OUTPUT_NAME = "evaluation.csv"
 NAN = float("nan")
@@ -37,7 +38,7 @@ def read_structure(
     if text is None and report is None:
         return None, None, "file could not be read"
     try:
-        report = report or check_cif(text)
+        report = report or check_cif_isolated(text)  # untrusted input: checked in the worker process
     except Exception as exc:  # the checker should not raise, but one file must not stop the batch
         return None, None, f"validity check crashed: {type(exc).__name__}: {exc}"
     structure = report.structure

@@ -22,7 +22,8 @@ from .cif_format import repair_generated_cif
 from .conditions import condition_vector
 from .prompts import build_prompt, element_token_ids, parse_composition
 from .sampler import DEFAULT_BANNED_IDS, FinishedSample, SamplingSettings, sample
-from .validity import CheckResult, ValidityReport, check_cif
+from .isolation import check_cif_isolated
+from .validity import CheckResult, ValidityReport
 
 MAX_STRUCTURES = 256
 UNTIL_VALID_SAMPLE_FACTOR = 4  # "until N valid" draws at most this many times N samples
@@ -174,7 +175,7 @@ def check_sample(text: str, stop_reason: str, max_tokens: int) -> tuple[str | No
         report = ValidityReport(checks=[CheckResult("repairable", False, reason or "could not be repaired")],
                                 structure=None, formula=None, spacegroup=None)
     else:
-        report = check_cif(repaired)
+        report = check_cif_isolated(repaired)  # model output is untrusted: a native crash costs one sample
     if stop_reason == "length":
         report.checks.insert(0, CheckResult("complete", False, f"stopped at the {max_tokens}-token context limit before <eos>"))
     return repaired, report

@@ -20,6 +20,7 @@ import pandas as pd
 from pymatgen.core import Structure
 
 from crystallm_core.novelty import NoveltyIndex, structure_matcher
+from crystallm_core.validity import structure_problem
 
 
 @dataclass
@@ -54,7 +55,7 @@ def uniqueness_flags(
     flags: list[bool | None] = [None] * len(structures)
     for i in order:
         structure = structures[i]
-        if structure is None:
+        if structure is None or structure_problem(structure):
             continue
         group = kept.setdefault(structure.composition.reduced_formula, [])
         flags[i] = not any(matches(matcher, structure, other) for other in group)
@@ -80,7 +81,7 @@ def novelty_flags(
     flags: list[bool | None] = []
     for structure in structures:
         try:
-            flags.append(None if structure is None else index.is_novel(structure))
+            flags.append(None if structure is None or structure_problem(structure) else index.is_novel(structure))
         except Exception:  # a pathological lattice can make the matcher fail: unknown, not a crash
             flags.append(None)
     return flags

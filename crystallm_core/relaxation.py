@@ -22,7 +22,7 @@ from .generation import check_sample
 from .stability import (HULL_BIAS_NOTE, Relaxation, RelaxSettings, StabilityEstimate, estimate_stability,
                         finish_estimate, relax_structure)
 from .structure_info import parse_cif
-from .validity import CheckResult, ValidityReport
+from .validity import CheckResult, ValidityReport, structure_problem
 
 
 @dataclass
@@ -74,6 +74,8 @@ class RelaxationReport:
 def spacegroup_of(structure: Structure) -> str | None:
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
+    if structure_problem(structure):
+        return None
     try:
         return SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_symbol()
     except Exception:
@@ -83,8 +85,12 @@ def spacegroup_of(structure: Structure) -> str | None:
 def relax_and_check(structure: Structure, settings: RelaxSettings | None = None) -> RelaxationReport:
     """Static estimate, bounded relaxation, estimate at the end, and the validity of the result.
 
-    Raises only for a structure CHGNet cannot relax at all (e.g. isolated atoms); the message says why.
+    Raises ValueError for a structure CHGNet must not or cannot relax (a degenerate cell,
+    isolated atoms); the message says why.
     """
+    problem = structure_problem(structure)
+    if problem:
+        raise ValueError(f"cannot relax this structure: {problem}")
     [before] = estimate_stability([structure])
     relaxation = relax_structure(structure, settings)
     after = finish_estimate(relaxation.structure, relaxation.energy_per_atom, True, relaxation.seconds)

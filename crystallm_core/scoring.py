@@ -15,6 +15,7 @@ from pymatgen.core import Structure
 from . import stability as stability_estimates
 from .metrics import novelty_flags
 from .stability import RelaxSettings
+from .validity import structure_problem
 
 GAP_COLUMNS = ("band_gap_gnn", "band_gap_gbm", "band_gap_pred", "band_gap_std", "p_metal")
 STABILITY_COLUMNS = ("e_form_pred", "e_hull_pred")
@@ -63,7 +64,13 @@ class StructureScorer:
         """One dict per structure: finite scores only, plus `notes` where one could not be computed."""
         rows: list[dict] = [{} for _ in structures]
         notes: list[list[str]] = [[] for _ in structures]
-        present = [i for i, s in enumerate(structures) if s is not None]
+        present = []
+        for i, structure in enumerate(structures):
+            problem = structure_problem(structure) if structure is not None else None
+            if problem:  # native code (CHGNet, graph builders, spglib) never sees such a cell
+                notes[i].append(f"not scored: {problem}")
+            elif structure is not None:
+                present.append(i)
         batch = [structures[i] for i in present]
         if self.gap_model is not None and batch:
             self.add_gaps(batch, [rows[i] for i in present], [notes[i] for i in present])

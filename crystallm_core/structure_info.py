@@ -7,6 +7,8 @@ import warnings
 import pandas as pd
 from pymatgen.core import Structure
 
+from .validity import structure_problem
+
 
 def parse_cif(text: str) -> Structure:
     """A CIF (generated or uploaded) → Structure; ValueError with the reason when it cannot be read."""
@@ -27,12 +29,17 @@ def describe_structure(structure: Structure, symprec: float = 0.1) -> dict:
     lattice = structure.lattice
     summary = {"formula": structure.composition.reduced_formula,
                "cell formula": structure.composition.formula, "sites": len(structure)}
-    try:
-        analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
-        summary.update({"space group": f"{analyzer.get_space_group_symbol()} (#{analyzer.get_space_group_number()})",
-                        "crystal system": analyzer.get_crystal_system()})
-    except Exception as error:  # spglib can fail on degenerate cells
-        summary.update({"space group": f"not detected ({error})", "crystal system": "—"})
+    problem = structure_problem(structure)
+    if problem:  # spglib must never see such a cell (it can crash the process)
+        summary.update({"space group": f"not detected ({problem})", "crystal system": "—"})
+    else:
+        try:
+            analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
+            summary.update({"space group": f"{analyzer.get_space_group_symbol()} "
+                                           f"(#{analyzer.get_space_group_number()})",
+                            "crystal system": analyzer.get_crystal_system()})
+        except Exception as error:
+            summary.update({"space group": f"not detected ({error})", "crystal system": "—"})
     summary.update({
         "a, b, c (Å)": ", ".join(f"{x:.3f}" for x in lattice.abc),
         "α, β, γ (°)": ", ".join(f"{x:.2f}" for x in lattice.angles),
@@ -45,6 +52,10 @@ def describe_structure(structure: Structure, symprec: float = 0.1) -> dict:
 def xrd_pattern(structure: Structure, two_theta_range: tuple[float, float] = (5, 90)) -> pd.DataFrame:
     """Powder XRD peaks (Cu Kα): two_theta, intensity (max 100), hkl label."""
     from pymatgen.analysis.diffraction.xrd import XRDCalculator
+
+    problem = structure_problem(structure)
+    if problem:
+        raise ValueError(f"no XRD pattern: {problem}")
 
     pattern = XRDCalculator(wavelength="CuKa").get_pattern(structure, two_theta_range=two_theta_range)
     hkls = [", ".join("(" + " ".join(str(i) for i in h["hkl"]) + ")" for h in family) for family in pattern.hkls]

@@ -2,14 +2,20 @@
 plus the generation-time sanity check), each with its own verdict and a reason a person can read.
 
 check_cif never raises: a check that crashes fails with the exception text as its reason, and
-checks that need the parsed structure fail with "skipped: CIF did not parse".
+checks that need the parsed structure fail with "skipped: CIF did not parse". Native code
+(spglib, CrystalNN's neighbour search) only ever sees a structure that `structure_problem`
+accepts: a cell that is finite, right-handed, not flat and inside the sane ranges (spglib
+segfaults on e.g. a zero angle). Checks that need such a cell are skipped with that reason.
 """
 from __future__ import annotations
 
 import math
 import re
+import signal
+import threading
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +37,8 @@ class ValidityConfig:
     length_range: tuple[float, float] = (0.5, 1000.0)   # Å
     angle_range: tuple[float, float] = (10.0, 170.0)    # degrees
     min_distance: float = 0.5         # Å between any two atoms
+    min_volume_fraction: float = 0.02  # volume / (a·b·c): below this the cell is flat
+    max_sites: int = 2000             # bigger cells are not handed to native code at all
     max_sites_for_bonds: int = 500    # CrystalNN cost grows fast; bigger cells are not checked
 
 
@@ -66,6 +74,62 @@ class ValidityReport:
     def to_dict(self) -> dict:
         return {"valid": self.valid, "formula": self.formula, "spacegroup": self.spacegroup,
                 "checks": {c.name: {"passed": c.passed, "reason": c.reason} for c in self.checks}}
+
+
+def lattice_problem(lattice, config: ValidityConfig = ValidityConfig()) -> str | None:
+    """Why a lattice must not reach native code (None if it is sane): non-finite numbers, a
+    length or angle outside the sane ranges, a left-handed or flat cell."""
+    matrix = np.asarray(lattice.matrix, dtype=float)
+    if matrix.shape != (3, 3) or not np.all(np.isfinite(matrix)):
+        return "the cell has non-finite numbers (impossible lengths or angles)"
+    low, high = config.length_range
+    for axis, length in zip("abc", lattice.abc):
+        if not low <= length <= high:
+            return f"cell length {axis} = {length:.4g} Å is outside {low:g}–{high:g} Å"
+    low, high = config.angle_range
+    for name, angle in zip(("alpha", "beta", "gamma"), lattice.angles):
+        if not (math.isfinite(angle) and low <= angle <= high):
+            return f"cell angle {name} = {angle:.4g}° is outside {low:g}–{high:g}°"
+    volume = float(np.linalg.det(matrix))
+    if volume <= 0:
+        return "the cell is left-handed or flat (volume ≤ 0)"
+    fraction = volume / float(np.prod(lattice.abc))
+    if fraction < config.min_volume_fraction:
+        return (f"the cell is nearly flat: its volume is {fraction:.1%} of a·b·c "
+                f"(angles {', '.join(f'{x:.1f}' for x in lattice.angles)}°)")
+    return None
+
+
+def structure_problem(structure: Structure, config: ValidityConfig = ValidityConfig()) -> str | None:
+    """Why a structure must not reach native code (spglib, CrystalNN, CHGNet, the surrogates);
+    None if it may. Cheap: no neighbour search."""
+    if structure is None or len(structure) == 0:
+        return "no atoms"
+    if len(structure) > config.max_sites:
+        return f"{len(structure)} sites is more than the {config.max_sites} this tool analyses"
+    problem = lattice_problem(structure.lattice, config)
+    if problem:
+        return problem
+    if not np.all(np.isfinite(structure.frac_coords)):
+        return "atom coordinates are not finite numbers"
+    return None
+
+
+def closest_pair(structure: Structure) -> tuple[float, int, int] | None:
+    """(distance, i, j) of the closest two atoms (periodic images included), or None for one atom
+    whose images are the only neighbours. Only for structures `structure_problem` accepts."""
+    if len(structure) == 1:
+        return None
+    if len(structure) <= 200:
+        distances = structure.distance_matrix + np.eye(len(structure)) * 1e9
+        i, j = np.unravel_index(np.argmin(distances), distances.shape)
+        return float(distances[i, j]), int(i), int(j)
+    centres, neighbours, _, distances = structure.get_neighbor_list(4.0)
+    pairs = centres != neighbours
+    if not pairs.any():
+        return None
+    k = int(np.argmin(np.where(pairs, distances, np.inf)))
+    return float(distances[k]), int(centres[k]), int(neighbours[k])
 
 
 class CheckFailed(Exception):
@@ -151,27 +215,36 @@ class CifChecker:
                                   f"_chemical_formula_sum has {expected.get(element, 0):g}")
         return "site multiplicities add up to the formula sum"
 
+    def stated_cell_problem(self) -> str | None:
+        """A written cell parameter outside the sane ranges (clearer than the cell it makes)."""
+        config = self.config
+        for kind, names, (low, high), unit in (("length", "abc", config.length_range, "Å"),
+                                               ("angle", ("alpha", "beta", "gamma"), config.angle_range, "°")):
+            for name in names:
+                try:
+                    value = float(str(self.tags.get(f"_cell_{kind}_{name}")).split("(")[0])
+                except ValueError:
+                    continue
+                if not (math.isfinite(value) and low <= value <= high):
+                    return f"cell {kind} {name} = {value:g}{unit} is outside {low:g}–{high:g}{unit}"
+        return None
+
     def check_sane_cell(self) -> str:
-        lattice, config = self.structure.lattice, self.config
-        low, high = config.length_range
-        for axis, length in zip("abc", lattice.abc):
-            if not low <= length <= high:
-                raise CheckFailed(f"cell length {axis} = {length:.4g} Å is outside {low:g}–{high:g} Å")
-        low, high = config.angle_range
-        for name, angle in zip(("alpha", "beta", "gamma"), lattice.angles):
-            if not low <= angle <= high:
-                raise CheckFailed(f"cell angle {name} = {angle:.4g}° is outside {low:g}–{high:g}°")
-        if len(self.structure) > 1:
-            distances = self.structure.distance_matrix + np.eye(len(self.structure)) * 1e9
-            i, j = np.unravel_index(np.argmin(distances), distances.shape)
-            if distances[i, j] < config.min_distance:
-                raise CheckFailed(f"atoms {i} ({self.structure[i].species_string}) and {j} "
-                                  f"({self.structure[j].species_string}) are {distances[i, j]:.2f} Å "
-                                  f"apart (< {config.min_distance} Å)")
+        problem = self.stated_cell_problem() or structure_problem(self.structure, self.config)
+        if problem:
+            raise CheckFailed(problem)
+        closest = closest_pair(self.structure)
+        if closest is not None and closest[0] < self.config.min_distance:
+            distance, i, j = closest
+            raise CheckFailed(f"atoms {i} ({self.structure[i].species_string}) and {j} "
+                              f"({self.structure[j].species_string}) are {distance:.2f} Å "
+                              f"apart (< {self.config.min_distance} Å)")
         self.sane = True
         return "cell lengths, angles and interatomic distances are plausible"
 
     def check_space_group(self) -> str:
+        if not self.sane:
+            raise CheckFailed("skipped: cell is not sane")
         if not self.stated_spacegroup:
             raise CheckFailed("no _symmetry_space_group_name_H-M")
         analyzer = SpacegroupAnalyzer(self.structure, symprec=self.config.symprec)
@@ -233,27 +306,58 @@ class CifChecker:
                 f"{low:.2f}–{high:.2f}× of the expected lengths")
 
 
-def run_check(name: str, check: Callable[[], str]) -> CheckResult:
+class CheckTimeout(Exception):
+    """Raised by the alarm when a check overruns its time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float | None):
+    """Interrupt the block with CheckTimeout after `seconds` (only on the main thread, where
+    signals are delivered; elsewhere, e.g. in the checker process's caller, it is a no-op)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum, frame):
+        raise CheckTimeout()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return CheckResult(name, True, check())
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_check(name: str, check: Callable[[], str], seconds: float | None = None) -> CheckResult:
+    try:
+        with time_limit(seconds):
+            return CheckResult(name, True, check())
     except CheckFailed as failure:
         return CheckResult(name, False, str(failure))
+    except CheckTimeout:
+        return CheckResult(name, False, f"timed out after {seconds:g} s")
     except Exception as error:  # any crash is a failed check, never a failed batch
         text = " ".join(f"{type(error).__name__}: {error}".split())  # one line, even for multi-line errors
         return CheckResult(name, False, text.rstrip(":"))
 
 
-def check_cif(cif_text: str, config: ValidityConfig = ValidityConfig()) -> ValidityReport:
-    """Run every validity check on a (repaired, standard) CIF. Never raises."""
+def check_cif(cif_text: str, config: ValidityConfig = ValidityConfig(), time_limit: float | None = None) -> ValidityReport:
+    """Run every validity check on a (repaired, standard) CIF. Never raises.
+
+    time_limit bounds each check (seconds; only enforced on the main thread, as in the checker
+    process of `isolation`).
+    """
     checker = CifChecker(cif_text, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        checks = [run_check("parses", checker.check_parses)]
+        checks = [run_check("parses", checker.check_parses, time_limit)]
         for name in CHECK_NAMES[1:]:
             if checker.structure is None:
                 checks.append(CheckResult(name, False, "skipped: CIF did not parse"))
             else:
-                checks.append(run_check(name, getattr(checker, f"check_{name}")))
+                checks.append(run_check(name, getattr(checker, f"check_{name}"), time_limit))
     structure = checker.structure
     return ValidityReport(
         checks=checks,

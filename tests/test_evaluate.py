@@ -14,6 +14,7 @@ from crystallm_core.cif_format import repair_generated_cif, structure_to_model_c
 from crystallm_core.hull import HullReference
 from crystallm_core.novelty import NoveltyIndex, encode_structure
 from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
+from test_validity import ZERO_ANGLE_CIF
 
 
 def written_cif(structure) -> str:
@@ -69,6 +70,7 @@ def run_dir(tmp_path):
         "004_bad_formula.cif": nacl.replace("_chemical_formula_sum 'Na4 Cl4'", "_chemical_formula_sum 'Na4 Cl8'"),
         "005_garbage.cif": "this is not a CIF\n_cell_length_a banana\n",
         "006_empty.cif": "",
+        "008_zero_angle.cif": ZERO_ANGLE_CIF,  # used to segfault the whole run inside spglib
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -90,7 +92,7 @@ def cli_args(directory, **overrides) -> argparse.Namespace:
 def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
     assert evaluate.run(cli_args(run_dir)) == 0
     df = pd.read_csv(run_dir / evaluate.OUTPUT_NAME).set_index("file")
-    assert len(df) == 8 and "notes.txt" not in df.index
+    assert len(df) == 9 and "notes.txt" not in df.index
     assert "biased low" in capsys.readouterr().out
 
     assert df.loc["000_NaCl.cif", "valid"] and df.loc["000_NaCl.cif", "spacegroup"] == "Fm-3m"
@@ -104,7 +106,9 @@ def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
 
     assert not df.loc["004_bad_formula.cif", "valid"] and isinstance(df.loc["004_bad_formula.cif", "failed_checks"], str)
     assert not df.loc["004_bad_formula.cif", "hit"]  # a hit needs a valid structure
-    for bad in ("005_garbage.cif", "006_empty.cif", "007_binary.cif"):
+    assert "cell angle alpha = 0° is outside 10–170°" in df.loc["008_zero_angle.cif", "failed_checks"]
+    assert "not scored" in df.loc["008_zero_angle.cif", "notes"]
+    for bad in ("005_garbage.cif", "006_empty.cif", "007_binary.cif", "008_zero_angle.cif"):
         assert not df.loc[bad, "valid"] and len(str(df.loc[bad, "failed_checks"])) > 3
         assert math.isnan(df.loc[bad, "band_gap_pred"]) and math.isnan(df.loc[bad, "e_hull_pred"])
 

@@ -113,3 +113,61 @@ def test_huge_numbers_in_a_parsable_cif(rutile):
     assert not report.valid and report.failed_reasons
     report = check_cif(rutile.replace(" O O1 4 ", " O O1 400000000000000000000 "))
     assert not report.check("multiplicity").passed
+
+
+ZERO_ANGLE_CIF = """data_NaCl
+_symmetry_space_group_name_H-M 'P 1'
+_cell_length_a 4.0
+_cell_length_b 4.0
+_cell_length_c 4.0
+_cell_angle_alpha 0.0000
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_chemical_formula_structural NaCl
+_chemical_formula_sum 'Na1 Cl1'
+loop_
+ _symmetry_equiv_pos_site_id
+ _symmetry_equiv_pos_as_xyz
+  1  'x, y, z'
+loop_
+ _atom_site_type_symbol
+ _atom_site_label
+ _atom_site_symmetry_multiplicity
+ _atom_site_fract_x
+ _atom_site_fract_y
+ _atom_site_fract_z
+ _atom_site_occupancy
+  Na  Na0  1  0.0000  0.0000  0.0000  1
+  Cl  Cl1  1  0.5000  0.5000  0.5000  1
+"""
+
+
+@pytest.mark.parametrize("alpha", ["0.0000", "180.0000", "-90", "nan"])
+def test_impossible_angle_never_reaches_spglib(alpha):
+    """Used to segfault the process inside spglib (issue 9): now the native checks are skipped."""
+    report = check_cif(ZERO_ANGLE_CIF.replace("_cell_angle_alpha 0.0000", f"_cell_angle_alpha {alpha}"))
+    assert not report.valid
+    if report.structure is not None:
+        assert "is outside 10–170°" in report.check("sane_cell").reason
+        assert report.check("space_group").reason == "skipped: cell is not sane"
+        assert report.check("bond_lengths").reason == "skipped: cell is not sane"
+
+
+@pytest.mark.parametrize("matrix, expected", [
+    ([[4, 0, 0], [0, 4, 0], [0, 0, -4]], "left-handed or flat"),
+    ([[4, 0, 0], [4, 0.01, 0], [0, 0, 4]], "outside 10–170°"),
+    ([[4, 0, 0], [0, 4, 0], [0, 0, float("nan")]], "non-finite"),
+    ([[4, 0, 0], [0, 4, 0], [0, 0, 5000]], "outside 0.5–1000 Å"),
+    (Lattice.from_parameters(4, 4, 4, 119.999, 119.999, 119.999).matrix, "nearly flat"),
+])
+def test_structure_problem_names_the_fault(matrix, expected):
+    from crystallm_core.validity import structure_problem
+
+    structure = Structure(Lattice(matrix), ["Na"], [[0, 0, 0]])
+    assert expected in structure_problem(structure)
+
+
+def test_sane_structure_has_no_problem(rutile):
+    from crystallm_core.validity import structure_problem
+
+    assert structure_problem(check_cif(rutile).structure) is None

@@ -1,0 +1,127 @@
+"""Untrusted structures are checked in a worker process, so a native crash costs one structure.
+
+spglib, CrystalNN's neighbour search and CifParser run native or unbounded code on whatever
+a CIF says. `validity.structure_problem` keeps degenerate cells away from them, but an upload,
+an `evaluate` input or a model output is still untrusted: `IsolatedWorker` runs a function in
+a child process that is started on first use and replaced when it dies (segfault, out of
+memory) or overruns its time limit. The caller gets the function's result or a readable
+reason, and the next call gets a fresh worker. Workers fork from a `forkserver` that has
+imported pymatgen once, so a replacement starts in tens of milliseconds; torch is never
+imported there.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .validity import CHECK_NAMES, CheckResult, ValidityConfig, ValidityReport, check_cif
+
+DEFAULT_TIME_LIMIT = 60.0  # seconds for one call, a backstop behind the per-check limits
+PER_CHECK_TIME_LIMIT = 10.0  # seconds for each validity check inside the worker
+
+
+@dataclass
+class Outcome:
+    value: Any = None
+    error: str | None = None  # why there is no value ("crashed …", "timed out …", "raised …")
+    seconds: float = 0.0
+
+
+def serve(connection, function: Callable) -> None:
+    """The worker's loop: one argument in, ("ok", value) or ("error", text) out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    while True:
+        try:
+            argument = connection.recv()
+        except EOFError:
+            return
+        try:
+            connection.send(("ok", function(argument)))
+        except Exception as error:
+            connection.send(("error", f"raised {type(error).__name__}: {error}"))
+
+
+def signal_name(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"signal {-exitcode}: {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class IsolatedWorker:
+    """Calls `function(argument)` in a child process; thread-safe (one call at a time)."""
+
+    def __init__(self, function: Callable, time_limit: float = DEFAULT_TIME_LIMIT,
+                 preload: tuple[str, ...] = ("crystallm_core.validity",)):
+        self.function, self.time_limit = function, time_limit
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(list(preload))
+        self.process = self.connection = None
+        self.restarts = 0  # workers replaced after a crash or a timeout
+        self.lock = threading.Lock()
+        atexit.register(self.close)
+
+    def start(self) -> None:
+        parent, child = self.context.Pipe()
+        self.process = self.context.Process(target=serve, args=(child, self.function), daemon=True,
+                                            name="crystallm-checker")
+        self.process.start()
+        child.close()
+        self.connection = parent
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(5)
+            self.connection.close()
+        self.process = self.connection = None
+
+    def close(self) -> None:
+        with self.lock:
+            self.stop()
+
+    def call(self, argument: Any, time_limit: float | None = None) -> Outcome:
+        limit = self.time_limit if time_limit is None else time_limit
+        with self.lock:
+            if self.process is None or not self.process.is_alive():
+                self.start()
+            started = time.perf_counter()
+            try:
+                self.connection.send(argument)
+                if self.connection.poll(limit):
+                    status, value = self.connection.recv()
+                    seconds = time.perf_counter() - started
+                    return Outcome(value, None, seconds) if status == "ok" else Outcome(None, value, seconds)
+                error = f"timed out after {limit:g} s"
+            except (EOFError, OSError):
+                self.process.join(5)
+                error = f"crashed ({signal_name(self.process.exitcode)})"
+            self.stop()
+            self.restarts += 1
+            return Outcome(None, error, time.perf_counter() - started)
+
+
+def check_with_limits(cif_text: str) -> ValidityReport:
+    """check_cif as the worker runs it: each check bounded by PER_CHECK_TIME_LIMIT."""
+    return check_cif(cif_text, ValidityConfig(), time_limit=PER_CHECK_TIME_LIMIT)
+
+
+CHECKER = IsolatedWorker(check_with_limits)
+
+
+def check_cif_isolated(cif_text: str, worker: IsolatedWorker = CHECKER) -> ValidityReport:
+    """check_cif in the checker process; a crash or overrun fails every check with the reason."""
+    outcome = worker.call(cif_text)
+    if outcome.error is None:
+        return outcome.value
+    reason = f"checker {outcome.error} on this CIF"
+    return ValidityReport([CheckResult(name, False, reason if name == "parses" else "skipped: checker failed")
+                           for name in CHECK_NAMES])
