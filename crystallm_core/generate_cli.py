@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .sampler import SamplingSettings
+from .sampler import DECODINGS, SamplingSettings
 
 
 def optional_float(text: str) -> float | None:
@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--decoding", choices=DECODINGS, default=SamplingSettings.decoding,
+                        help="constrained (default): consistent CIFs by construction; free: sample as trained")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from .generation import GenerationRequest, check_run_dir, generate, sample_counts, write_run
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+                                guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                                decoding=args.decoding)
     if args.max_samples is not None and not args.until_valid:
         raise ValueError("--max-samples only applies with --until-valid")
     request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull,

@@ -20,6 +20,7 @@ from typing import Callable
 from .checkpoints import LoadedModel
 from .cif_format import repair_generated_cif
 from .conditions import condition_vector
+from .constraints import CifConstraint, CifTokens, PromptMismatch
 from .prompts import build_prompt, element_token_ids, parse_composition
 from .sampler import DEFAULT_BANNED_IDS, FinishedSample, SamplingSettings, sample
 from .isolation import check_cif_isolated
@@ -76,6 +77,7 @@ class GeneratedStructure:
     seconds: float
     n_tokens: int
     stop_reason: str
+    retries: dict | None = None  # constrained decoding's rewinds (row / cell / restart, and why)
 
     @property
     def valid(self) -> bool:
@@ -143,6 +145,7 @@ class PreparedRequest:
     conditions: list[float]
     present: list[bool]
     banned_ids: tuple[int, ...]
+    constraint_factory: Callable[[], CifConstraint] | None  # None with free decoding
 
 
 def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedRequest:
@@ -157,12 +160,23 @@ def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedRequest:
         if outside:
             raise ValueError(f"the composition uses {', '.join(outside)}, which the element set excludes")
     values, present = condition_vector(request.band_gap, request.e_hull)
-    return PreparedRequest(prompt.text, loaded.tokenizer.encode(prompt.text), values, present,
-                           DEFAULT_BANNED_IDS + tuple(banned_elements))
+    prompt_ids = loaded.tokenizer.encode(prompt.text)
+    factory = None
+    if request.settings.decoding == "constrained":
+        tokens = CifTokens(loaded.tokenizer, request.elements)
+        factory = lambda: CifConstraint(tokens)  # noqa: E731
+        try:
+            factory().start(prompt_ids)  # a prompt the grammar refuses is the user's to fix, before sampling
+        except PromptMismatch as error:
+            raise ValueError(f"constrained decoding cannot complete this prompt: {error} "
+                             f"(try another space group or Z, or free decoding)") from None
+    return PreparedRequest(prompt.text, prompt_ids, values, present, DEFAULT_BANNED_IDS + tuple(banned_elements),
+                           factory)
 
 
-def check_sample(text: str, stop_reason: str, max_tokens: int) -> tuple[str | None, ValidityReport]:
-    """Repair + validity for one generated text; never raises."""
+def check_sample(text: str, stop_reason: str, max_tokens: int, note: str | None = None) -> tuple[str | None, ValidityReport]:
+    """Repair + validity for one generated text; never raises. `note` says why a constrained
+    sample was given up."""
     try:
         repaired = repair_generated_cif(text)
     except Exception as error:  # a repair bug must not cost the batch
@@ -178,6 +192,8 @@ def check_sample(text: str, stop_reason: str, max_tokens: int) -> tuple[str | No
         report = check_cif_isolated(repaired)  # model output is untrusted: a native crash costs one sample
     if stop_reason == "length":
         report.checks.insert(0, CheckResult("complete", False, f"stopped at the {max_tokens}-token context limit before <eos>"))
+    elif stop_reason == "gave up":
+        report.checks.insert(0, CheckResult("complete", False, f"constrained decoding {note or 'gave up'}"))
     return repaired, report
 
 
@@ -207,8 +223,9 @@ def generate(
 
     def finished(done: FinishedSample) -> None:
         text = loaded.tokenizer.decode(done.token_ids, skip_special_tokens=False)
-        cif, report = check_sample(text, done.stop_reason, max_tokens)
-        structure = GeneratedStructure(done.index, text, cif, report, done.seconds, len(done.token_ids), done.stop_reason)
+        cif, report = check_sample(text, done.stop_reason, max_tokens, done.note)
+        structure = GeneratedStructure(done.index, text, cif, report, done.seconds, len(done.token_ids),
+                                       done.stop_reason, done.retries)
         structures.append(structure)
         if on_structure is not None:
             on_structure(structure)
@@ -216,11 +233,14 @@ def generate(
     started = time.perf_counter()
     sample(loaded.model, prepared.prompt_ids, prepared.conditions, prepared.present, request.n, request.settings,
            request.seed, eos_id=loaded.tokenizer.eos_id, banned_ids=prepared.banned_ids, on_finished=finished,
-           should_cancel=stop)
+           should_cancel=stop, constraint_factory=prepared.constraint_factory)
     structures.sort(key=lambda s: s.index)
     cancelled = len(structures) < request.n and not target_reached()
     manifest.update({"n_finished": len(structures), "n_valid": sum(s.valid for s in structures),
                      "cancelled": cancelled, "wall_seconds": round(time.perf_counter() - started, 2)})
+    if request.settings.decoding == "constrained":
+        manifest["rewinds"] = {level: sum((s.retries or {}).get(level, 0) for s in structures)
+                               for level in ("row", "cell", "restart")}
     return GenerationRun(structures, manifest, cancelled)
 
 
@@ -229,7 +249,8 @@ def summary_rows(structures: list[GeneratedStructure]) -> list[dict]:
     return [
         {"index": s.index, "file": s.file_stem() + ".cif", "formula": s.formula or "", "spacegroup": s.spacegroup or "",
          "valid": s.valid, "failed_checks": "; ".join(s.reasons), "n_tokens": s.n_tokens,
-         "seconds": round(s.seconds, 3), "stop_reason": s.stop_reason}
+         "seconds": round(s.seconds, 3), "stop_reason": s.stop_reason,
+         "rewinds": sum(s.retries[k] for k in ("row", "cell", "restart")) if s.retries else ""}
         for s in structures
     ]
 

@@ -16,7 +16,8 @@ import multiprocessing
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from .validity import CHECK_NAMES, CheckResult, ValidityConfig, ValidityReport, check_cif
@@ -117,10 +118,27 @@ def check_with_limits(cif_text: str) -> ValidityReport:
 CHECKER = IsolatedWorker(check_with_limits)
 
 
+# Constrained decoding checks a CIF as it ends, and generation then asks again: remember a few.
+RECENT_REPORTS: OrderedDict[str, ValidityReport] = OrderedDict()
+RECENT_LIMIT = 64
+RECENT_LOCK = threading.Lock()
+
+
 def check_cif_isolated(cif_text: str, worker: IsolatedWorker = CHECKER) -> ValidityReport:
-    """check_cif in the checker process; a crash or overrun fails every check with the reason."""
+    """check_cif in the checker process; a crash or overrun fails every check with the reason.
+    The last few reports of the shared checker are remembered (a copy is returned)."""
+    with RECENT_LOCK:
+        remembered = RECENT_REPORTS.get(cif_text) if worker is CHECKER else None
+    if remembered is not None:
+        return replace(remembered, checks=list(remembered.checks))
     outcome = worker.call(cif_text)
     if outcome.error is None:
+        if worker is CHECKER:
+            with RECENT_LOCK:
+                RECENT_REPORTS[cif_text] = outcome.value
+                while len(RECENT_REPORTS) > RECENT_LIMIT:
+                    RECENT_REPORTS.popitem(last=False)
+            return replace(outcome.value, checks=list(outcome.value.checks))
         return outcome.value
     reason = f"checker {outcome.error} on this CIF"
     return ValidityReport([CheckResult(name, False, reason if name == "parses" else "skipped: checker failed")

@@ -13,6 +13,11 @@ Improvements over the original:
 - the prefix is concatenated inside our own attention step (`prefix_attention_forward`)
   rather than smuggled in as a library cache object, so a transformers upgrade cannot
   silently skip it; `tests/test_model.py` checks it against the library's own cache path.
+
+Sampling goes through one forward over an explicit `kv_cache.StaticKVCache` (`forward_cached`,
+after gpt-fast): the cache owns the prefix, per-row lengths, rewinds and compaction, and the
+same call does prefill (many tokens), jump-forward spans (a few tokens per row, ragged) and
+decode steps (one token per row).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from .kv_cache import RowQueries, StaticKVCache
 
 
 class PKVConfig(GPT2Config):
@@ -153,6 +160,64 @@ class CrystaLLMPKV(GPT2LMHeadModel):
             v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
             hidden = finish_block(block, hidden, q, k, v, mask, dropout_p)
         return self.lm_head(self.transformer.ln_f(hidden))
+
+    def setup_cache(self, rows: int, capacity: int | None = None) -> StaticKVCache:
+        """An empty cache for `rows` sequences of up to `capacity` CIF tokens (default: the context)."""
+        cfg = self.config
+        capacity = min(capacity or cfg.max_cif_tokens, cfg.max_cif_tokens)
+        param = next(self.parameters())
+        # On a CPU, attention over a bf16 cache runs about 8x slower than over fp32 (measured with
+        # torch 2.13, scripts/bench_sampler.py): keep the cache in fp32 there, the weights in bf16.
+        dtype = torch.float32 if param.device.type == "cpu" else param.dtype
+        return StaticKVCache(cfg.n_layer, rows, cfg.n_head, cfg.n_prefix_tokens + capacity, cfg.head_dim,
+                             dtype, param.device)
+
+    def forward_cached(self, tokens: torch.Tensor, counts: torch.Tensor, cache: StaticKVCache,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed `counts[b]` new tokens to cache row `rows[b]` (rows None = every row, in order) and
+        return the next-token logits (B, V) after each row's last new token.
+
+        `tokens` (N,) holds the rows' tokens back to back (N = counts.sum(), every count ≥ 1),
+        so one call serves a decode step (one token per row), a prefill, and ragged
+        jump-forward spans, and the linear layers see no padding. Attention runs as a decode
+        step over every row's first new token (reading the cache in place) and, for rows with
+        more, a padded pass over the rest.
+        """
+        cfg, tf = self.config, self.transformer
+        device = tokens.device
+        batch = counts.shape[0]
+        cache_rows = torch.arange(cache.rows, device=device) if rows is None else rows
+        lengths = cache.lengths[cache_rows]
+        starts = torch.cumsum(counts, 0) - counts
+        row_of = torch.repeat_interleave(torch.arange(batch, device=device), counts)
+        offset = torch.arange(tokens.shape[0], device=device) - starts[row_of]
+        positions = lengths[row_of] + offset
+        hidden = tf.wte(tokens) + tf.wpe(positions.clamp(max=cfg.n_positions - 1))
+        first = RowQueries(starts[:, None], lengths[:, None], rows)
+        longer = torch.nonzero(counts > 1)[:, 0]
+        rest = None
+        if len(longer):
+            width = int(counts[longer].max()) - 1
+            steps = torch.arange(1, width + 1, device=device)
+            index = starts[longer, None] + steps[None, :]
+            real = steps[None, :] < counts[longer, None]
+            rest = RowQueries(torch.where(real, index, starts[longer, None]), lengths[longer, None] + steps[None, :],
+                              cache_rows[longer], real)
+        write_rows = cache_rows[row_of]
+        for layer, block in enumerate(tf.h):
+            q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(cfg.n_embd, dim=1)
+            shape = (-1, cfg.n_head, cfg.head_dim)
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
+            cache.write(layer, write_rows, positions, k, v)
+            attended = torch.empty_like(q)
+            for queries in (first, rest):
+                if queries is not None:
+                    queries.attend(cache, layer, q, attended)
+            hidden = hidden + block.attn.c_proj(attended.reshape(-1, cfg.n_embd))
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        cache.lengths[cache_rows] += counts
+        last = hidden[starts + counts - 1]
+        return self.lm_head(tf.ln_f(last)).float()
 
     def sequence_loss(
         self,

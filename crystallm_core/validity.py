@@ -151,6 +151,30 @@ def formula_of(composition: Composition) -> str:
     return composition.formula.replace(" ", "")
 
 
+def expected_bond_length(a: Element, b: Element, config: ValidityConfig = ValidityConfig()) -> float:
+    """Cation + anion radii for ionic bonds (|ΔX| >= 1.7), else the sum of atomic radii (§4c).
+    Raises CheckFailed when the radii are unknown."""
+    if abs(a.X - b.X) >= config.ionic_x_difference:
+        cation, anion = (a, b) if a.X < b.X else (b, a)
+        expected = float(cation.average_cationic_radius) + float(anion.average_anionic_radius)
+    else:
+        if a.atomic_radius is None or b.atomic_radius is None:
+            missing = a if a.atomic_radius is None else b
+            raise CheckFailed(f"no atomic radius known for {missing}")
+        expected = float(a.atomic_radius) + float(b.atomic_radius)
+    if not expected > 0:
+        raise CheckFailed(f"no reference radii for a {a}–{b} bond")
+    return expected
+
+
+def shortest_allowed_distance(a: Element, b: Element, config: ValidityConfig = ValidityConfig()) -> float:
+    """The closest two atoms may be and still pass the sane-cell and bond-length checks
+    (bonds with H have no lower ratio). Raises CheckFailed when the radii are unknown."""
+    if "H" in (a.symbol, b.symbol):
+        return config.min_distance
+    return max(config.min_distance, (1 - config.bond_tolerance) * expected_bond_length(a, b, config))
+
+
 class CifChecker:
     """Runs the checks on one CIF; each check_* returns a pass reason or raises CheckFailed."""
 
@@ -255,20 +279,6 @@ class CifChecker:
                               f"{self.detected_spacegroup} symmetry (symprec {self.config.symprec})")
         return f"{self.detected_spacegroup} confirmed"
 
-    def expected_bond_length(self, a: Element, b: Element) -> float:
-        """Cation + anion radii for ionic bonds (|ΔX| >= 1.7), else the sum of atomic radii."""
-        if abs(a.X - b.X) >= self.config.ionic_x_difference:
-            cation, anion = (a, b) if a.X < b.X else (b, a)
-            expected = float(cation.average_cationic_radius) + float(anion.average_anionic_radius)
-        else:
-            if a.atomic_radius is None or b.atomic_radius is None:
-                missing = a if a.atomic_radius is None else b
-                raise CheckFailed(f"no atomic radius known for {missing}")
-            expected = float(a.atomic_radius) + float(b.atomic_radius)
-        if not expected > 0:
-            raise CheckFailed(f"no reference radii for a {a}–{b} bond")
-        return expected
-
     def check_bond_lengths(self) -> str:
         if not self.sane:
             raise CheckFailed("skipped: cell is not sane")
@@ -290,7 +300,7 @@ class CifChecker:
                     continue
                 a, b = site.specie, neighbour["site"].specie
                 length = site.distance(neighbour["site"])
-                expected = self.expected_bond_length(a, b)
+                expected = expected_bond_length(a, b, self.config)
                 ratio = length / expected
                 bonds += 1
                 ok = ratio < self.config.hydrogen_factor if "H" in (a.symbol, b.symbol) else low < ratio < high

@@ -10,7 +10,7 @@ from crystallm_core.generation import (MAX_STRUCTURES, UNTIL_VALID_SAMPLE_FACTOR
                                       sample_counts)
 from crystallm_core.history import RunRecord
 from crystallm_core.prompts import space_group_symbols
-from crystallm_core.sampler import SamplingSettings
+from crystallm_core.sampler import DECODINGS, SamplingSettings
 from pages.common import (active_job, current_model, current_run, histogram_figure, live_job_panel, run_summary,
                           start_job, training_stats)
 
@@ -63,6 +63,12 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
                      f"{UNTIL_VALID_SAMPLE_FACTOR}× as many (and at most {MAX_STRUCTURES}). Invalid ones stay "
                      "in the table with their reasons.")
             seed = cols[0].number_input("Seed", 0, 2**31 - 1, 0, key="seed")
+            decoding = cols[0].radio(
+                "Decoding", DECODINGS, index=DECODINGS.index(SamplingSettings.decoding), key="decoding", horizontal=True,
+                help="Constrained: the decoder writes what the CIF format already determines, masks choices "
+                     "that cannot give a valid CIF (space groups, cell shape, multiplicities, atoms too close) "
+                     "and rewrites a site row that fails; every choice is still the model's. Free: the model "
+                     "samples every token, as in training (about half its CIFs fail a check).")
             temperature = cols[1].slider("Temperature", 0.1, 2.0, SamplingSettings.temperature, 0.05, key="temperature")
             top_k = cols[1].number_input("Top-k", 1, 377, 15, key="top_k")
             top_p = cols[2].slider("Top-p", 0.05, 1.0, 0.95, 0.01, key="top_p")
@@ -72,7 +78,8 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
         submitted = st.form_submit_button("Generate", type="primary")
     if not submitted:
         return None
-    settings = SamplingSettings(temperature=temperature, top_k=int(top_k), top_p=top_p, guidance_scale=guidance)
+    settings = SamplingSettings(temperature=temperature, top_k=int(top_k), top_p=top_p, guidance_scale=guidance,
+                                decoding=decoding)
     request = GenerationRequest(band_gap=None if any_gap else band_gap, e_hull=None if any_hull else e_hull,
                                 **sample_counts(int(n), until_valid),
                                 composition=composition.strip() or None, z=int(z) or None,

@@ -58,7 +58,7 @@ def test_stop_after_valid_stops_once_enough_are_valid(tiny, monkeypatch):
 
     calls = []
 
-    def every_other_valid(text, stop_reason, max_tokens):
+    def every_other_valid(text, stop_reason, max_tokens, note=None):
         calls.append(text)
         return "cif", ValidityReport([CheckResult("parses", len(calls) % 2 == 0, "fake")])
 

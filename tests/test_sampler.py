@@ -2,7 +2,7 @@ import torch
 
 from conftest import tiny_config
 from crystallm_core.model import CrystaLLMPKV
-from crystallm_core.sampler import SamplingSettings, SlotBatch, filter_logits, sample
+from crystallm_core.sampler import SamplingSettings, filter_logits, sample
 
 
 def tiny_model(seed=0):
@@ -10,17 +10,24 @@ def tiny_model(seed=0):
     return CrystaLLMPKV(tiny_config()).eval()
 
 
-def test_static_cache_steps_match_the_full_forward():
+def test_ragged_cached_forward_matches_the_full_forward():
+    """Prefill, decode steps and jump-forward spans of different lengths per row, in one call
+    each, give the logits of the reference (uncached) forward."""
     model = tiny_model()
-    ids = torch.randint(0, 370, (1, 14))
-    cond = torch.tensor([[0.3, 0.1]])
+    ids = torch.randint(0, 370, (3, 20))
+    cond = torch.tensor([[0.3, 0.1], [0.5, 0.0], [0.1, 0.9]])
     with torch.no_grad():
         full = model.prefix_attention_forward(ids, cond)
-        batch = SlotBatch(model, 1, guided=False, capacity=64)
-        batch.write_prefix(torch.tensor([0]), model.conditioning(cond))
-        batch.prefill(torch.tensor([0]), ids[0, :6])
-        stepped = torch.stack([batch.step(ids[0, t : t + 1])[0] for t in range(6, 14)])
-    assert torch.allclose(stepped, full[0, 6:14], atol=1e-4)
+        cache = model.setup_cache(3, 64)
+        cache.write_prefix(torch.arange(3), model.conditioning(cond))
+        fed = [0, 0, 0]
+        for counts in ([5, 1, 8], [1, 1, 1], [3, 7, 2], [4, 4, 1]):
+            tokens = torch.cat([ids[row, fed[row]:fed[row] + n] for row, n in enumerate(counts)])
+            logits = model.forward_cached(tokens, torch.tensor(counts), cache)
+            for row, n in enumerate(counts):
+                fed[row] += n
+                assert torch.allclose(logits[row], full[row, fed[row] - 1], atol=1e-4)
+    assert cache.lengths.tolist() == [2 + n for n in fed]
 
 
 def test_same_seed_same_samples_and_different_seed_differs():

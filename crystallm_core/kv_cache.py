@@ -1,0 +1,86 @@
+"""The static KV cache that sampling decodes into, and attention over it.
+
+`StaticKVCache` (after gpt-fast) is allocated once per sampling call: one keys and one values
+tensor per layer, (rows, heads, capacity, head_dim), and a length per row. Row r holds the
+n_prefix ghost tokens of the property encoder first, then its CIF tokens. Writing is a scatter
+at (row, position); rewinding a row is lowering its length (nothing is copied or cleared:
+attention never looks past a row's length); compaction copies the surviving rows.
+
+`RowQueries` is one group of query tokens for `CrystaLLMPKV.forward_cached`: which packed
+tokens they are, and how far into its row each may look.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    """Pre-allocated keys and values of `rows` sequences (see the module docstring)."""
+
+    def __init__(self, n_layer: int, rows: int, n_head: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.capacity = capacity  # positions per row, prefix included
+        shape = (rows, n_head, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.lengths.shape[0]
+
+    def write_prefix(self, rows: torch.Tensor, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put the property encoder's (k, v) per layer, each (len(rows), H, P, D), at positions 0…P-1."""
+        n_prefix = prefix[0][0].shape[2]
+        for layer, (k, v) in enumerate(prefix):
+            self.keys[layer][rows, :, :n_prefix] = k.to(self.keys[layer].dtype)
+            self.values[layer][rows, :, :n_prefix] = v.to(self.values[layer].dtype)
+        self.lengths[rows] = n_prefix
+
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Token i's key and value (k, v: (N, H, D)) go to row rows[i], position positions[i]."""
+        self.keys[layer][rows, :, positions] = k.to(self.keys[layer].dtype)
+        self.values[layer][rows, :, positions] = v.to(self.values[layer].dtype)
+
+    def read(self, layer: int, rows: torch.Tensor | None, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0…span-1: a view of every row (rows None), or a copy of some."""
+        if rows is None:
+            return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
+        return self.keys[layer][rows, :, :span], self.values[layer][rows, :, :span]
+
+    def rewind(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Forget everything after `lengths` positions of the given rows (no copy)."""
+        self.lengths[rows] = lengths
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Compact to the given rows, in that order (a copy; done rarely)."""
+        self.keys = [k[rows].contiguous() for k in self.keys]
+        self.values = [v[rows].contiguous() for v in self.values]
+        self.lengths = self.lengths[rows].contiguous()
+
+
+class RowQueries:
+    """Query tokens laid out (B, T): packed token index[b, t] of cache row rows[b] (None = row b
+    of every row) sees that row's positions 0…last[b, t]; `real` marks padding (None = none)."""
+
+    def __init__(self, index: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None,
+                 real: torch.Tensor | None = None):
+        self.index, self.rows, self.real = index, rows, real
+        self.span = int(last.max()) + 1
+        positions = torch.arange(self.span, device=last.device)
+        hidden = positions[None, None, :] > last[:, :, None]
+        self.bias = torch.zeros(hidden.shape, device=last.device).masked_fill(hidden, float("-inf"))[:, None]
+
+    def attend(self, cache: StaticKVCache, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        """out[token] = attention of q[token] (packed (N, H, D)) over its row's visible cache."""
+        keys, values = cache.read(layer, self.rows, self.span)
+        queries = q[self.index].transpose(1, 2).to(keys.dtype)  # (B, H, T, D)
+        # Two matmuls and an fp32 softmax: on a CPU this beats SDPA's flash kernel over a slice of
+        # the cache by 1.5-8x (scripts/bench_sampler.py prints both).
+        scores = torch.matmul(queries, keys.transpose(-1, -2)) * queries.shape[-1] ** -0.5 + self.bias
+        attended = torch.matmul(scores.float().softmax(dim=-1).to(values.dtype), values)
+        attended = attended.transpose(1, 2).to(out.dtype)
+        if self.real is None:
+            out[self.index] = attended
+        else:
+            out[self.index[self.real]] = attended[self.real]
