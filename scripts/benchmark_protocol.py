@@ -27,7 +27,7 @@ from crystallm_core.checkpoints import load_model  # noqa: E402
 from crystallm_core.evaluate import evaluate_structures  # noqa: E402
 from crystallm_core.generation import MAX_STRUCTURES, GenerationRequest, generate  # noqa: E402
 from crystallm_core.metrics import PAPER_BY_TARGET, PAPER_OVERALL, MetricSettings, summarise  # noqa: E402
-from crystallm_core.sampler import SamplingSettings  # noqa: E402
+from crystallm_core.sampler import DECODINGS, SamplingSettings  # noqa: E402
 from crystallm_core.stability import HULL_BIAS_NOTE  # noqa: E402
 
 TARGETS = (0.072, 0.180, 0.681, 1.547, 2.440, 3.720, 6.776, 12.145)  # eV: normalised 0.05 … 0.90
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stability-threshold", type=float, default=MetricSettings.stability_threshold,
                         help="eV/atom (paper: 0.157 = 0.1 + MACE MAE)")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    parser.add_argument("--decoding", choices=DECODINGS, default=SamplingSettings.decoding)
     args = parser.parse_args(argv)
     if args.samples_per_target < 1:
         parser.error("--samples-per-target must be >= 1")
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sample_target(loaded, target: float, n: int, guidance: float, args) -> list:
     """n samples for one target, in requests of at most MAX_STRUCTURES (distinct seeds)."""
     settings = SamplingSettings(temperature=args.temperature, top_k=30, top_p=0.95, guidance_scale=guidance,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, decoding=args.decoding)
     structures = []
     for chunk, start in enumerate(range(0, n, MAX_STRUCTURES)):
         request = GenerationRequest(band_gap=target, e_hull=0.0, n=min(MAX_STRUCTURES, n - start),
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     samples.to_parquet(args.out / "benchmark_samples.parquet", index=False)
     report = {"model": loaded.info.name, "weights_sha256": loaded.info.weights_sha256,
               "samples_per_target": args.samples_per_target, "guidance_scale": args.guidance_scale,
-              "sampling": {"temperature": args.temperature, "top_k": 30, "top_p": 0.95}, "seed": args.seed,
+              "sampling": {"temperature": args.temperature, "top_k": 30, "top_p": 0.95, "decoding": args.decoding},
+              "seed": args.seed,
               "stability_threshold": args.stability_threshold, "hit_tolerance": settings.hit_tolerance,
               "timings": timings, "summary": table.to_dict(orient="records"),
               "paper_overall": PAPER_OVERALL, "note": HULL_BIAS_NOTE}
