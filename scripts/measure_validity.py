@@ -14,10 +14,10 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from crystallm_core.checkpoints import load_model
-from crystallm_core.generation import GenerationRequest, generate
-from crystallm_core.metrics import uniqueness_flags
-from crystallm_core.sampler import SamplingSettings
+from crystallm_core.chem.metrics import uniqueness_flags
+from crystallm_core.lm.checkpoints import load_model
+from crystallm_core.lm.sampler import SamplingSettings
+from crystallm_core.product.generation import GenerationRequest, generate
 
 
 def main() -> None:
