@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from crystallm_core.product.cli import main
 
 sys.exit(main())

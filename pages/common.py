@@ -19,11 +19,11 @@ import streamlit as st
 from pymatgen.core import Structure
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core.app_support import GenerationJob, results_frame, run_zip
-from crystallm_core.checkpoints import load_model, resolve_model_dir
-from crystallm_core.history import HistoryStore, RunRecord, default_db_path
-from crystallm_core.metrics import MetricSettings
-from crystallm_core.stability import HULL_BIAS_NOTE
+from crystallm_core.chem.metrics import MetricSettings
+from crystallm_core.chem.stability import HULL_BIAS_NOTE
+from crystallm_core.lm.checkpoints import load_model, resolve_model_dir
+from crystallm_core.product.app_support import GenerationJob, results_frame, run_zip
+from crystallm_core.product.history import HistoryStore, RunRecord, default_db_path
 
 LOCAL_3DMOL = "/app/static/vendor/3Dmol-min.js"  # scripts/fetch_3dmol.sh, served by enableStaticServing
 CDN_3DMOL = inspect.signature(py3Dmol.view).parameters["js"].default  # the version py3Dmol was built for

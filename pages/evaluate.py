@@ -8,12 +8,24 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from crystallm_core.app_support import hit_rate_vs_tolerance, results_frame, sweep_summary, unique_flags
-from crystallm_core.generation import GenerationRequest, prepare
-from crystallm_core.history import RunRecord
-from crystallm_core.metrics import PAPER_BY_TARGET, MetricSettings, funnel_counts
-from crystallm_core.stability import HULL_BIAS_NOTE
-from pages.common import active_job, current_model, current_run, live_job_panel, run_tolerance, start_job
+from crystallm_core.chem.metrics import PAPER_BY_TARGET, MetricSettings, funnel_counts
+from crystallm_core.chem.stability import HULL_BIAS_NOTE
+from crystallm_core.product.app_support import (
+    hit_rate_vs_tolerance,
+    results_frame,
+    sweep_summary,
+    unique_flags,
+)
+from crystallm_core.product.generation import GenerationRequest, prepare
+from crystallm_core.product.history import RunRecord
+from pages.common import (
+    active_job,
+    current_model,
+    current_run,
+    live_job_panel,
+    run_tolerance,
+    start_job,
+)
 
 CATEGORY_COLOURS = {"valid, stable": "#2f855a", "valid, not stable": "#dd6b20", "valid, E_hull n/a": "#718096"}
 

@@ -8,10 +8,14 @@ from pathlib import PurePath
 import plotly.graph_objects as go
 import streamlit as st
 
-from crystallm_core.app_support import cif_filename
-from crystallm_core.relaxation import relax_and_check
-from crystallm_core.stability import HULL_BIAS_NOTE, RelaxSettings
-from crystallm_core.structure_info import describe_structure, parse_cif, xrd_pattern
+from crystallm_core.chem.relaxation import relax_and_check
+from crystallm_core.chem.stability import HULL_BIAS_NOTE, RelaxSettings
+from crystallm_core.chem.structure_info import (
+    describe_structure,
+    parse_cif,
+    xrd_pattern,
+)
+from crystallm_core.product.app_support import cif_filename
 from pages.common import VIEWER_STYLES, current_run, viewer_html
 
 

@@ -5,14 +5,27 @@ from dataclasses import asdict
 
 import streamlit as st
 
-from crystallm_core.app_support import space_group_choices
-from crystallm_core.generation import (MAX_STRUCTURES, UNTIL_VALID_SAMPLE_FACTOR, GenerationRequest, prepare,
-                                      sample_counts)
-from crystallm_core.history import RunRecord
-from crystallm_core.prompts import space_group_symbols
-from crystallm_core.sampler import DECODINGS, SamplingSettings
-from pages.common import (active_job, current_model, current_run, histogram_figure, live_job_panel, run_summary,
-                          start_job, training_stats)
+from crystallm_core.chem.prompts import space_group_symbols
+from crystallm_core.lm.sampler import DECODINGS, SamplingSettings
+from crystallm_core.product.app_support import space_group_choices
+from crystallm_core.product.generation import (
+    MAX_STRUCTURES,
+    UNTIL_VALID_SAMPLE_FACTOR,
+    GenerationRequest,
+    prepare,
+    sample_counts,
+)
+from crystallm_core.product.history import RunRecord
+from pages.common import (
+    active_job,
+    current_model,
+    current_run,
+    histogram_figure,
+    live_job_panel,
+    run_summary,
+    start_job,
+    training_stats,
+)
 
 BAND_GAP_SLIDER_MAX = 12.0  # eV; the published model's highest evaluation target is 12.1 eV
 E_HULL_SLIDER_MAX = 0.5  # eV/atom; near-hull phases are what one asks for

@@ -7,8 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from crystallm_core.app_support import results_frame, stored_run_zip
-from crystallm_core.metrics import summarise
+from crystallm_core.chem.metrics import summarise
+from crystallm_core.product.app_support import results_frame, stored_run_zip
 from pages.common import history_store
 
 store = history_store()

@@ -18,10 +18,10 @@ import time
 import torch
 from transformers import DynamicCache
 
-from crystallm_core.checkpoints import inference_dtype, load_model
-from crystallm_core.model import CrystaLLMPKV, PKVConfig
-from crystallm_core.sampler import SamplingSettings, sample
-from crystallm_core.tokenizer import get_tokenizer
+from crystallm_core.lm.checkpoints import inference_dtype, load_model
+from crystallm_core.lm.model import CrystaLLMPKV, PKVConfig
+from crystallm_core.lm.sampler import SamplingSettings, sample
+from crystallm_core.lm.tokenizer import get_tokenizer
 
 PROMPT = "<bos>\ndata_["
 

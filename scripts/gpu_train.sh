@@ -14,12 +14,12 @@ WORK=${WORK:-/tmp/crystallm_gpu}
 rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import torch, transformers, numpy, safetensors; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
-python3 -m crystallm_core.training --config scripts/train_default.json --no-resume \
+python3 -m crystallm_core.lm.training --config scripts/train_default.json --no-resume \
   --set data=data/gpu/tokens.npz out_dir="$WORK/gen" time_budget_s="$GEN_BUDGET" "$@" > "$WORK/gen.log" 2>&1 &
 gen=$!
 gnn=
 if [ "$GNN_BUDGET" != 0 ]; then
-  python3 -m crystallm_core.surrogates.train_gnn --graphs data/gpu/surrogate_graphs.npz --out "$WORK/gnn" \
+  python3 -m crystallm_core.chem.surrogates.train_gnn --graphs data/gpu/surrogate_graphs.npz --out "$WORK/gnn" \
     --time-budget-s "$GNN_BUDGET" > "$WORK/gnn.log" 2>&1 &
   gnn=$!
 fi

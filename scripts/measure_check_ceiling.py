@@ -3,7 +3,7 @@
     python scripts/measure_check_ceiling.py [--n 300] [--out ceiling.json]
 
 Each structure from `data/cache/dataset.parquet` (written by `prepare-data`) is rendered as a
-model CIF, repaired and checked exactly like a generated one (`generation.check_sample`). What
+model CIF, repaired and checked exactly like a generated one (`isolation.check_sample`). What
 fails here is the checks' strictness, not the model's fault.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 from pymatgen.core import Structure
 
-from crystallm_core.cif_format import structure_to_model_cif
-from crystallm_core.generation import check_sample
+from crystallm_core.chem.cif_format import structure_to_model_cif
+from crystallm_core.chem.isolation import check_sample
 from crystallm_core.paths import cache_dir
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crystallm_core.checkpoints import load_model_weights
-from crystallm_core.training import TokenData
+from crystallm_core.lm.checkpoints import load_model_weights
+from crystallm_core.lm.training import TokenData
 
 
 @torch.no_grad()

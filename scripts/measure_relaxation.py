@@ -16,9 +16,9 @@ import json
 import statistics
 from pathlib import Path
 
-from crystallm_core.checkpoints import load_model
-from crystallm_core.generation import GenerationRequest, generate, sample_counts
-from crystallm_core.relaxation import relax_and_check
+from crystallm_core.chem.relaxation import relax_and_check
+from crystallm_core.lm.checkpoints import load_model
+from crystallm_core.product.generation import GenerationRequest, generate, sample_counts
 
 
 def median(values: list) -> float | None:

@@ -17,10 +17,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from crystallm_core.checkpoints import load_model
-from crystallm_core.generation import GenerationRequest, generate
-from crystallm_core.metrics import uniqueness_flags
-from crystallm_core.sampler import DECODINGS, SamplingSettings
+from crystallm_core.chem.metrics import uniqueness_flags
+from crystallm_core.lm.checkpoints import load_model
+from crystallm_core.lm.sampler import DECODINGS, SamplingSettings
+from crystallm_core.product.generation import GenerationRequest, generate
 
 
 def measure(loaded, target: float, settings: SamplingSettings, n: int, seed: int) -> dict:

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/prototypes.py
 
 
 def tiny_config(**overrides):
-    from crystallm_core.model import PKVConfig
+    from crystallm_core.lm.model import PKVConfig
 
     settings = dict(n_layer=2, n_head=2, n_embd=32, n_positions=258, n_hidden_cond=16)
     settings.update(overrides)
@@ -21,8 +21,8 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer model in our safetensors format (seeded)."""
-    from crystallm_core.checkpoints import save_model
-    from crystallm_core.model import CrystaLLMPKV
+    from crystallm_core.lm.checkpoints import save_model
+    from crystallm_core.lm.model import CrystaLLMPKV
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_model")

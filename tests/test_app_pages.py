@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from prototypes import rocksalt_nacl, rutile_tio2
 from pymatgen.io.cif import CifWriter
 from streamlit.testing.v1 import AppTest
 
-from crystallm_core.app_support import GENERATION_QUEUE
-from crystallm_core.history import HistoryStore, RunRecord, StructureRecord
 from crystallm_core.paths import SURROGATE_DIR
-from prototypes import rocksalt_nacl, rutile_tio2
+from crystallm_core.product.app_support import GENERATION_QUEUE
+from crystallm_core.product.history import HistoryStore, RunRecord, StructureRecord
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PARITY_FILE = SURROGATE_DIR / "test_predictions.csv"  # shipped with the surrogates, drawn on the Model page
@@ -27,8 +27,8 @@ def short_model_dir(tmp_path_factory) -> Path:
     import torch
     from conftest import tiny_config
 
-    from crystallm_core.checkpoints import save_model
-    from crystallm_core.model import CrystaLLMPKV
+    from crystallm_core.lm.checkpoints import save_model
+    from crystallm_core.lm.model import CrystaLLMPKV
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("short_model")
@@ -277,8 +277,8 @@ def test_evaluate_target_sweep_runs_k_samples_at_m_targets(app_env):
 
 
 def test_evaluate_sweep_rejects_bad_settings_before_queueing(app_env):
-    from crystallm_core.generation import GenerationRequest
-    from crystallm_core.sampler import SamplingSettings
+    from crystallm_core.lm.sampler import SamplingSettings
+    from crystallm_core.product.generation import GenerationRequest
 
     at = new_app("pages/evaluate.py")
     at.session_state["last_request"] = GenerationRequest(band_gap=2.0, settings=SamplingSettings(temperature=-1.0))

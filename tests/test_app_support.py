@@ -10,14 +10,27 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from prototypes import rocksalt_nacl, rutile_tio2
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core.app_support import (GenerationJob, GenerationQueue, hit_rate_vs_tolerance, results_frame, run_zip,
-                                        space_group_choices, stored_run_zip, sweep_summary, unique_flags)
-from crystallm_core.history import HistoryStore, RunRecord, StructureRecord
-from crystallm_core.metrics import MetricSettings
-from crystallm_core.structure_info import describe_structure, parse_cif, xrd_pattern
-from prototypes import rocksalt_nacl, rutile_tio2
+from crystallm_core.chem.metrics import MetricSettings
+from crystallm_core.chem.structure_info import (
+    describe_structure,
+    parse_cif,
+    xrd_pattern,
+)
+from crystallm_core.product.app_support import (
+    GenerationJob,
+    GenerationQueue,
+    hit_rate_vs_tolerance,
+    results_frame,
+    run_zip,
+    space_group_choices,
+    stored_run_zip,
+    sweep_summary,
+    unique_flags,
+)
+from crystallm_core.product.history import HistoryStore, RunRecord, StructureRecord
 
 
 def record(index: int, structure=None, target: float | None = 1.0, gap: float | None = None, e_hull=None,
@@ -137,7 +150,7 @@ class FakeGenerated:
 
 
 def test_progress_of_an_until_valid_request_counts_valid_structures():
-    from crystallm_core.generation import GenerationRequest
+    from crystallm_core.product.generation import GenerationRequest
 
     until_valid, plain = GenerationRequest(n=20, stop_after_valid=5), GenerationRequest(n=10)
     job = GenerationJob(None, [until_valid, plain], RunRecord(model={}, settings={}, manifest={}),
@@ -155,7 +168,7 @@ def test_progress_of_an_until_valid_request_counts_valid_structures():
 
 def test_job_keeps_structures_when_cancelled_and_saves_history(tmp_path, monkeypatch):
     """A fake generate() streams structures until cancelled; the job keeps and stores them."""
-    from crystallm_core import generation
+    from crystallm_core.product import generation
 
     class FakeScorer:
         unavailable = {"band gap": "no surrogate weights"}
@@ -192,7 +205,7 @@ def test_job_keeps_structures_when_cancelled_and_saves_history(tmp_path, monkeyp
 
 def fake_generate_until_cancelled(loaded, request, on_structure=None, should_cancel=None):
     """Generates nothing, slowly, until asked to stop (or 10 s pass)."""
-    from crystallm_core import generation
+    from crystallm_core.product import generation
 
     deadline = time.time() + 10
     while not should_cancel() and time.time() < deadline:
@@ -202,7 +215,7 @@ def fake_generate_until_cancelled(loaded, request, on_structure=None, should_can
 
 def test_job_nobody_polls_cancels_itself_and_frees_the_queue(monkeypatch):
     """A closed tab stops polling: after ABANDON_SECONDS the job stops and leaves the queue."""
-    from crystallm_core import app_support, generation
+    from crystallm_core.product import app_support, generation
 
     monkeypatch.setattr(generation, "generate", fake_generate_until_cancelled)
     monkeypatch.setattr(app_support, "ABANDON_SECONDS", 0.3)
@@ -213,7 +226,7 @@ def test_job_nobody_polls_cancels_itself_and_frees_the_queue(monkeypatch):
 
 
 def test_job_is_final_even_if_the_manifest_fails(monkeypatch):
-    from crystallm_core import app_support, generation
+    from crystallm_core.product import app_support, generation
 
     def broken_manifest(*args):
         raise RuntimeError("boom")

@@ -4,12 +4,17 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from prototypes import all_prototypes, rutile_tio2
 from pymatgen.core import Composition, Structure
 
-from crystallm_core.cif_format import (atom_type_loop, repair_generated_cif, repair_numbers,
-                                       structure_to_model_cif, training_text)
-from crystallm_core.tokenizer import get_tokenizer
-from prototypes import all_prototypes, rutile_tio2
+from crystallm_core.chem.cif_format import (
+    atom_type_loop,
+    repair_generated_cif,
+    repair_numbers,
+    structure_to_model_cif,
+    training_text,
+)
+from crystallm_core.lm.tokenizer import get_tokenizer
 
 
 @pytest.fixture(scope="module")

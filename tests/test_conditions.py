@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from crystallm_core.conditions import (
+from crystallm_core.lm.conditions import (
     BAND_GAP_MAX,
     condition_vector,
     denormalise_band_gap,

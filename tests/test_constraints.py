@@ -6,18 +6,28 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import tiny_config
-from crystallm_core.cif_format import repair_generated_cif, structure_to_model_cif, training_text
-from crystallm_core.constraints import CifConstraint, CifTokens, ConstraintConfig, PromptMismatch
-from crystallm_core.model import CrystaLLMPKV
-from crystallm_core.prompts import build_prompt
-from crystallm_core.sampler import SamplingSettings, sample
-from crystallm_core.tokenizer import get_tokenizer
-from crystallm_core.validity import ValidityConfig, check_cif
-from crystallm_core.wyckoff import crystal_system, number_of
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prototypes import all_prototypes
+
+from crystallm_core.chem.cif_format import (
+    repair_generated_cif,
+    structure_to_model_cif,
+    training_text,
+)
+from crystallm_core.chem.constraints import (
+    CifConstraint,
+    CifTokens,
+    ConstraintConfig,
+    PromptMismatch,
+)
+from crystallm_core.chem.prompts import build_prompt
+from crystallm_core.chem.validity import ValidityConfig, check_cif
+from crystallm_core.chem.wyckoff import crystal_system, number_of
+from crystallm_core.lm.model import CrystaLLMPKV
+from crystallm_core.lm.sampler import SamplingSettings, sample
+from crystallm_core.lm.tokenizer import get_tokenizer
 
 TOKENIZER = get_tokenizer()
 TOKENS = CifTokens(TOKENIZER)

@@ -10,9 +10,9 @@ from prototypes import all_prototypes
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core import data_prep, hull
-from crystallm_core.conditions import normalise_band_gap, normalise_e_hull
-from crystallm_core.tokenizer import get_tokenizer
+from crystallm_core.chem import data_prep, hull
+from crystallm_core.lm.conditions import normalise_band_gap, normalise_e_hull
+from crystallm_core.lm.tokenizer import get_tokenizer
 
 ELEMENTS = ["Na", "Cl", "Si", "Ti", "O", "Sr", "Zn", "Cu", "Po"]  # no Ge: its hull is unknown
 

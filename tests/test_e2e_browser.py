@@ -43,11 +43,11 @@ def train_memorised_model(out_dir: Path) -> Path:
     from conftest import tiny_config
     from prototypes import rocksalt_nacl
 
-    from crystallm_core.checkpoints import save_model
-    from crystallm_core.cif_format import structure_to_model_cif, training_text
-    from crystallm_core.conditions import condition_vector
-    from crystallm_core.model import CrystaLLMPKV
-    from crystallm_core.tokenizer import get_tokenizer
+    from crystallm_core.chem.cif_format import structure_to_model_cif, training_text
+    from crystallm_core.lm.checkpoints import save_model
+    from crystallm_core.lm.conditions import condition_vector
+    from crystallm_core.lm.model import CrystaLLMPKV
+    from crystallm_core.lm.tokenizer import get_tokenizer
 
     ids = torch.tensor([get_tokenizer().encode(training_text(structure_to_model_cif(rocksalt_nacl())))])
     values, present = condition_vector(TARGET_BAND_GAP, 0.0)

@@ -7,14 +7,15 @@ import math
 
 import pandas as pd
 import pytest
-
-import crystallm_core.surrogates
-from crystallm_core import evaluate, scoring, stability
-from crystallm_core.cif_format import repair_generated_cif, structure_to_model_cif
-from crystallm_core.hull import HullReference
-from crystallm_core.novelty import NoveltyIndex, encode_structure
 from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
 from test_validity import ZERO_ANGLE_CIF
+
+import crystallm_core.chem.surrogates
+from crystallm_core.chem import scoring, stability
+from crystallm_core.chem.cif_format import repair_generated_cif, structure_to_model_cif
+from crystallm_core.chem.hull import HullReference
+from crystallm_core.chem.novelty import NoveltyIndex, encode_structure
+from crystallm_core.product import evaluate
 
 
 def written_cif(structure) -> str:
@@ -30,7 +31,7 @@ class FakeSurrogate:
         return cls()
 
     def predict(self, structures):
-        from crystallm_core.surrogates.ensemble import GapPrediction
+        from crystallm_core.chem.surrogates.ensemble import GapPrediction
 
         return [GapPrediction(mean=1.2, std=0.1, gnn=1.1, gbm=1.3, p_metal=0.2, reason=None) for _ in structures]
 
@@ -51,7 +52,7 @@ def offline_components(monkeypatch):
         "e_form_per_atom": [0, 0, 0, 0, 0, -2.1, -3.3],
         "source_id": ["Na", "Cl", "Ti", "O", "Si", "nacl", "tio2"]}))
     monkeypatch.setattr(stability, "load_hull", lambda: hull)
-    monkeypatch.setattr(crystallm_core.surrogates, "BandGapSurrogate", FakeSurrogate, raising=False)
+    monkeypatch.setattr(crystallm_core.chem.surrogates, "BandGapSurrogate", FakeSurrogate, raising=False)
     scoring.load_gap_model.cache_clear()
     yield
     scoring.load_gap_model.cache_clear()  # do not leak the fake into other tests
@@ -114,7 +115,7 @@ def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
 
 
 def test_missing_surrogate_degrades_gracefully(offline_components, monkeypatch):
-    monkeypatch.setattr(crystallm_core.surrogates, "BandGapSurrogate", MissingSurrogate, raising=False)
+    monkeypatch.setattr(crystallm_core.chem.surrogates, "BandGapSurrogate", MissingSurrogate, raising=False)
     scoring.load_gap_model.cache_clear()
     df = evaluate.evaluate_structures([written_cif(diamond_si()), None], ["si.cif", "gone.cif"],
                                       {"band_gap": 1.0}, stability=False)
@@ -137,7 +138,7 @@ def test_bad_directory_is_a_value_error(tmp_path):
 
 
 def test_precomputed_reports_are_reused(offline_components):
-    from crystallm_core.validity import check_cif
+    from crystallm_core.chem.validity import check_cif
 
     report = check_cif(written_cif(rocksalt_nacl()))
     df = evaluate.evaluate_structures([None], ["000"], {"band_gap": 1.0}, stability=False, reports=[report])

@@ -2,16 +2,22 @@ import csv
 import json
 
 import pytest
-
-from crystallm_core.checkpoints import load_model
-from crystallm_core.cif_format import structure_to_model_cif
-from crystallm_core.cli import main
-from crystallm_core.generation import (GenerationRequest, check_sample, generate, prepare, sample_counts,
-                                      write_run)
-from crystallm_core.prompts import build_prompt
-from crystallm_core.sampler import SamplingSettings
-from crystallm_core.tokenizer import get_tokenizer
 from prototypes import rutile_tio2
+
+from crystallm_core.chem.cif_format import structure_to_model_cif
+from crystallm_core.chem.prompts import build_prompt
+from crystallm_core.lm.checkpoints import load_model
+from crystallm_core.lm.sampler import SamplingSettings
+from crystallm_core.lm.tokenizer import get_tokenizer
+from crystallm_core.product.cli import main
+from crystallm_core.product.generation import (
+    GenerationRequest,
+    check_sample,
+    generate,
+    prepare,
+    sample_counts,
+    write_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +59,8 @@ def test_cancel_keeps_finished(tiny):
 
 
 def test_stop_after_valid_stops_once_enough_are_valid(tiny, monkeypatch):
-    from crystallm_core import generation
-    from crystallm_core.validity import CheckResult, ValidityReport
+    from crystallm_core.chem.validity import CheckResult, ValidityReport
+    from crystallm_core.product import generation
 
     calls = []
 

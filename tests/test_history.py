@@ -5,7 +5,12 @@ import math
 
 import pytest
 
-from crystallm_core.history import HistoryStore, RunRecord, StructureRecord, default_db_path
+from crystallm_core.product.history import (
+    HistoryStore,
+    RunRecord,
+    StructureRecord,
+    default_db_path,
+)
 
 
 def make_run(n: int = 3, created_at: float = 1_700_000_000.0, kind: str = "generate") -> RunRecord:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-
-from crystallm_core.isolation import IsolatedWorker, check_cif_isolated
-from crystallm_core.validity import CHECK_NAMES
 from test_validity import ZERO_ANGLE_CIF
+
+from crystallm_core.chem.isolation import IsolatedWorker, check_cif_isolated
+from crystallm_core.chem.validity import CHECK_NAMES
 
 SEGFAULT = "__import__('ctypes').string_at(0)"
 

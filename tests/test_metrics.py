@@ -6,11 +6,16 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
 from pymatgen.core import Lattice, Structure
 
-from crystallm_core import metrics
-from crystallm_core.novelty import NOVELTY_INDEX_PATH, NoveltyIndex, decode_structure, encode_structure
-from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
+from crystallm_core.chem import metrics
+from crystallm_core.chem.novelty import (
+    NOVELTY_INDEX_PATH,
+    NoveltyIndex,
+    decode_structure,
+    encode_structure,
+)
 
 
 def perturbed(structure: Structure, amount: float = 0.02, seed: int = 0) -> Structure:

@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from conftest import tiny_config
-from crystallm_core.checkpoints import load_model, save_model
-from crystallm_core.model import CrystaLLMPKV, PKVConfig, count_parameters
+from crystallm_core.lm.checkpoints import load_model, save_model
+from crystallm_core.lm.model import CrystaLLMPKV, PKVConfig, count_parameters
 
 
 def test_published_size_has_61_6m_parameters():

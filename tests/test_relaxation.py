@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import pytest
+from prototypes import rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core import stability
-from crystallm_core.cli import main
-from crystallm_core.relaxation import relax_and_check
-from crystallm_core.structure_info import parse_cif
-from prototypes import rocksalt_nacl
+from crystallm_core.chem import stability
+from crystallm_core.chem.relaxation import relax_and_check
+from crystallm_core.chem.structure_info import parse_cif
+from crystallm_core.product.cli import main
 
 
 def compressed_nacl() -> Structure:

@@ -1,8 +1,8 @@
 import torch
-
 from conftest import tiny_config
-from crystallm_core.model import CrystaLLMPKV
-from crystallm_core.sampler import SamplingSettings, filter_logits, sample
+
+from crystallm_core.lm.model import CrystaLLMPKV
+from crystallm_core.lm.sampler import SamplingSettings, filter_logits, sample
 
 
 def tiny_model(seed=0):

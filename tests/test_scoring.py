@@ -5,9 +5,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-
-from crystallm_core import scoring, stability
 from prototypes import rocksalt_nacl, rutile_tio2
+
+from crystallm_core.chem import scoring, stability
 
 
 @pytest.fixture
@@ -23,9 +23,9 @@ def no_components(monkeypatch):
         raise FileNotFoundError("no weights")
 
     monkeypatch.setattr(stability, "load_chgnet", missing_chgnet)
-    monkeypatch.setitem(sys.modules, "crystallm_core.surrogates",
+    monkeypatch.setitem(sys.modules, "crystallm_core.chem.surrogates",
                         SimpleNamespace(BandGapSurrogate=SimpleNamespace(load=unavailable)))
-    monkeypatch.setitem(sys.modules, "crystallm_core.novelty", SimpleNamespace(NoveltyIndex=SimpleNamespace(load=unavailable)))
+    monkeypatch.setitem(sys.modules, "crystallm_core.chem.novelty", SimpleNamespace(NoveltyIndex=SimpleNamespace(load=unavailable)))
     scoring.load_gap_model.cache_clear()
     yield calls
     scoring.load_gap_model.cache_clear()  # do not leak the failure into other tests

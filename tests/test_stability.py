@@ -5,11 +5,11 @@ import math
 
 import pandas as pd
 import pytest
+from prototypes import rocksalt_nacl
 from pymatgen.core import Composition, Lattice, Structure
 
-from crystallm_core import stability
-from crystallm_core.hull import HullReference
-from prototypes import rocksalt_nacl
+from crystallm_core.chem import stability
+from crystallm_core.chem.hull import HullReference
 
 
 @pytest.fixture

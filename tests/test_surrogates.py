@@ -10,20 +10,36 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 import torch
+from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 
+from crystallm_core.chem.surrogates.cgcnn import (
+    CrystalGNN,
+    GNNConfig,
+    GraphStore,
+    load_gnn,
+    predict_gap,
+    save_gnn,
+    standardise,
+)
+from crystallm_core.chem.surrogates.ensemble import BandGapSurrogate, GapPrediction
+from crystallm_core.chem.surrogates.ensemble import main as score_ensemble
+from crystallm_core.chem.surrogates.features import (
+    ELEMENT_PROPERTIES,
+    MAX_Z,
+    element_table,
+    feature_names,
+    structure_features,
+)
+from crystallm_core.chem.surrogates.gbm import GBMModel
+from crystallm_core.chem.surrogates.graphs import (
+    GraphConfig,
+    pack_graphs,
+    structure_to_graph,
+)
+from crystallm_core.chem.surrogates.scoring import gap_metrics, gated_gap
+from crystallm_core.chem.surrogates.train_gnn import TrainConfig, train
 from crystallm_core.paths import SURROGATE_DIR
-from crystallm_core.surrogates.cgcnn import (CrystalGNN, GNNConfig, GraphStore, load_gnn, predict_gap, save_gnn,
-                                             standardise)
-from crystallm_core.surrogates.ensemble import BandGapSurrogate, GapPrediction
-from crystallm_core.surrogates.ensemble import main as score_ensemble
-from crystallm_core.surrogates.features import (ELEMENT_PROPERTIES, MAX_Z, element_table, feature_names,
-                                                structure_features)
-from crystallm_core.surrogates.gbm import GBMModel
-from crystallm_core.surrogates.graphs import GraphConfig, pack_graphs, structure_to_graph
-from crystallm_core.surrogates.scoring import gap_metrics, gated_gap
-from crystallm_core.surrogates.train_gnn import TrainConfig, train
-from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +145,7 @@ def test_train_gnn_runs_and_keeps_a_model(prototypes):
 
 def test_train_gnn_does_not_import_pymatgen():
     # The GPU training machine has torch and numpy but no pymatgen.
-    code = ("import sys, crystallm_core.surrogates.train_gnn; "
+    code = ("import sys, crystallm_core.chem.surrogates.train_gnn; "
             "sys.exit(any(m.split('.')[0] in ('pymatgen', 'pandas', 'lightgbm') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

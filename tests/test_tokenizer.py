@@ -5,11 +5,15 @@ import json
 import re
 
 import pytest
-
-from crystallm_core.cif_format import structure_to_model_cif, training_text
-from crystallm_core.paths import data_dir
-from crystallm_core.tokenizer import UnknownTokenError, build_vocabulary, get_tokenizer
 from prototypes import all_prototypes
+
+from crystallm_core.chem.cif_format import structure_to_model_cif, training_text
+from crystallm_core.lm.tokenizer import (
+    UnknownTokenError,
+    build_vocabulary,
+    get_tokenizer,
+)
+from crystallm_core.paths import data_dir
 
 PUBLISHED_VOCAB = data_dir() / "crystallm_pi_tokenizer" / "vocabulary.json"
 MP20_SAMPLE = data_dir() / "mp20" / "mp_20_pilot__train.csv.gz"

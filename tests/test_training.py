@@ -4,13 +4,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from crystallm_core.checkpoints import load_model
-from crystallm_core.cif_format import structure_to_model_cif, training_text
-from crystallm_core.conditions import condition_vector
-from crystallm_core.tokenizer import get_tokenizer
-from crystallm_core.training import TrainConfig, learning_rate, train
 from prototypes import all_prototypes
+
+from crystallm_core.chem.cif_format import structure_to_model_cif, training_text
+from crystallm_core.lm.checkpoints import load_model
+from crystallm_core.lm.conditions import condition_vector
+from crystallm_core.lm.tokenizer import get_tokenizer
+from crystallm_core.lm.training import TrainConfig, learning_rate, train
 
 
 def write_token_cache(path, repeats=6):

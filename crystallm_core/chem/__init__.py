@@ -1,0 +1,1 @@
+"""The chemistry: CIF format, validity, symmetry, constrained decoding, stability, surrogates, metrics (pymatgen)."""

@@ -1,0 +1,320 @@
+"""Fast batched sampling from a PKV model: a static KV cache, slot recycling, and an optional
+per-sample decoding constraint (jump-forward spans, token masks, rewinds).
+
+Why not `model.generate`? It copies its dynamic cache every step, keeps finished rows in the
+batch until the longest one ends, and knows nothing about prefix keys. Here:
+
+- the cache (`model.StaticKVCache`) is allocated once; the prefix (ghost tokens) is written
+  once per sample; every slot has its own length;
+- a slot whose CIF ended (<eos>, context limit, or its constraint gave up) is handed to the
+  caller at once and refilled with a new sample; when no new samples are left the batch is
+  compacted (rarely, so copies stay cheap) and finished slots stop costing compute;
+- with a constraint, each slot feeds what it has pending: the sampled token plus the tokens
+  the constraint forces after it. Every step is one forward of all slots' pending tokens,
+  packed back to back (`CrystaLLMPKV.forward_cached`). A rewind lowers the slot's cache
+  length and re-feeds the last kept token: no copy;
+- classifier-free guidance runs each slot twice (conditional + all-properties-unknown rows)
+  and samples from uncond + s·(cond − uncond);
+- `should_cancel` is checked between steps; finished samples are never lost.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from crystallm_core.lm.model import CrystaLLMPKV
+
+DEFAULT_BANNED_IDS = (370, 371, 372, 376)  # <unk> <pad> <bos> <prop>: never part of a CIF
+DECODINGS = ("constrained", "free")
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 0.7  # the paper protocol; measured more valid CIFs than 1.0 (MODEL_CARD.md)
+    top_k: int | None = 15
+    top_p: float | None = 0.95
+    guidance_scale: float = 1.0
+    batch_size: int = 32
+    max_tokens: int | None = None  # CIF tokens incl. prompt; None = the model's context
+    decoding: str = "constrained"  # "constrained": consistent CIFs by construction; "free": as trained
+
+    def validate(self) -> None:
+        if not (0.0 < self.temperature <= 5.0):
+            raise ValueError(f"temperature must be in (0, 5], got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top-k must be ≥ 1, got {self.top_k}")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not (0.0 <= self.guidance_scale <= 10.0):
+            raise ValueError(f"guidance scale must be in [0, 10], got {self.guidance_scale}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"max tokens must be ≥ 2, got {self.max_tokens}")
+        if not (1 <= self.batch_size <= 512):
+            raise ValueError(f"batch size must be in [1, 512], got {self.batch_size}")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
+
+
+@dataclass
+class ConstraintStep:
+    """What follows a token under a constraint."""
+
+    forced: list[int] = field(default_factory=list)  # tokens the decoder writes next
+    rewind_to: int | None = None  # keep this many tokens, then `forced` follows them
+    finished: bool = False  # <eos> written
+    gave_up: str | None = None  # why the sample cannot be finished
+
+
+class DecodingConstraint(Protocol):
+    """A per-sample state machine (e.g. `constraints.CifConstraint`)."""
+
+    def start(self, prompt_ids: list[int]) -> ConstraintStep: ...
+    def allowed(self) -> frozenset[int]: ...
+    def advance(self, token: int) -> ConstraintStep: ...
+    def retry_counts(self) -> dict: ...
+
+
+@dataclass
+class FinishedSample:
+    index: int  # order in which the sample was started (stable for a seed)
+    token_ids: list[int]  # prompt + generated tokens, <eos> included if produced
+    stop_reason: str  # "eos", "length" or "gave up"
+    n_new_tokens: int  # tokens after the prompt (sampled and forced)
+    seconds: float
+    retries: dict | None = None  # the constraint's rewinds (None with free decoding)
+    note: str | None = None  # e.g. why a constrained sample was given up
+
+
+def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus), as Hugging Face applies them."""
+    logits = logits / settings.temperature
+    if settings.top_k is not None and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p is not None and settings.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) > settings.top_p  # keep the token crossing p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@dataclass
+class Slot:
+    """One sample in flight: its tokens, the ones not yet in the cache, its constraint."""
+
+    index: int
+    tokens: list[int]
+    pending: list[int]
+    constraint: DecodingConstraint | None
+    started_at: float = field(default_factory=time.perf_counter)
+
+
+class MaskCache:
+    """Vocabulary masks of allowed-token sets, built once per distinct set."""
+
+    def __init__(self, vocab_size: int, banned: tuple[int, ...], device: torch.device):
+        self.vocab_size, self.device = vocab_size, device
+        self.free = torch.ones(vocab_size, dtype=torch.bool, device=device)
+        self.free[list(banned)] = False
+        self.masks: dict[frozenset[int], torch.Tensor] = {}
+
+    def mask(self, allowed: frozenset[int] | None) -> torch.Tensor:
+        if allowed is None:
+            return self.free
+        mask = self.masks.get(allowed)
+        if mask is None:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            mask[list(allowed)] = True
+            mask &= self.free
+            self.masks[allowed] = mask
+        return mask
+
+
+class SlotBatch:
+    """The slots of one sampling call over a static cache (rows = slots, or 2 × slots with guidance)."""
+
+    def __init__(self, model: CrystaLLMPKV, n_slots: int, guided: bool, capacity: int,
+                 prefix: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.model, self.guided, self.prefix = model, guided, prefix
+        self.n_prefix = model.config.n_prefix_tokens
+        self.cache = model.setup_cache(n_slots * (2 if guided else 1), capacity)
+        self.slots: list[Slot | None] = [None] * n_slots
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    def rows(self, slots: list[int]) -> torch.Tensor:
+        """Cache rows of the given slots (conditional rows, then their unconditional twins)."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.cache.lengths.device)
+        return torch.cat([index, index + self.n_slots]) if self.guided else index
+
+    def place(self, slot: int, sample: Slot) -> None:
+        """Start a sample in a slot: fresh prefix, empty CIF part."""
+        rows = self.rows([slot])
+        # prefix rows are [cond] or [cond, uncond], one each: the rows of one slot take them in order
+        self.cache.write_prefix(rows, [(k, v) for k, v in self.prefix])
+        self.slots[slot] = sample
+
+    def rewind(self, slot: int, cif_tokens: int) -> None:
+        rows = self.rows([slot])
+        self.cache.rewind(rows, torch.full_like(rows, self.n_prefix + cif_tokens))
+
+    def step(self, pad_id: int) -> torch.Tensor:
+        """Feed every slot's pending tokens in one forward; return next-token logits per row."""
+        device = self.cache.lengths.device
+        idle = [i for i, s in enumerate(self.slots) if s is None]
+        if idle:  # idle slots scribble harmlessly just after their prefix
+            self.rewind_many(idle)
+        pending = [s.pending if s is not None else [pad_id] for s in self.slots]
+        if self.guided:
+            pending = pending + pending
+        tokens = torch.tensor([t for p in pending for t in p], dtype=torch.long, device=device)
+        counts = torch.tensor([len(p) for p in pending], dtype=torch.long, device=device)
+        logits = self.model.forward_cached(tokens, counts, self.cache)
+        for s in self.slots:
+            if s is not None:
+                s.pending = []
+        return logits
+
+    def rewind_many(self, slots: list[int]) -> None:
+        rows = self.rows(slots)
+        self.cache.rewind(rows, torch.full_like(rows, self.n_prefix))
+
+    def keep(self, slots: list[int]) -> None:
+        """Compact to the given slots (a copy of the cache; done rarely)."""
+        self.cache.keep(self.rows(slots))
+        self.slots = [self.slots[i] for i in slots]
+
+
+@torch.inference_mode()
+def sample(
+    model: CrystaLLMPKV,
+    prompt_ids: list[int],
+    conditions: list[float],
+    condition_present: list[bool],
+    n: int,
+    settings: SamplingSettings | None = None,
+    seed: int = 0,
+    eos_id: int = 373,
+    banned_ids: tuple[int, ...] = DEFAULT_BANNED_IDS,
+    on_finished: Callable[[FinishedSample], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    constraint_factory: Callable[[], DecodingConstraint] | None = None,
+    pad_id: int = 371,
+) -> list[FinishedSample]:
+    """Draw `n` CIF token sequences for one condition vector; returns them sorted by index.
+
+    With `constraint_factory`, every sample is decoded under a fresh constraint (the caller
+    decides which; `settings.decoding` is for the caller, the sampler does not read it).
+    """
+    settings = settings or SamplingSettings()
+    settings.validate()
+    if n < 1:
+        raise ValueError(f"number of samples must be ≥ 1, got {n}")
+    cfg = model.config
+    param = next(model.parameters())
+    device = param.device
+    capacity = min(settings.max_tokens or cfg.max_cif_tokens, cfg.max_cif_tokens)
+    if not prompt_ids or len(prompt_ids) >= capacity:
+        raise ValueError(f"prompt must have 1…{capacity - 1} tokens, got {len(prompt_ids)}")
+    guided = settings.guidance_scale != 1.0
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+
+    cond = torch.tensor([conditions], dtype=torch.float32, device=device)
+    present = torch.tensor([condition_present], dtype=torch.bool, device=device)
+    if guided:  # unconditional twin: every property "unknown"
+        cond, present = torch.cat([cond, torch.zeros_like(cond)]), torch.cat([present, torch.zeros_like(present)])
+    prefix = model.conditioning(cond.to(param.dtype), present)  # computed once, reused for every slot
+
+    batch = SlotBatch(model, min(n, settings.batch_size), guided, capacity, prefix)
+    masks = MaskCache(cfg.vocab_size, banned_ids, device)
+    finished: list[FinishedSample] = []
+    next_index = 0
+
+    def new_sample() -> Slot:
+        nonlocal next_index
+        constraint = constraint_factory() if constraint_factory is not None else None
+        forced = constraint.start(list(prompt_ids)).forced if constraint is not None else []
+        tokens = list(prompt_ids) + forced
+        next_index += 1
+        return Slot(next_index - 1, tokens, list(tokens), constraint)
+
+    def finish(slot: int, stop_reason: str, note: str | None = None) -> None:
+        sample_ = batch.slots[slot]
+        tokens = sample_.tokens[:capacity]
+        done = FinishedSample(sample_.index, tokens, stop_reason, len(tokens) - len(prompt_ids),
+                              time.perf_counter() - sample_.started_at,
+                              sample_.constraint.retry_counts() if sample_.constraint is not None else None, note)
+        finished.append(done)
+        if on_finished is not None:
+            on_finished(done)
+        if next_index < n:
+            batch.place(slot, new_sample())
+        else:
+            batch.slots[slot] = None
+
+    for slot in range(batch.n_slots):
+        batch.place(slot, new_sample())
+
+    while any(s is not None for s in batch.slots):
+        if should_cancel is not None and should_cancel():
+            break
+        for slot, sample_ in enumerate(batch.slots):
+            while sample_ is not None and len(sample_.tokens) >= capacity:  # forced tokens filled the context
+                finish(slot, "length")
+                sample_ = batch.slots[slot]
+        logits = batch.step(pad_id)
+        if guided:
+            uncond, logits = logits[batch.n_slots:], logits[: batch.n_slots]
+            logits = uncond + settings.guidance_scale * (logits - uncond)
+        allowed = torch.stack([masks.mask(s.constraint.allowed() if s is not None and s.constraint is not None
+                                          else None) for s in batch.slots])
+        empty = ~allowed.any(dim=1)
+        allowed[empty] = masks.free  # (a slot with nothing allowed is given up below)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        tokens = torch.multinomial(filter_logits(logits, settings).softmax(dim=-1), 1, generator=generator)[:, 0]
+
+        for slot, token in enumerate(tokens.tolist()):
+            sample_ = batch.slots[slot]
+            if sample_ is None:
+                continue
+            if bool(empty[slot]):
+                finish(slot, "gave up", "no token is allowed here (element set too narrow?)")
+                continue
+            if sample_.constraint is None:
+                sample_.tokens.append(token)
+                sample_.pending = [token]
+                if token == eos_id:
+                    finish(slot, "eos")
+                    continue
+            else:
+                step = sample_.constraint.advance(token)
+                if step.gave_up:
+                    sample_.tokens.append(token)
+                    finish(slot, "gave up", step.gave_up)
+                    continue
+                if step.rewind_to is not None:
+                    keep = step.rewind_to
+                    batch.rewind(slot, keep - 1)  # the last kept token is fed again for fresh logits
+                    sample_.tokens = sample_.tokens[:keep] + step.forced
+                    sample_.pending = sample_.tokens[keep - 1:]
+                    continue
+                sample_.tokens += [token, *step.forced]
+                sample_.pending = [token, *step.forced]
+                if step.finished:
+                    finish(slot, "eos")
+                    continue
+            if len(sample_.tokens) >= capacity:
+                finish(slot, "length")
+
+        idle = [i for i, s in enumerate(batch.slots) if s is None]
+        if idle and len(idle) * 2 >= batch.n_slots and len(idle) < batch.n_slots:
+            # Compact: copying the cache costs about one step, so do it only when it halves the batch.
+            batch.keep([i for i, s in enumerate(batch.slots) if s is not None])
+    return sorted(finished, key=lambda s: s.index)

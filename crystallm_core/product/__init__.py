@@ -1,0 +1,1 @@
+"""The product: generation runs, evaluation, history, jobs and the command line."""
