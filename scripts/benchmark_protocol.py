@@ -23,12 +23,21 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from crystallm_core.chem.metrics import PAPER_BY_TARGET, PAPER_OVERALL, MetricSettings, summarise  # noqa: E402
+from crystallm_core.chem.metrics import (  # noqa: E402
+    PAPER_BY_TARGET,
+    PAPER_OVERALL,
+    MetricSettings,
+    summarise,
+)
 from crystallm_core.chem.stability import HULL_BIAS_NOTE  # noqa: E402
 from crystallm_core.lm.checkpoints import load_model  # noqa: E402
 from crystallm_core.lm.sampler import DECODINGS, SamplingSettings  # noqa: E402
 from crystallm_core.product.evaluate import evaluate_structures  # noqa: E402
-from crystallm_core.product.generation import MAX_STRUCTURES, GenerationRequest, generate  # noqa: E402
+from crystallm_core.product.generation import (  # noqa: E402
+    MAX_STRUCTURES,
+    GenerationRequest,
+    generate,
+)
 
 TARGETS = (0.072, 0.180, 0.681, 1.547, 2.440, 3.720, 6.776, 12.145)  # eV: normalised 0.05 … 0.90
 SWEEP_SCALES = (1.0, 1.5, 2.0, 3.0)
