@@ -59,6 +59,28 @@ class StaticKVCache:
         self.lengths = self.lengths[rows].contiguous()
 
 
+SHARED_WIDTH = 8  # rows feeding at most this many tokens attend in one pass over the cache in place
+
+
+def query_groups(starts: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | None,
+                 cache_rows: torch.Tensor) -> list[RowQueries]:
+    """How a packed forward's queries attend: row b's tokens are packed at starts[b]…, counts[b]
+    of them, after lengths[b] cached positions.
+
+    Reading the cache is what costs (attention is memory-bound here), so while every row feeds
+    at most SHARED_WIDTH tokens all rows attend in one padded pass over the cache in place. A
+    long span (a prefill, a forced block of the CIF) instead attends alone, over a copy of just
+    its rows, while the others take a one-token pass in place.
+    """
+    width = int(counts.max())
+    if width <= SHARED_WIDTH:
+        return [RowQueries.padded(starts, counts, lengths, 0, width, rows)]
+    groups = [RowQueries.padded(starts, torch.ones_like(counts), lengths, 0, 1, rows)]
+    longer = torch.nonzero(counts > 1)[:, 0]
+    groups.append(RowQueries.padded(starts[longer], counts[longer], lengths[longer], 1, width, cache_rows[longer]))
+    return groups
+
+
 class RowQueries:
     """Query tokens laid out (B, T): packed token index[b, t] of cache row rows[b] (None = row b
     of every row) sees that row's positions 0…last[b, t]; `real` marks padding (None = none)."""
@@ -70,6 +92,15 @@ class RowQueries:
         positions = torch.arange(self.span, device=last.device)
         hidden = positions[None, None, :] > last[:, :, None]
         self.bias = torch.zeros(hidden.shape, device=last.device).masked_fill(hidden, float("-inf"))[:, None]
+
+    @classmethod
+    def padded(cls, starts: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, first: int, width: int,
+               rows: torch.Tensor | None) -> RowQueries:
+        """Tokens first…width-1 of each row (packed from starts[b]), padding where a row has fewer."""
+        steps = torch.arange(first, width, device=starts.device)
+        real = steps[None, :] < counts[:, None]
+        index = torch.where(real, starts[:, None] + steps[None, :], starts[:, None])
+        return cls(index, lengths[:, None] + steps[None, :], rows, None if bool(real.all()) else real)
 
     def attend(self, cache: StaticKVCache, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
         """out[token] = attention of q[token] (packed (N, H, D)) over its row's visible cache."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from crystallm_core.lm.kv_cache import RowQueries, StaticKVCache
+from crystallm_core.lm.kv_cache import StaticKVCache, query_groups
 
 
 class PKVConfig(GPT2Config):
@@ -179,9 +179,8 @@ class CrystaLLMPKV(GPT2LMHeadModel):
 
         `tokens` (N,) holds the rows' tokens back to back (N = counts.sum(), every count ≥ 1),
         so one call serves a decode step (one token per row), a prefill, and ragged
-        jump-forward spans, and the linear layers see no padding. Attention runs as a decode
-        step over every row's first new token (reading the cache in place) and, for rows with
-        more, a padded pass over the rest.
+        jump-forward spans, and the linear layers see no padding (see `kv_cache.query_groups`
+        for how attention is batched).
         """
         cfg, tf = self.config, self.transformer
         device = tokens.device
@@ -193,16 +192,7 @@ class CrystaLLMPKV(GPT2LMHeadModel):
         offset = torch.arange(tokens.shape[0], device=device) - starts[row_of]
         positions = lengths[row_of] + offset
         hidden = tf.wte(tokens) + tf.wpe(positions.clamp(max=cfg.n_positions - 1))
-        first = RowQueries(starts[:, None], lengths[:, None], rows)
-        longer = torch.nonzero(counts > 1)[:, 0]
-        rest = None
-        if len(longer):
-            width = int(counts[longer].max()) - 1
-            steps = torch.arange(1, width + 1, device=device)
-            index = starts[longer, None] + steps[None, :]
-            real = steps[None, :] < counts[longer, None]
-            rest = RowQueries(torch.where(real, index, starts[longer, None]), lengths[longer, None] + steps[None, :],
-                              cache_rows[longer], real)
+        groups = query_groups(starts, counts, lengths, rows, cache_rows)
         write_rows = cache_rows[row_of]
         for layer, block in enumerate(tf.h):
             q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(cfg.n_embd, dim=1)
@@ -210,9 +200,8 @@ class CrystaLLMPKV(GPT2LMHeadModel):
             q, k, v = q.view(shape), k.view(shape), v.view(shape)
             cache.write(layer, write_rows, positions, k, v)
             attended = torch.empty_like(q)
-            for queries in (first, rest):
-                if queries is not None:
-                    queries.attend(cache, layer, q, attended)
+            for queries in groups:
+                queries.attend(cache, layer, q, attended)
             hidden = hidden + block.attn.c_proj(attended.reshape(-1, cfg.n_embd))
             hidden = hidden + block.mlp(block.ln_2(hidden))
         cache.lengths[cache_rows] += counts
