@@ -1,14 +1,14 @@
 """CrystaLLM Studio: `streamlit run app.py`.
 
 This file sets up the pages and holds the Home page (what the tool does, which model is
-loaded, where to load another one from). Each page lives in pages/; shared pieces in
-pages/common.py; the logic in crystallm_core.
+loaded, where to load another one from). Each page lives in pages/; the pieces they share in
+crystallm_core.ui; the logic in crystallm_core.product (and below).
 """
 from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import current_model, get_model
+from crystallm_core.ui.components import current_model, get_model
 
 
 def model_facts(info) -> None:

@@ -1,24 +1,23 @@
 """Evaluate: how close did the run come to its targets? Scatter, hit rate, funnel, target sweep."""
 from __future__ import annotations
 
-from dataclasses import asdict, replace
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from crystallm_core.chem.metrics import PAPER_BY_TARGET, MetricSettings, funnel_counts
-from crystallm_core.chem.stability import HULL_BIAS_NOTE
-from crystallm_core.product.app_support import (
+from crystallm_core.product.generation import GenerationRequest
+from crystallm_core.product.service import (
+    DEFAULT_METRICS,
+    HULL_BIAS_NOTE,
+    PAPER_BY_TARGET,
+    funnel_counts,
     hit_rate_vs_tolerance,
-    results_frame,
+    run_table,
+    sweep_requests,
     sweep_summary,
-    unique_flags,
 )
-from crystallm_core.product.generation import GenerationRequest, prepare
-from crystallm_core.product.history import RunRecord
-from pages.common import (
+from crystallm_core.ui.components import (
     active_job,
     current_model,
     current_run,
@@ -28,12 +27,6 @@ from pages.common import (
 )
 
 CATEGORY_COLOURS = {"valid, stable": "#2f855a", "valid, not stable": "#dd6b20", "valid, E_hull n/a": "#718096"}
-
-
-@st.cache_data(max_entries=8, show_spinner="Checking uniqueness…")
-def cached_unique_flags(run_id: str, _structures: list) -> list:
-    """Uniqueness needs structure matching over the whole run: once per run."""
-    return unique_flags(_structures)
 
 
 def scored(frame) -> pd.Series:
@@ -110,29 +103,17 @@ def sweep_form() -> None:
         submitted = st.form_submit_button("Run sweep")
     if not submitted:
         return
-    if high <= low:
-        st.error("The highest target must be above the lowest.")
-        return
-    if active_job() is not None:
-        st.warning("A run is still in progress in this session: wait for it or cancel it first.")
-        return
     loaded = current_model()
     if loaded is None:
         return
-    # band_gap=None: the last run's single target must not pass for this sweep's in the settings.
-    base = replace(st.session_state.get("last_request") or GenerationRequest(), band_gap=None, e_hull=e_hull,
-                   composition=None, z=None, spacegroup=None, stop_after_valid=None)
-    targets = [round(float(t), 3) for t in np.linspace(low, high, int(m))]
-    # K samples per target; each target gets its own seed so the targets are independent draws.
-    requests = [replace(base, band_gap=target, n=int(k), seed=base.seed + i) for i, target in enumerate(targets)]
+    # the last Generate request's sampling settings; its single target must not pass for the sweep's
+    base = st.session_state.get("last_request") or GenerationRequest()
     try:
-        for request in requests:
-            prepare(loaded, request)  # the errors generate would raise, before the sweep queues
+        requests = sweep_requests(base, low, high, int(m), int(k), e_hull)
     except ValueError as error:
         st.error(str(error))
         return
-    settings = {**asdict(base), "band_gap_targets": targets, "n": int(k) * len(targets), "tolerance": 0.5}
-    start_job(loaded, requests, RunRecord(asdict(loaded.info), settings, {}, kind="sweep"))
+    start_job(loaded, requests, kind="sweep", settings={"hit_tolerance": DEFAULT_METRICS.hit_tolerance})
 
 
 st.title("Evaluate")
@@ -143,10 +124,9 @@ else:
     st.caption(f"Run `{run.run_id}` · {run.label}")
     cols = st.columns(2)
     tolerance = cols[0].slider("Hit tolerance ± (eV)", 0.05, 3.0, run_tolerance(run), 0.05, key="eval_tolerance")
-    threshold = cols[1].slider("Stable if E_hull ≤ (eV/atom)", 0.0, 0.3, MetricSettings.stability_threshold, 0.01,
+    threshold = cols[1].slider("Stable if E_hull ≤ (eV/atom)", 0.0, 0.3, DEFAULT_METRICS.stability_threshold, 0.01,
                                key="eval_threshold")
-    settings = MetricSettings(stability_threshold=threshold, hit_tolerance=tolerance)
-    frame = results_frame(run.structures, settings, cached_unique_flags(run.run_id, run.structures))
+    frame = run_table(run, tolerance, threshold)  # structure matching runs once per run
     if scored(frame).any():
         st.plotly_chart(scatter_figure(frame, tolerance), key="scatter")
         curve = hit_rate_vs_tolerance(frame, [round(t, 2) for t in np.arange(0.05, 3.01, 0.05)])

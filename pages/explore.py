@@ -8,19 +8,21 @@ from pathlib import PurePath
 import plotly.graph_objects as go
 import streamlit as st
 
-from crystallm_core.chem.relaxation import relax_and_check
-from crystallm_core.chem.stability import HULL_BIAS_NOTE, RelaxSettings
-from crystallm_core.chem.structure_info import (
+from crystallm_core.product.service import (
+    HULL_BIAS_NOTE,
+    RelaxSettings,
     describe_structure,
     parse_cif,
+    relax_and_check,
     xrd_pattern,
 )
-from crystallm_core.product.app_support import cif_filename
-from pages.common import VIEWER_STYLES, current_run, viewer_html
+from crystallm_core.ui.components import current_run
+from crystallm_core.ui.viewer import VIEWER_STYLES, viewer_html
 
 
-def pick_cif() -> tuple[str, str] | None:
-    """(name, CIF text) from the current run or an upload; None if there is nothing to show."""
+def pick_cif() -> tuple[str, str, object] | None:
+    """(name, CIF text, its Structure or None) from the current run or an upload; None if there is
+    nothing to show. A run's candidates carry their parsed structure; an upload is parsed here."""
     run = current_run()
     sources = (["Current run"] if run is not None else []) + ["Upload a CIF"]
     source = st.radio("Structure from", sources, horizontal=True, key="explore_source")
@@ -28,20 +30,20 @@ def pick_cif() -> tuple[str, str] | None:
         upload = st.file_uploader("CIF file", type=["cif"], key="explore_upload")
         if upload is None:
             return None
-        return upload.name, upload.getvalue().decode("utf-8", errors="replace")
-    readable = {s.index: s for s in run.structures if s.cif}
+        return upload.name, upload.getvalue().decode("utf-8", errors="replace"), None
+    readable = {c.index: c for c in run.candidates if c.cif}
     if not readable:
         st.info("No structure of the current run could be turned into a CIF; nothing to show.")
         return None
     index = st.selectbox(
         "Structure", list(readable), key="explore_structure",
-        format_func=lambda i: (f"#{i:03d} {readable[i].formula or '?'} ({readable[i].spacegroup or '?'}) "
+        format_func=lambda i: (f"#{i:03d} {readable[i].formula or '?'} ({readable[i].space_group or '?'}) "
                                f"{'✓ valid' if readable[i].valid else '✗ invalid'}"),
     )
     chosen = readable[index]
     if not chosen.valid:
         st.warning("This structure failed validation: " + "; ".join(chosen.reasons))
-    return cif_filename(chosen), chosen.cif
+    return chosen.file_name, chosen.cif, chosen.structure
 
 
 def why(error: Exception) -> str:
@@ -92,12 +94,13 @@ def relaxation_panel(name: str, cif: str, structure) -> None:
 st.title("Explore")
 picked = pick_cif()
 if picked is not None:
-    name, cif = picked
-    try:
-        structure = parse_cif(cif)
-    except ValueError as error:
-        st.error(f"{name}: {error}")
-        st.stop()
+    name, cif, structure = picked
+    if structure is None:
+        try:
+            structure = parse_cif(cif)
+        except ValueError as error:
+            st.error(f"{name}: {error}")
+            st.stop()
     # A CIF can parse yet defeat a view (e.g. a dummy species X has no scattering factors): say so
     # and show the rest, never a traceback.
     expected = (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError)

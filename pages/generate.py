@@ -1,26 +1,27 @@
 """Generate: targets and sampling settings in one form; a background run streams into the table."""
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import streamlit as st
 
-from crystallm_core.chem.prompts import space_group_symbols
-from crystallm_core.lm.sampler import DECODINGS, SamplingSettings
-from crystallm_core.product.app_support import space_group_choices
 from crystallm_core.product.generation import (
     MAX_STRUCTURES,
     UNTIL_VALID_SAMPLE_FACTOR,
     GenerationRequest,
-    prepare,
     sample_counts,
 )
-from crystallm_core.product.history import RunRecord
-from pages.common import (
+from crystallm_core.product.service import (
+    DECODINGS,
+    DEFAULT_METRICS,
+    DEFAULT_SAMPLING,
+    SamplingSettings,
+    known_space_groups,
+    space_group_choices,
+)
+from crystallm_core.ui.charts import histogram_figure
+from crystallm_core.ui.components import (
     active_job,
     current_model,
     current_run,
-    histogram_figure,
     live_job_panel,
     run_summary,
     start_job,
@@ -41,11 +42,12 @@ def space_group_label(choice, known: set[str]) -> str:
 def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] | None:
     """The form; returns (request, tolerance) when submitted, None otherwise."""
     can_omit = loaded.info.supports_missing_properties  # guidance also needs the "unknown" embedding
-    known = set(space_group_symbols(loaded.tokenizer))
+    known = known_space_groups(loaded)
     with st.form("generate_form"):
         left, right = st.columns(2)
         band_gap = left.slider("Target band gap (eV)", 0.0, BAND_GAP_SLIDER_MAX, 1.5, 0.05, key="band_gap")
-        tolerance = left.slider("Tolerance ± (eV) for a hit", 0.05, 2.0, 0.5, 0.05, key="tolerance")
+        tolerance = left.slider("Tolerance ± (eV) for a hit", 0.05, 2.0, DEFAULT_METRICS.hit_tolerance, 0.05,
+                                key="tolerance")
         e_hull = right.slider("Target E_hull (eV/atom)", 0.0, E_HULL_SLIDER_MAX, 0.0, 0.005, key="e_hull")
         omit_help = None if can_omit else "This model needs both targets."
         any_gap = left.checkbox("Any band gap (no target)", key="any_gap", disabled=not can_omit, help=omit_help)
@@ -77,17 +79,27 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
                      "in the table with their reasons.")
             seed = cols[0].number_input("Seed", 0, 2**31 - 1, 0, key="seed")
             decoding = cols[0].radio(
-                "Decoding", DECODINGS, index=DECODINGS.index(SamplingSettings.decoding), key="decoding", horizontal=True,
+                "Decoding", DECODINGS, index=DECODINGS.index(DEFAULT_SAMPLING.decoding), key="decoding", horizontal=True,
                 help="Constrained: the decoder writes what the CIF format already determines, masks choices "
                      "that cannot give a valid CIF (space groups, cell shape, multiplicities, atoms too close) "
                      "and rewrites a site row that fails; every choice is still the model's. Free: the model "
                      "samples every token, as in training (about half its CIFs fail a check).")
-            temperature = cols[1].slider("Temperature", 0.1, 2.0, SamplingSettings.temperature, 0.05, key="temperature")
-            top_k = cols[1].number_input("Top-k", 1, 377, 15, key="top_k")
-            top_p = cols[2].slider("Top-p", 0.05, 1.0, 0.95, 0.01, key="top_p")
-            guidance = cols[2].slider("Guidance scale (1 = off)", 1.0, 5.0, 1.0, 0.1, key="guidance",
+            temperature = cols[1].slider("Temperature", 0.1, 2.0, DEFAULT_SAMPLING.temperature, 0.05, key="temperature")
+            top_k = cols[1].number_input("Top-k", 1, 377, DEFAULT_SAMPLING.top_k, key="top_k")
+            top_p = cols[2].slider("Top-p", 0.05, 1.0, DEFAULT_SAMPLING.top_p, 0.01, key="top_p")
+            guidance = cols[2].slider("Guidance scale (1 = off)", 1.0, 5.0, DEFAULT_SAMPLING.guidance_scale, 0.1,
+                                      key="guidance",
                                       disabled=not can_omit,
                                       help=None if can_omit else "This model has no unconditional mode.")
+        with st.expander("Repairs after decoding (off by default; counted apart from valid as written)"):
+            rescale = st.checkbox(
+                "Rescale a cell whose only failure is bond lengths", key="rescale",
+                help="One isotropic scale that brings every bond back inside the check's band, then every check "
+                     "again. The model's own CIF is kept; the rescaled one is offered beside it.")
+            relax = st.checkbox(
+                "Relax valid structures with CHGNet (a few seconds each)", key="relax",
+                help="A bounded FIRE relaxation within the written space group, with the E_hull estimate "
+                     "before and after; also for structures that fail only on bond lengths.")
         submitted = st.form_submit_button("Generate", type="primary")
     if not submitted:
         return None
@@ -97,7 +109,8 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
                                 **sample_counts(int(n), until_valid),
                                 composition=composition.strip() or None, z=int(z) or None,
                                 spacegroup=spacegroup[1] if spacegroup else None, settings=settings, seed=int(seed),
-                                elements=[e.strip() for e in elements.replace(",", " ").split()] or None)
+                                elements=[e.strip() for e in elements.replace(",", " ").split()] or None,
+                                rescale=rescale, relax=relax)
     return request, tolerance
 
 
@@ -108,17 +121,8 @@ if loaded is None:
 submission = request_form(loaded, training_stats(loaded.info.source))
 if submission is not None:
     request, tolerance = submission
-    if active_job() is not None:
-        st.warning("A run is still in progress in this session: wait for it or cancel it first.")
-    else:
-        try:
-            prepare(loaded, request)  # the errors generate would raise, before the request queues
-        except ValueError as error:
-            st.error(str(error))
-        else:
-            st.session_state["last_request"] = request
-            settings = {**asdict(request), "tolerance": tolerance}
-            start_job(loaded, [request], RunRecord(asdict(loaded.info), settings, {}))
+    if start_job(loaded, [request], settings={"hit_tolerance": tolerance}):
+        st.session_state["last_request"] = request
 
 if active_job() is not None:
     live_job_panel()

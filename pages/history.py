@@ -7,9 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from crystallm_core.chem.metrics import summarise
-from crystallm_core.product.app_support import results_frame, stored_run_zip
-from pages.common import history_store
+from crystallm_core.product.service import run_table, stored_run_zip, summarise
+from crystallm_core.ui.components import history_store
 
 store = history_store()
 
@@ -40,10 +39,10 @@ def compare(run_ids: list[str], labels: dict[str, str]) -> None:
     runs = [load_run(run_id) for run_id in run_ids]
     if None in runs:
         return
-    frames = {run.run_id: results_frame(run.structures) for run in runs}
+    frames = {run.run_id: run_table(run) for run in runs}
     st.plotly_chart(compare_figure(frames, "band_gap_pred", "Surrogate band gap (eV)"), key="cmp_gap")
     st.plotly_chart(compare_figure(frames, "e_hull_pred", "E_hull estimate (eV/atom)"), key="cmp_ehull")
-    rates = pd.DataFrame([{"run": labels[run.run_id], "n": len(run.structures),
+    rates = pd.DataFrame([{"run": labels[run.run_id], "n": len(run.candidates),
                            **{k: v for k, v in summarise(frames[run.run_id]).items() if k in ("valid", "stable")}}
                           for run in runs])
     st.dataframe(rates, hide_index=True)
@@ -57,7 +56,7 @@ if not summaries:
     st.stop()
 
 labels = {s.run_id: s.label for s in summaries}
-st.dataframe(pd.DataFrame([{"run": s.run_id, "description": s.label, "structures": s.n_structures,
+st.dataframe(pd.DataFrame([{"run": s.run_id, "description": s.label, "structures": s.n_candidates,
                             "valid": s.n_valid} for s in summaries]), hide_index=True, key="history_table")
 
 run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="history_run")

@@ -9,7 +9,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from crystallm_core.paths import DEFAULT_MODEL_DIR, SURROGATE_DIR
-from pages.common import current_model, histogram_figure, read_json, training_stats
+from crystallm_core.ui.charts import histogram_figure
+from crystallm_core.ui.components import current_model, read_json, training_stats
 
 LOSS_LOG = "training_log.json"  # [{"step": …, "train_loss": …, "val_loss": …}, …] or {column: [values]}
 SURROGATE_PREDICTIONS = SURROGATE_DIR / "test_predictions.csv"  # true, pred (eV); optional split, source, std

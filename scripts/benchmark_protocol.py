@@ -32,7 +32,7 @@ from crystallm_core.chem.metrics import (  # noqa: E402
 from crystallm_core.chem.stability import HULL_BIAS_NOTE  # noqa: E402
 from crystallm_core.lm.checkpoints import load_model  # noqa: E402
 from crystallm_core.lm.sampler import DECODINGS, SamplingSettings  # noqa: E402
-from crystallm_core.product.evaluate import evaluate_structures  # noqa: E402
+from crystallm_core.product.evaluate import evaluate_run  # noqa: E402
 from crystallm_core.product.generation import (  # noqa: E402
     MAX_STRUCTURES,
     GenerationRequest,
@@ -70,19 +70,17 @@ def sample_target(loaded, target: float, n: int, guidance: float, args) -> list:
     """n samples for one target, in requests of at most MAX_STRUCTURES (distinct seeds)."""
     settings = SamplingSettings(temperature=args.temperature, top_k=30, top_p=0.95, guidance_scale=guidance,
                                 batch_size=args.batch_size, decoding=args.decoding)
-    structures = []
+    run = None
     for chunk, start in enumerate(range(0, n, MAX_STRUCTURES)):
         request = GenerationRequest(band_gap=target, e_hull=0.0, n=min(MAX_STRUCTURES, n - start),
                                     settings=settings, seed=args.seed + 1000 * chunk)
-        structures.extend(generate(loaded, request).structures)
-    return structures
+        run = generate(loaded, request, run)
+    return run
 
 
-def score(structures: list, target: float, settings: MetricSettings, full: bool) -> pd.DataFrame:
-    """evaluate_structures on generated samples (reusing their validity reports)."""
-    df = evaluate_structures([s.cif for s in structures], [f"{s.index:04d}" for s in structures],
-                             {"band_gap": target, "e_hull": 0.0}, settings, stability=full, novelty=full,
-                             reports=[s.report for s in structures])
+def score(run, target: float, settings: MetricSettings, full: bool) -> pd.DataFrame:
+    """`evaluate_run` on generated samples (their validity reports are current)."""
+    df = evaluate_run(run, settings, stability=full, novelty=full, recheck=False).to_frame(settings)
     df.insert(0, "target", target)
     return df
 
@@ -135,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     frames, timings = [], {}
     for target in args.targets:
         t0 = time.perf_counter()
-        structures = sample_target(loaded, target, args.samples_per_target, args.guidance_scale, args)
+        run = sample_target(loaded, target, args.samples_per_target, args.guidance_scale, args)
         t1 = time.perf_counter()
-        frames.append(score(structures, target, settings, full=True))
+        frames.append(score(run, target, settings, full=True))
         timings[f"{target:g}"] = {"generate_s": round(t1 - t0, 1), "evaluate_s": round(time.perf_counter() - t1, 1)}
-        print(f"target {target:g} eV: {len(structures)} samples, generated in {t1 - t0:.0f} s, "
+        print(f"target {target:g} eV: {len(run.candidates)} samples, generated in {t1 - t0:.0f} s, "
               f"scored in {time.perf_counter() - t1:.0f} s", flush=True)
     samples = pd.concat(frames, ignore_index=True)
     table = summary_table(samples)

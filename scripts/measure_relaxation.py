@@ -37,12 +37,12 @@ def main() -> None:
     loaded = load_model()
     if args.invalid:
         request = GenerationRequest(band_gap=args.band_gap, e_hull=0.0, n=args.n, seed=args.seed)
-        chosen = [s for s in generate(loaded, request).structures
+        chosen = [s for s in generate(loaded, request).candidates
                   if s.report.structure is not None and [c.name for c in s.report.checks if not c.passed] == ["bond_lengths"]]
     else:
         request = GenerationRequest(band_gap=args.band_gap, e_hull=0.0, **sample_counts(args.n, until_valid=True),
                                     seed=args.seed)
-        chosen = [s for s in generate(loaded, request).structures if s.valid]
+        chosen = [s for s in generate(loaded, request).candidates if s.valid]
     rows = []
     for s in chosen:
         try:

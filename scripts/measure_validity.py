@@ -27,9 +27,9 @@ def measure(loaded, target: float, settings: SamplingSettings, n: int, seed: int
     first: list[float] = []
     started = time.perf_counter()
     run = generate(loaded, GenerationRequest(band_gap=target, e_hull=0.0, n=n, settings=settings, seed=seed),
-                   on_structure=lambda s: first or first.append(time.perf_counter() - started))
+                   on_candidate=lambda s: first or first.append(time.perf_counter() - started))
     wall = time.perf_counter() - started
-    structures = run.structures
+    structures = run.candidates
     valid = sum(s.valid for s in structures)
     parses = sum(any(c.name == "parses" and c.passed for c in s.report.checks) for s in structures)
     unique = uniqueness_flags([s.report.structure if s.valid else None for s in structures])

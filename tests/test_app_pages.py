@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 from prototypes import rocksalt_nacl, rutile_tio2
-from pymatgen.io.cif import CifWriter
+from run_samples import candidate
 from streamlit.testing.v1 import AppTest
 
 from crystallm_core.paths import SURROGATE_DIR
-from crystallm_core.product.app_support import GENERATION_QUEUE
-from crystallm_core.product.history import HistoryStore, RunRecord, StructureRecord
+from crystallm_core.product.history import HistoryStore
+from crystallm_core.product.jobs import GENERATION_QUEUE
+from crystallm_core.product.run import Run, Scores
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PARITY_FILE = SURROGATE_DIR / "test_predictions.csv"  # shipped with the surrogates, drawn on the Model page
@@ -67,19 +68,14 @@ def messages(elements) -> str:
     return " | ".join(str(e.value) for e in elements)
 
 
-def prototype_run(scores: bool = True) -> RunRecord:
+def prototype_run(scores: bool = True) -> Run:
     """A finished run of two valid prototypes (with surrogate-like scores) and one invalid sample."""
-    def record(i, structure, gap, e_hull):
-        return StructureRecord(index=i, valid=True, formula=structure.composition.reduced_formula,
-                               spacegroup=None, reasons=[], cif=str(CifWriter(structure, symprec=0.1)),
-                               raw_text="", seconds=0.1, band_gap_target=2.0, e_hull_target=0.0,
-                               scores={"band_gap_pred": gap, "band_gap_std": 0.2, "e_hull_pred": e_hull,
-                                       "novel": True} if scores else {})
-    structures = [record(0, rocksalt_nacl(), 2.3, 0.02), record(1, rutile_tio2(), 1.1, 0.3),
-                  StructureRecord(index=2, valid=False, formula=None, spacegroup=None, reasons=["not repairable"],
-                                  cif=None, raw_text="data_[", seconds=0.1, band_gap_target=2.0, e_hull_target=0.0)]
-    return RunRecord(model={"name": "tiny"}, settings={"band_gap": 2.0, "tolerance": 0.5, "seed": 0},
-                     manifest={"seed": 0}, structures=structures)
+    candidates = [candidate(0, rocksalt_nacl(), 2.0), candidate(1, rutile_tio2(), 2.0), candidate(2, None, 2.0)]
+    if scores:
+        candidates[0].scores = Scores(band_gap_pred=2.3, band_gap_std=0.2, e_hull_pred=0.02, novel=True)
+        candidates[1].scores = Scores(band_gap_pred=1.1, band_gap_std=0.2, e_hull_pred=0.3, novel=True)
+    return Run(candidates, model={"name": "tiny"}, requests=[{"band_gap": 2.0, "seed": 0}],
+               settings={"hit_tolerance": 0.5})
 
 
 def test_home_shows_model_and_reports_a_bad_directory_inline(app_env):
@@ -104,14 +100,15 @@ def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):
     assert not at.error, messages(at.error)
     wait_for_job(at)
     run = at.session_state["run"]
-    assert run.status == "done" and len(run.structures) == 4
-    assert {s.band_gap_target for s in run.structures} == {2.5}
+    assert run.status == "done" and len(run.candidates) == 4
+    assert {s.band_gap_target for s in run.candidates} == {2.5}
     table = at.dataframe[0].value
     assert len(table) == 4 and {"formula", "valid", "band_gap", "hit"} <= set(table.columns)
     assert any(b.label == "Download zip" for b in at.get("download_button"))
     stored = HistoryStore(app_env / "history.sqlite").load(run.run_id)
-    assert stored.settings["seed"] == 7 and stored.settings["e_hull"] == pytest.approx(0.05)
-    assert stored.manifest["model"]["name"] == "tiny-test-model" and len(stored.manifest["generation"]) == 1
+    assert stored.requests[0]["seed"] == 7 and stored.requests[0]["e_hull"] == pytest.approx(0.05)
+    assert stored.model["name"] == "tiny-test-model" and len(stored.generation) == 1
+    assert stored.to_frame().equals(run.to_frame())
 
 
 def test_count_valid_only_draws_up_to_four_times_and_explains_a_shortfall(app_env):
@@ -121,7 +118,7 @@ def test_count_valid_only_draws_up_to_four_times_and_explains_a_shortfall(app_en
     at.button[0].click().run()
     wait_for_job(at)
     run = at.session_state["run"]  # the tiny random model writes no valid CIF, so all 8 samples are drawn
-    assert run.status == "done" and len(run.structures) == 8 and run.settings["stop_after_valid"] == 2
+    assert run.status == "done" and len(run.candidates) == 8 and run.requests[0]["stop_after_valid"] == 2
     assert "Only 0 of the 2 valid structures asked for after 8 samples" in messages(at.info)
 
 
@@ -156,16 +153,16 @@ def test_cancel_keeps_finished_structures(app_env):
     at.number_input(key="n").set_value(256)
     at.button[0].click().run()
     deadline = time.time() + 120
-    while len(at.session_state["job"].structures()) < 2 and time.time() < deadline:
+    while len(at.session_state["job"].candidates()) < 2 and time.time() < deadline:
         time.sleep(0.2)
     at.run()
     assert at.get("progress"), "no progress bar while generating"
     at.button(key="cancel_job").click().run()
     wait_for_job(at)
     run = at.session_state["run"]
-    assert run.status == "cancelled" and 2 <= len(run.structures) < 256
+    assert run.status == "cancelled" and 2 <= len(run.candidates) < 256
     assert "Cancelled" in messages(at.warning)
-    assert len(at.dataframe[0].value) == len(run.structures)
+    assert len(at.dataframe[0].value) == len(run.candidates)
 
 
 def test_a_second_user_waits_in_the_queue_with_its_position(app_env):
@@ -180,8 +177,8 @@ def test_a_second_user_waits_in_the_queue_with_its_position(app_env):
     finally:
         GENERATION_QUEUE.leave(other_user)
     wait_for_job(at)
-    assert len(at.session_state["run"].structures) == 2
-    assert {s.e_hull_target for s in at.session_state["run"].structures} == {None}
+    assert len(at.session_state["run"].candidates) == 2
+    assert {s.e_hull_target for s in at.session_state["run"].candidates} == {None}
 
 
 def test_sessions_do_not_see_each_others_results(app_env):
@@ -271,9 +268,9 @@ def test_evaluate_target_sweep_runs_k_samples_at_m_targets(app_env):
     assert not at.error, messages(at.error)
     wait_for_job(at)
     run = at.session_state["run"]
-    assert run.kind == "sweep" and len(run.structures) == 4
-    assert sorted({s.band_gap_target for s in run.structures}) == [0.5, 4.0]
-    assert run.settings["band_gap"] is None and run.settings["band_gap_targets"] == [0.5, 4.0]
+    assert run.kind == "sweep" and len(run.candidates) == 4
+    assert sorted({s.band_gap_target for s in run.candidates}) == [0.5, 4.0]
+    assert [r["band_gap"] for r in run.requests] == [0.5, 4.0] and len(run.generation) == 2
 
 
 def test_evaluate_sweep_rejects_bad_settings_before_queueing(app_env):
@@ -302,13 +299,20 @@ def test_model_page_renders_card_curves_and_histograms(app_env, short_model_dir,
     at = new_app("pages/model.py")
     assert "Tiny card" in messages(at.markdown)
     assert len(at.get("plotly_chart")) >= 3  # loss + two histograms (+ parity when the surrogate ships it)
+    assert PARITY_FILE.is_file()  # shipped with the surrogates
     parity = [chart for chart in at.get("plotly_chart") if "Band-gap surrogate on its test split" in chart.proto.spec]
-    if PARITY_FILE.is_file():
-        assert len(parity) == 1 and "MAE" in parity[0].proto.spec and "wbm" in parity[0].proto.spec
-    else:
-        assert not parity and "Surrogate parity plot: not available" in messages(at.info)
+    assert len(parity) == 1 and "MAE" in parity[0].proto.spec and "wbm" in parity[0].proto.spec
     at.switch_page("pages/generate.py").run()
     assert not at.exception and len(at.get("plotly_chart")) == 2  # density hints beside the sliders
+
+
+def test_model_page_says_when_the_surrogates_parity_data_is_missing(app_env, tmp_path, monkeypatch):
+    import crystallm_core.paths
+
+    monkeypatch.setattr(crystallm_core.paths, "SURROGATE_DIR", tmp_path / "no_surrogate")
+    at = new_app("pages/model.py")
+    assert not [c for c in at.get("plotly_chart") if "Band-gap surrogate on its test split" in c.proto.spec]
+    assert "Surrogate parity plot: not available" in messages(at.info)
 
 
 def test_model_page_shows_no_other_models_card(app_env):
@@ -354,7 +358,7 @@ def test_history_warns_when_another_tab_deleted_the_run(app_env, monkeypatch):
 
 
 def test_viewer_loads_local_3dmol_first_and_shows_the_p1_cell():
-    from pages.common import CDN_3DMOL, LOCAL_3DMOL, viewer_html
+    from crystallm_core.ui.viewer import CDN_3DMOL, LOCAL_3DMOL, viewer_html
 
     html = viewer_html(rocksalt_nacl(), supercell=(2, 2, 1), labels=True, style="spheres")
     assert html.index(LOCAL_3DMOL) < html.index(CDN_3DMOL)  # local copy, CDN as fallback

@@ -1,4 +1,4 @@
-"""`python -m crystallm_core evaluate DIR` and `evaluate_structures` on a hand-made directory."""
+"""`python -m crystallm_core evaluate PATH` and `evaluate_run`: hand-made folders, runs and app zips."""
 from __future__ import annotations
 
 import argparse
@@ -8,19 +8,16 @@ import math
 import pandas as pd
 import pytest
 from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
+from run_samples import sample_run, written_cif
 from test_validity import ZERO_ANGLE_CIF
 
 import crystallm_core.chem.surrogates
 from crystallm_core.chem import scoring, stability
-from crystallm_core.chem.cif_format import repair_generated_cif, structure_to_model_cif
 from crystallm_core.chem.hull import HullReference
 from crystallm_core.chem.novelty import NoveltyIndex, encode_structure
 from crystallm_core.product import evaluate
-
-
-def written_cif(structure) -> str:
-    """The CIF a generation run would write for this structure."""
-    return repair_generated_cif(structure_to_model_cif(structure)).cif
+from crystallm_core.product.history import HistoryStore
+from crystallm_core.product.run_files import read_run, run_zip, write_run
 
 
 class FakeSurrogate:
@@ -96,7 +93,7 @@ def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
     assert len(df) == 9 and "notes.txt" not in df.index
     assert "biased low" in capsys.readouterr().out
 
-    assert df.loc["000_NaCl.cif", "valid"] and df.loc["000_NaCl.cif", "spacegroup"] == "Fm-3m"
+    assert df.loc["000_NaCl.cif", "valid"] and df.loc["000_NaCl.cif", "space_group"] == "Fm-3m"
     assert df.loc["000_NaCl.cif", "unique"] and not df.loc["001_NaCl.cif", "unique"]
     assert not df.loc["000_NaCl.cif", "novel"] and df.loc["003_Si.cif", "novel"]
     assert not df.loc["002_TiO2.cif", "novel"]
@@ -105,44 +102,64 @@ def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
     assert df.loc["003_Si.cif", "hit"] and df.loc["003_Si.cif", "band_gap_pred"] == pytest.approx(1.2)
     assert df.loc["003_Si.cif", "vsun"] == (df.loc["003_Si.cif", "e_hull_pred"] <= 0.1)
 
-    assert not df.loc["004_bad_formula.cif", "valid"] and isinstance(df.loc["004_bad_formula.cif", "failed_checks"], str)
+    assert not df.loc["004_bad_formula.cif", "valid"] and isinstance(df.loc["004_bad_formula.cif", "reason"], str)
     assert not df.loc["004_bad_formula.cif", "hit"]  # a hit needs a valid structure
-    assert "cell angle alpha = 0° is outside 10–170°" in df.loc["008_zero_angle.cif", "failed_checks"]
+    assert "cell angle alpha = 0° is outside 10–170°" in df.loc["008_zero_angle.cif", "reason"]
     assert "not scored" in df.loc["008_zero_angle.cif", "notes"]
     for bad in ("005_garbage.cif", "006_empty.cif", "007_binary.cif", "008_zero_angle.cif"):
-        assert not df.loc[bad, "valid"] and len(str(df.loc[bad, "failed_checks"])) > 3
+        assert not df.loc[bad, "valid"] and len(str(df.loc[bad, "reason"])) > 3
         assert math.isnan(df.loc[bad, "band_gap_pred"]) and math.isnan(df.loc[bad, "e_hull_pred"])
 
 
-def test_missing_surrogate_degrades_gracefully(offline_components, monkeypatch):
+def test_missing_surrogate_degrades_gracefully(tmp_path, offline_components, monkeypatch):
     monkeypatch.setattr(crystallm_core.chem.surrogates, "BandGapSurrogate", MissingSurrogate, raising=False)
     scoring.load_gap_model.cache_clear()
-    df = evaluate.evaluate_structures([written_cif(diamond_si()), None], ["si.cif", "gone.cif"],
-                                      {"band_gap": 1.0}, stability=False)
+    (tmp_path / "si.cif").write_text(written_cif(diamond_si()))
+    (tmp_path / "gone.cif").write_bytes(b"x" * 2_000_000)
+    run = read_run(tmp_path)
+    for candidate in run.candidates:
+        candidate.band_gap_target = 1.0
+    df = evaluate.evaluate_run(run, stability=False).to_frame().set_index("file")
     assert df["band_gap_pred"].isna().all() and df["hit"].isna().all()
-    assert "band-gap surrogate unavailable" in df.loc[0, "notes"]
-    assert df.loc[1, "failed_checks"] == "not checked" and "could not be read" in df.loc[1, "notes"]
+    assert "band-gap surrogate unavailable" in df.loc["si.cif", "notes"]
+    assert "could not be read" in df.loc["gone.cif", "reason"]
 
 
-def test_without_targets_hit_is_unknown(offline_components):
-    df = evaluate.evaluate_structures([written_cif(rocksalt_nacl())], ["a.cif"], stability=False, novelty=False)
+def test_without_targets_hit_is_unknown(tmp_path, offline_components):
+    (tmp_path / "a.cif").write_text(written_cif(rocksalt_nacl()))
+    df = evaluate.evaluate_run(read_run(tmp_path), stability=False, novelty=False).to_frame()
     assert df.loc[0, "valid"] and df["hit"].isna().all() and df["novel"].isna().all()
     assert math.isnan(df.loc[0, "e_hull_pred"]) and df.loc[0, "stable"] is None
 
 
-def test_bad_directory_is_a_value_error(tmp_path):
-    with pytest.raises(ValueError, match="not a directory"):
+def test_bad_path_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="neither a directory nor a zip"):
         evaluate.run(cli_args(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no .cif files"):
         evaluate.run(cli_args(tmp_path))
 
 
-def test_precomputed_reports_are_reused(offline_components):
-    from crystallm_core.chem.validity import check_cif
+def test_an_app_zip_is_scored_for_hits_against_each_files_target(tmp_path, offline_components):
+    """The zip the app offers is a run: evaluate finds every structure's own target in it."""
+    zipped = tmp_path / "crystallm_run.zip"
+    zipped.write_bytes(run_zip(sample_run()))
+    assert evaluate.run(cli_args(zipped)) == 0
+    df = pd.read_csv(tmp_path / f"crystallm_run_{evaluate.OUTPUT_NAME}").set_index("file")
+    assert list(df.index) == ["000_NaCl.cif", "001_NaCl.cif", "002_TiO2.cif"]
+    assert df["band_gap_target"].tolist() == [1.0, 1.0, 3.0]
+    assert df.loc["000_NaCl.cif", "hit"] and not df.loc["002_TiO2.cif", "hit"]  # fake surrogate says 1.2 eV
 
-    report = check_cif(written_cif(rocksalt_nacl()))
-    df = evaluate.evaluate_structures([None], ["000"], {"band_gap": 1.0}, stability=False, reports=[report])
-    assert df.loc[0, "valid"] and df.loc[0, "formula"] == report.formula and not df.loc[0, "novel"]
-    assert df.loc[0, "hit"]  # fake surrogate: 1.2 eV vs target 1.0
-    with pytest.raises(ValueError, match="names"):
-        evaluate.evaluate_structures(["a", "b"], ["only one"])
+
+def test_round_trip_generate_write_evaluate_history_reload(tmp_path, offline_components):
+    """One table all the way: a run scored as it was made equals the same run written, read back,
+    evaluated, stored and reloaded."""
+    run = evaluate.evaluate_run(sample_run(), stability=False, recheck=False)
+    written = write_run(run, tmp_path / "run")
+    again = evaluate.evaluate_run(read_run(written), stability=False)
+    store = HistoryStore(tmp_path / "h.sqlite")
+    store.save(again)
+    reloaded = store.load(again.run_id)
+    columns = ["file", "formula", "space_group", "valid", "reason", "band_gap_target", "band_gap_pred", "unique",
+               "novel", "hit", "vsun"]
+    for frame in (again.to_frame(), reloaded.to_frame()):
+        pd.testing.assert_frame_equal(frame[columns], run.to_frame()[columns])

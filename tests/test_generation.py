@@ -1,10 +1,10 @@
-import csv
 import json
 
 import pytest
 from prototypes import rutile_tio2
 
 from crystallm_core.chem.cif_format import structure_to_model_cif
+from crystallm_core.chem.isolation import check_sample
 from crystallm_core.chem.prompts import build_prompt
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.lm.sampler import SamplingSettings
@@ -12,12 +12,11 @@ from crystallm_core.lm.tokenizer import get_tokenizer
 from crystallm_core.product.cli import main
 from crystallm_core.product.generation import (
     GenerationRequest,
-    check_sample,
     generate,
     prepare,
     sample_counts,
-    write_run,
 )
+from crystallm_core.product.run_files import read_run, write_run
 
 
 @pytest.fixture(scope="module")
@@ -32,30 +31,32 @@ def small_request(**overrides):
     return GenerationRequest(**values)
 
 
-def test_generate_streams_every_structure_with_reasons(tiny):
+def test_generate_streams_every_candidate_with_reasons(tiny):
     seen = []
-    run = generate(tiny, small_request(), on_structure=seen.append)
-    assert [s.index for s in run.structures] == list(range(5)) and len(seen) == 5
-    assert not run.cancelled
-    for s in run.structures:  # an untrained model writes garbage: each is invalid, with a reason
-        assert not s.valid and s.reasons
-    manifest = run.manifest
+    run = generate(tiny, small_request(), on_candidate=seen.append)
+    assert [c.index for c in run.candidates] == list(range(5)) and seen == run.candidates
+    assert run.status == "done"
+    for c in run.candidates:  # an untrained model writes garbage: each is invalid, with a reason
+        assert not c.valid and c.reasons and c.band_gap_target == 1.5 and c.raw_text.startswith("<bos>")
+    manifest = run.manifest()
     assert manifest["model"]["weights_sha256"] == tiny.info.weights_sha256
-    assert manifest["targets"] == {"band_gap": 1.5, "e_hull": 0.0}
-    assert manifest["seed"] == 3 and manifest["sampling"]["top_k"] == 15
+    assert manifest["requests"][0]["band_gap"] == 1.5 and manifest["requests"][0]["e_hull"] == 0.0
+    assert manifest["requests"][0]["seed"] == 3 and manifest["requests"][0]["settings"]["top_k"] == 15
+    assert manifest["requests"][0]["settings"]["decoding"] == "constrained"
+    assert manifest["generation"][0]["n_finished"] == 5 and "rewinds" in manifest["generation"][0]
     assert {"torch", "transformers", "pymatgen", "python"} <= set(manifest["versions"])
 
 
-def test_same_seed_same_structures(tiny):
-    first = [s.raw_text for s in generate(tiny, small_request()).structures]
-    assert first == [s.raw_text for s in generate(tiny, small_request()).structures]
+def test_same_seed_same_candidates(tiny):
+    first = [c.raw_text for c in generate(tiny, small_request()).candidates]
+    assert first == [c.raw_text for c in generate(tiny, small_request()).candidates]
 
 
 def test_cancel_keeps_finished(tiny):
     seen = []
     run = generate(tiny, small_request(n=8, settings=SamplingSettings(batch_size=1, max_tokens=24)),
-                   on_structure=seen.append, should_cancel=lambda: len(seen) >= 3)
-    assert run.cancelled and len(run.structures) == 3 and run.manifest["n_finished"] == 3
+                   on_candidate=seen.append, should_cancel=lambda: len(seen) >= 3)
+    assert run.status == "cancelled" and len(run.candidates) == 3 and run.generation[0]["n_finished"] == 3
 
 
 def test_stop_after_valid_stops_once_enough_are_valid(tiny, monkeypatch):
@@ -71,13 +72,20 @@ def test_stop_after_valid_stops_once_enough_are_valid(tiny, monkeypatch):
     monkeypatch.setattr(generation, "check_sample", every_other_valid)
     request = small_request(n=12, stop_after_valid=3, settings=SamplingSettings(batch_size=1, max_tokens=24))
     run = generate(tiny, request)
-    assert sum(s.valid for s in run.structures) == 3 and len(run.structures) == 6
-    assert not run.cancelled and run.manifest["stop_after_valid"] == 3 and run.manifest["n_valid"] == 3
+    assert run.n_valid == 3 and len(run.candidates) == 6 and run.status == "done"
+    assert run.manifest()["requests"][0]["stop_after_valid"] == 3 and run.manifest()["n_valid"] == 3
 
 
 def test_stop_after_valid_draws_every_sample_when_none_is_valid(tiny):
     run = generate(tiny, small_request(n=4, stop_after_valid=2))  # the untrained model writes no valid CIF
-    assert len(run.structures) == 4 and not run.cancelled and run.manifest["n_valid"] == 0
+    assert len(run.candidates) == 4 and run.status == "done" and run.n_valid == 0
+
+
+def test_several_requests_fill_one_run_numbered_throughout(tiny):
+    run = generate(tiny, small_request(n=2))
+    generate(tiny, small_request(n=3, band_gap=3.0), run)
+    assert [c.index for c in run.candidates] == list(range(5)) and len(run.generation) == 2
+    assert [c.band_gap_target for c in run.candidates] == [1.5, 1.5, 3.0, 3.0, 3.0]
 
 
 def test_sample_counts():
@@ -115,7 +123,7 @@ def test_element_set_bans_every_other_element(tiny):
     vocab = tiny.tokenizer.vocab
     allowed_elements = {vocab[i] for i in range(89)} - {vocab[i] for i in prepared.banned_ids}
     assert allowed_elements == {"Li", "O"}
-    assert generate(tiny, small_request(elements=["Li", "O"], n=1)).manifest["prompt"]["elements"] == ["Li", "O"]
+    assert generate(tiny, small_request(elements=["Li", "O"], n=1)).requests[0]["elements"] == ["Li", "O"]
 
 
 def test_prompt_levels():
@@ -138,30 +146,64 @@ def test_a_real_cif_passes_and_garbage_gets_a_reason():
     assert not report.valid and "context limit" in report.failed_reasons[0]
 
 
-def test_write_run_files(tiny, tmp_path):
+def test_written_run_reads_back(tiny, tmp_path):
     run = generate(tiny, small_request(n=3))
-    write_run(run, tmp_path)
-    assert len(list(tmp_path.glob("*.cif"))) == 3
-    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert len(rows) == 3 and rows[0]["valid"] == "False" and rows[0]["failed_checks"]
-    assert json.loads((tmp_path / "manifest.json").read_text())["n_finished"] == 3
-    with pytest.raises(ValueError, match="already holds CIF files"):
-        write_run(run, tmp_path)  # never mix two runs' CIFs under one manifest
+    write_run(run, tmp_path / "run")
+    assert len(list((tmp_path / "run" / "invalid").glob("*.cif"))) == 3
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["n_candidates"] == 3
+    assert [c.name for c in read_run(tmp_path / "run").candidates] == [c.name for c in run.candidates]
+    with pytest.raises(ValueError, match="already holds another run"):
+        write_run(run, tmp_path / "run")  # never mix two runs under one manifest
+
+
+GENERATE = ["generate", "--band-gap", "1.5", "--e-hull", "0.0", "--seed", "1", "--batch-size", "2", "--no-score"]
 
 
 def test_cli_generate_writes_a_run(tiny_model_dir, tmp_path, capsys):
-    code = main(["generate", "--band-gap", "1.5", "--e-hull", "0.0", "-n", "2", "--seed", "1", "--out", str(tmp_path / "x"),
-                 "--model", str(tiny_model_dir), "--batch-size", "2"])
+    code = main([*GENERATE, "-n", "2", "--out", str(tmp_path / "x"), "--model", str(tiny_model_dir)])
     assert code == 0
-    assert (tmp_path / "x" / "manifest.json").is_file() and (tmp_path / "x" / "summary.csv").is_file()
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["n_candidates"] == 2 and (tmp_path / "x" / "results.csv").is_file()
+
+
+def test_cli_resumes_an_interrupted_run_without_drawing_a_sample_twice(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A run killed after 2 of 5 samples: the same command finishes it with 3 new ones."""
+    from crystallm_core.product import generate_cli
+
+    out = tmp_path / "x"
+    real_generate = generate
+    seen = []
+
+    def dies_after_two(loaded, request, run, on_candidate=None, should_cancel=None):
+        def arrived(candidate):
+            on_candidate(candidate)
+            seen.append(candidate.raw_text)
+            if len(seen) == 2:
+                raise KeyboardInterrupt  # as Ctrl-C or kill would stop it
+        return real_generate(loaded, request, run, on_candidate=arrived, should_cancel=should_cancel)
+
+    import crystallm_core.product.generation as generation
+    monkeypatch.setattr(generation, "generate", dies_after_two)
+    assert main([*GENERATE, "-n", "5", "--out", str(out), "--model", str(tiny_model_dir)]) == 130
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and len(list(out.glob("*/*.cif"))) == 2
+    monkeypatch.setattr(generation, "generate", real_generate)
+    assert main([*GENERATE, "-n", "5", "--out", str(out), "--model", str(tiny_model_dir)]) == 0
+    assert "resuming" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["n_candidates"] == 5 and len(manifest["generation"]) == 1
+    texts = [p.read_text() for p in sorted(out.glob("*/*.cif"))]
+    assert len(texts) == 5 and sorted(p.name[:3] for p in out.glob("*/*.cif")) == ["000", "001", "002", "003", "004"]
+    assert main([*GENERATE, "-n", "5", "--out", str(out), "--model", str(tiny_model_dir)]) == 2  # finished: no rerun
+    assert generate_cli.continuation_seed(1, 2) != 1
 
 
 def test_cli_until_valid_says_when_it_fell_short(tiny_model_dir, tmp_path, capsys):
     code = main(["generate", "--band-gap", "1", "-n", "1", "--until-valid", "--max-samples", "2", "--out",
-                 str(tmp_path / "x"), "--model", str(tiny_model_dir), "--batch-size", "2"])
+                 str(tmp_path / "x"), "--model", str(tiny_model_dir), "--batch-size", "2", "--no-score"])
     assert code == 0
     assert "only 0 of the 1 valid structures asked for after 2 samples" in capsys.readouterr().err
-    assert json.loads((tmp_path / "x" / "manifest.json").read_text())["stop_after_valid"] == 1
+    assert json.loads((tmp_path / "x" / "manifest.json").read_text())["requests"][0]["stop_after_valid"] == 1
 
 
 @pytest.mark.parametrize(

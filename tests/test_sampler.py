@@ -58,11 +58,20 @@ def test_cancel_keeps_finished_samples():
     assert len(samples) == 2 and samples == streamed
 
 
-def test_guidance_and_missing_properties_run():
+def test_guidance_mixes_conditional_and_unconditional_logits():
+    """Scale 0 samples exactly what the unconditional model (every property unknown) samples;
+    a large scale samples something else than no guidance."""
     model = tiny_model()
-    settings = SamplingSettings(batch_size=4, max_tokens=20, guidance_scale=2.0)
-    samples = sample(model, [372, 142], [0.0, 0.1], [False, True], 6, settings, seed=3)
-    assert len(samples) == 6
+    settings = lambda scale: SamplingSettings(batch_size=3, max_tokens=20, guidance_scale=scale)  # noqa: E731
+    tokens = lambda samples: [s.token_ids for s in samples]  # noqa: E731
+    unconditional = sample(model, [372, 142], [0.0, 0.0], [False, False], 3, settings(1.0), seed=3)
+    scale_zero = sample(model, [372, 142], [0.9, 0.1], [True, True], 3, settings(0.0), seed=3)
+    assert tokens(scale_zero) == tokens(unconditional)
+    with torch.no_grad():  # a random encoder barely moves the logits: make the targets matter
+        model.conditioning.to_kv.weight.mul_(50.0)
+    plain = sample(model, [372, 142], [0.9, 0.1], [True, True], 3, settings(1.0), seed=3)
+    strong = sample(model, [372, 142], [0.9, 0.1], [True, True], 3, settings(8.0), seed=3)
+    assert tokens(strong) != tokens(plain)
 
 
 def test_banned_tokens_are_never_sampled():

@@ -65,7 +65,3 @@ def test_missing_hull_gives_error_not_exception(monkeypatch):
     monkeypatch.setattr(stability, "load_hull", no_hull)
     [est] = stability.estimate_stability([rocksalt_nacl().get_primitive_structure()])
     assert est.e_form_per_atom is not None and est.e_hull is None and "E_hull" in est.error
-
-
-def test_bias_note_is_stated():
-    assert "biased low" in stability.HULL_BIAS_NOTE and "biased LOW" in stability.__doc__

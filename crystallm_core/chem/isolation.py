@@ -5,15 +5,24 @@ a CIF says. `validity.structure_problem` keeps degenerate cells away from them, 
 an `evaluate` input or a model output is still untrusted: `IsolatedWorker` runs a function in
 a child process that is started on first use and replaced when it dies (segfault, out of
 memory) or overruns its time limit. The caller gets the function's result or a readable
-reason, and the next call gets a fresh worker. Workers fork from a `forkserver` that has
-imported pymatgen once, so a replacement starts in tens of milliseconds; torch is never
-imported there.
+reason, and the next call gets a fresh worker.
+
+The child is a plain `python -m crystallm_core.chem.isolation MODULE NAME` speaking
+length-prefixed pickles on its stdin/stdout, not a multiprocessing child: those re-run the
+caller's main script on start, which breaks any script or notebook cell that calls
+`generate` at top level. torch is never imported there.
 """
 from __future__ import annotations
 
 import atexit
-import multiprocessing
+import importlib
+import os
+import pickle
+import select
 import signal
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +40,8 @@ from crystallm_core.chem.validity import (
 
 DEFAULT_TIME_LIMIT = 60.0  # seconds for one call, a backstop behind the per-check limits
 PER_CHECK_TIME_LIMIT = 10.0  # seconds for each validity check inside the worker
+START_TIME_LIMIT = 120.0  # seconds for a worker to import what it needs (slow on a busy machine)
+HEADER = struct.Struct("!I")
 
 
 @dataclass
@@ -40,18 +51,60 @@ class Outcome:
     seconds: float = 0.0
 
 
-def serve(connection, function: Callable) -> None:
-    """The worker's loop: one argument in, ("ok", value) or ("error", text) out."""
+class WorkerGone(Exception):
+    """The worker's pipe closed: it died."""
+
+
+def write_frame(stream, value: Any) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def read_exactly(fd: int, size: int, deadline: float) -> bytes | None:
+    """`size` bytes from fd, or None when the deadline passes first; WorkerGone at end of file."""
+    chunks, left = [], size
+    while left:
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+            return None
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise WorkerGone()
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int, deadline: float) -> Any:
+    """The next value from fd; TimeoutError when the deadline passes, WorkerGone if it died."""
+    header = read_exactly(fd, HEADER.size, deadline)
+    body = None if header is None else read_exactly(fd, HEADER.unpack(header)[0], deadline)
+    if body is None:
+        raise TimeoutError()
+    return pickle.loads(body)
+
+
+def serve(module: str, name: str) -> None:
+    """The worker's loop: one argument in, ("ok", value) or ("error", text) out, on the original stdout
+    (print() and native libraries' output go to stderr instead)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    function = importlib.import_module(module)
+    for part in name.split("."):
+        function = getattr(function, part)
+    write_frame(replies, ("ready", None))
+    requests = sys.stdin.buffer
     while True:
-        try:
-            argument = connection.recv()
-        except EOFError:
+        header = requests.read(HEADER.size)
+        if len(header) < HEADER.size:
             return
+        argument = pickle.loads(requests.read(HEADER.unpack(header)[0]))
         try:
-            connection.send(("ok", function(argument)))
+            write_frame(replies, ("ok", function(argument)))
         except Exception as error:
-            connection.send(("error", f"raised {type(error).__name__}: {error}"))
+            write_frame(replies, ("error", f"raised {type(error).__name__}: {error}"))
 
 
 def signal_name(exitcode: int | None) -> str:
@@ -64,33 +117,33 @@ def signal_name(exitcode: int | None) -> str:
 
 
 class IsolatedWorker:
-    """Calls `function(argument)` in a child process; thread-safe (one call at a time)."""
+    """Calls `function(argument)` in a child process; thread-safe (one call at a time).
+    `function` must be importable by module and name (a module-level function or a builtin)."""
 
-    def __init__(self, function: Callable, time_limit: float = DEFAULT_TIME_LIMIT,
-                 preload: tuple[str, ...] = ("crystallm_core.chem.validity",)):
-        self.function, self.time_limit = function, time_limit
-        self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(list(preload))
-        self.process = self.connection = None
+    def __init__(self, function: Callable, time_limit: float = DEFAULT_TIME_LIMIT):
+        self.target = (function.__module__ or "builtins", function.__qualname__)
+        self.time_limit = time_limit
+        self.process: subprocess.Popen | None = None
         self.restarts = 0  # workers replaced after a crash or a timeout
         self.lock = threading.Lock()
         atexit.register(self.close)
 
     def start(self) -> None:
-        parent, child = self.context.Pipe()
-        self.process = self.context.Process(target=serve, args=(child, self.function), daemon=True,
-                                            name="crystallm-checker")
-        self.process.start()
-        child.close()
-        self.connection = parent
+        self.process = subprocess.Popen([sys.executable, "-m", "crystallm_core.chem.isolation", *self.target],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            read_frame(self.process.stdout.fileno(), time.monotonic() + START_TIME_LIMIT)
+        except (TimeoutError, WorkerGone):
+            self.stop()
+            raise RuntimeError("the checker process could not start") from None
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join(5)
-            self.connection.close()
-        self.process = self.connection = None
+            self.process.kill()
+            self.process.wait(5)
+            self.process.stdin.close()
+            self.process.stdout.close()
+        self.process = None
 
     def close(self) -> None:
         with self.lock:
@@ -99,22 +152,22 @@ class IsolatedWorker:
     def call(self, argument: Any, time_limit: float | None = None) -> Outcome:
         limit = self.time_limit if time_limit is None else time_limit
         with self.lock:
-            if self.process is None or not self.process.is_alive():
+            if self.process is None or self.process.poll() is not None:
                 self.start()
-            started = time.perf_counter()
+            started = time.monotonic()
             try:
-                self.connection.send(argument)
-                if self.connection.poll(limit):
-                    status, value = self.connection.recv()
-                    seconds = time.perf_counter() - started
-                    return Outcome(value, None, seconds) if status == "ok" else Outcome(None, value, seconds)
+                write_frame(self.process.stdin, argument)
+                status, value = read_frame(self.process.stdout.fileno(), started + limit)
+                seconds = time.monotonic() - started
+                return Outcome(value, None, seconds) if status == "ok" else Outcome(None, value, seconds)
+            except TimeoutError:
                 error = f"timed out after {limit:g} s"
-            except (EOFError, OSError):
-                self.process.join(5)
-                error = f"crashed ({signal_name(self.process.exitcode)})"
+            except (WorkerGone, BrokenPipeError, OSError):
+                error = f"crashed ({signal_name(self.process.wait(5))})"
+            seconds = time.monotonic() - started  # (replacing the worker is not the call's time)
             self.stop()
             self.restarts += 1
-            return Outcome(None, error, time.perf_counter() - started)
+            return Outcome(None, error, seconds)
 
 
 def check_with_limits(cif_text: str) -> ValidityReport:
@@ -173,3 +226,7 @@ def check_sample(text: str, stop_reason: str, max_tokens: int, note: str | None 
     elif stop_reason == "gave up":
         report.checks.insert(0, CheckResult("complete", False, f"constrained decoding {note or 'gave up'}"))
     return repaired, report
+
+
+if __name__ == "__main__":
+    serve(*sys.argv[1:3])

@@ -37,15 +37,17 @@ class StructureScorer:
     """Scores keyed like `SCORE_COLUMNS` (band_gap_pred, band_gap_std, e_hull_pred, novel, …),
     so the metrics functions apply to both the app's tables and `evaluate`'s CSV."""
 
-    def __init__(self, stability: bool = True, relax: RelaxSettings | None = None, novelty: bool = True):
+    def __init__(self, stability: bool = True, relax: RelaxSettings | None = None, novelty: bool = True,
+                 surrogate: bool = True):
         self.relax = relax
         self.unavailable: dict[str, str] = {}  # score family -> why it is missing
         self.gap_model = self.novelty_index = None
         self.with_stability = stability
-        try:
-            self.gap_model = load_gap_model()
-        except Exception as error:
-            self.unavailable["band gap"] = f"band-gap surrogate unavailable ({why(error)})"
+        if surrogate:
+            try:
+                self.gap_model = load_gap_model()
+            except Exception as error:
+                self.unavailable["band gap"] = f"band-gap surrogate unavailable ({why(error)})"
         if stability:
             try:  # once here, not per structure: a missing CHGNet would otherwise be retried every time
                 stability_estimates.load_chgnet()

@@ -175,6 +175,41 @@ def shortest_allowed_distance(a: Element, b: Element, config: ValidityConfig = V
     return max(config.min_distance, (1 - config.bond_tolerance) * expected_bond_length(a, b, config))
 
 
+
+@dataclass(frozen=True)
+class Bond:
+    a: Element
+    b: Element
+    length: float  # Å
+    expected: float  # Å, `expected_bond_length`
+
+    @property
+    def ratio(self) -> float:
+        return self.length / self.expected
+
+    @property
+    def with_hydrogen(self) -> bool:
+        return "H" in (self.a.symbol, self.b.symbol)
+
+    def within(self, config: ValidityConfig = ValidityConfig()) -> bool:
+        """The §4c criterion: bonds with H only need ratio < 2.5, others 0.68 < ratio < 1.32."""
+        if self.with_hydrogen:
+            return self.ratio < config.hydrogen_factor
+        return 1 - config.bond_tolerance < self.ratio < 1 + config.bond_tolerance
+
+
+def bond_table(structure: Structure, sites: list[int], config: ValidityConfig = ValidityConfig()) -> list[Bond]:
+    """CrystalNN bonds of the given sites (CheckFailed when a bond's radii are unknown)."""
+    crystal_nn, bonds = CrystalNN(), []
+    for i in sites:
+        site = structure[i]
+        for neighbour in crystal_nn.get_nn_info(structure, i):
+            if neighbour["site_index"] != i:
+                a, b = site.specie, neighbour["site"].specie
+                bonds.append(Bond(a, b, site.distance(neighbour["site"]), expected_bond_length(a, b, config)))
+    return bonds
+
+
 class CifChecker:
     """Runs the checks on one CIF; each check_* returns a pass reason or raises CheckFailed."""
 
@@ -291,28 +326,16 @@ class CifChecker:
             sites = [int(i) for i in np.unique(self.equivalent_atoms)]
         else:
             sites = list(range(len(self.structure)))
-        crystal_nn = CrystalNN()
-        bonds, bad = 0, []  # bad: (how far off, text)
-        for i in sites:
-            site = self.structure[i]
-            for neighbour in crystal_nn.get_nn_info(self.structure, i):
-                if neighbour["site_index"] == i:
-                    continue
-                a, b = site.specie, neighbour["site"].specie
-                length = site.distance(neighbour["site"])
-                expected = expected_bond_length(a, b, self.config)
-                ratio = length / expected
-                bonds += 1
-                ok = ratio < self.config.hydrogen_factor if "H" in (a.symbol, b.symbol) else low < ratio < high
-                if not ok:
-                    bad.append((abs(math.log(ratio)) if ratio > 0 else math.inf,
-                                f"{a}–{b} {length:.2f} Å is {ratio:.2f}× the expected {expected:.2f} Å"))
-        if bonds == 0:
+        bonds = bond_table(self.structure, sites, self.config)
+        bad = [(abs(math.log(b.ratio)) if b.ratio > 0 else math.inf,
+                f"{b.a}–{b.b} {b.length:.2f} Å is {b.ratio:.2f}× the expected {b.expected:.2f} Å")
+               for b in bonds if not b.within(self.config)]
+        if not bonds:
             raise CheckFailed("CrystalNN found no bonds")
         if bad:
-            raise CheckFailed(f"{max(bad)[1]} ({len(bad)} of {bonds} bonds outside "
+            raise CheckFailed(f"{max(bad)[1]} ({len(bad)} of {len(bonds)} bonds outside "
                               f"{low:.2f}–{high:.2f}×)")
-        return (f"all {bonds} bonds of the {len(sites)} symmetry-distinct sites within "
+        return (f"all {len(bonds)} bonds of the {len(sites)} symmetry-distinct sites within "
                 f"{low:.2f}–{high:.2f}× of the expected lengths")
 
 

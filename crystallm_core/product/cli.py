@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("crystallm_core.lm.training", "train a PKV model from the token cache"),
     "evaluate": ("crystallm_core.product.evaluate", "score a directory of CIF files"),
     "relax": ("crystallm_core.chem.relaxation", "relax one CIF with CHGNet and re-check it"),
+    "campaign": ("crystallm_core.product.campaign_cli", "a screening campaign on Ray: many targets × many samples"),
 }
 
 

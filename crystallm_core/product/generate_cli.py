@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from crystallm_core.lm.sampler import DECODINGS, SamplingSettings
+
+DEFAULTS = SamplingSettings()
 
 
 def optional_float(text: str) -> float | None:
@@ -20,30 +23,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=None,
                         help="with --until-valid, the most samples to draw (default 4×n, at most 256)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="run directory to write")
+    parser.add_argument("--out", required=True,
+                        help="run directory to write (an unfinished run of the same command there is resumed)")
     parser.add_argument("--model", default=None, help="model directory or hub id (default: the shipped model)")
     parser.add_argument("--composition", default=None, help="e.g. TiO2 (prompt level 2)")
     parser.add_argument("--z", type=int, default=None, help="formula units per cell")
     parser.add_argument("--spacegroup", default=None, help="H-M symbol, e.g. P4_2/mnm (needs --composition)")
     parser.add_argument("--elements", default=None, help="comma-separated element set the model may use, e.g. Li,Fe,P,O")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-k", type=int, default=15)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--decoding", choices=DECODINGS, default=SamplingSettings.decoding,
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
+    parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
+    parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
+                        help="classifier-free guidance (1 = off)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--rescale", action="store_true",
+                        help="repair: rescale the cell of a structure that fails only on bond lengths (kept apart)")
+    parser.add_argument("--relax", action="store_true",
+                        help="repair: relax valid (and bond-only) structures with CHGNet, E_hull before/after")
+    parser.add_argument("--no-score", dest="score", action="store_false",
+                        help="skip the surrogate band gap, CHGNet E_hull and novelty of valid structures")
+    parser.add_argument("--decoding", choices=DECODINGS, default=DEFAULTS.decoding,
                         help="constrained (default): consistent CIFs by construction; free: sample as trained")
 
 
+def continuation_seed(seed: int, done: int) -> int:
+    """A resumed run continues with a seed of its own, so no sample is drawn twice."""
+    return (seed * 1_000_003 + done * 0x9E3779B1) % 2**31
+
+
 def run(args: argparse.Namespace) -> int:
+    from crystallm_core.chem.scoring import StructureScorer
     from crystallm_core.lm.checkpoints import load_model
+    from crystallm_core.product.evaluate import check_candidate, score_candidates
     from crystallm_core.product.generation import (
         GenerationRequest,
-        check_run_dir,
         generate,
+        new_run,
         sample_counts,
-        write_run,
     )
+    from crystallm_core.product.run_files import RunWriter, resumable
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 guidance_scale=args.guidance_scale, batch_size=args.batch_size,
@@ -54,26 +72,53 @@ def run(args: argparse.Namespace) -> int:
                                 **sample_counts(args.num_samples, args.until_valid, args.max_samples),
                                 composition=args.composition, z=args.z, spacegroup=args.spacegroup,
                                 elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
-                                settings=settings, seed=args.seed)
+                                settings=settings, seed=args.seed, rescale=args.rescale, relax=args.relax)
     request.validate()
-    check_run_dir(args.out)  # before sampling, not after
     loaded = load_model(args.model)
+    run = new_run(loaded, [request])
+    previous = resumable(args.out, run.requests)  # before sampling, not after
+    if previous is not None:
+        manifest, done = previous
+        run.run_id, run.generation = manifest.get("run_id", run.run_id), list(manifest.get("generation") or [])
+        for candidate in done:
+            check_candidate(candidate)
+        run.candidates = done
+        print(f"resuming {args.out}: {len(done)} structures already there", file=sys.stderr)
+    writer = RunWriter(run, args.out, resume=previous is not None)
+    scorer = StructureScorer() if args.score else None
 
-    counts = {"done": 0, "valid": 0}
+    def arrived(candidate) -> None:
+        if scorer is not None and candidate.valid:
+            score_candidates([candidate], scorer)
+        writer.add(candidate)
+        valid = run.n_valid
+        status = "valid" if candidate.valid else "invalid: " + "; ".join(candidate.reasons[:2])
+        where = (f"{valid}/{request.stop_after_valid} valid, {len(run.candidates)} sampled"
+                 if request.stop_after_valid else f"{len(run.candidates)}/{request.n}")
+        print(f"[{where}] {candidate.formula or '?'} {candidate.space_group or ''} {status}", file=sys.stderr)
 
-    def report(structure) -> None:
-        counts["done"] += 1
-        counts["valid"] += structure.valid
-        status = "valid" if structure.valid else "invalid: " + "; ".join(structure.reasons[:2])
-        where = (f"{counts['valid']}/{request.stop_after_valid} valid, {counts['done']} sampled"
-                 if request.stop_after_valid else f"{counts['done']}/{request.n}")
-        print(f"[{where}] {structure.formula or '?'} {structure.spacegroup or ''} {status}", file=sys.stderr)
-
-    run_result = generate(loaded, request, on_structure=report)
-    out = write_run(run_result, args.out)
-    n_valid = run_result.manifest["n_valid"]
-    if request.stop_after_valid and n_valid < request.stop_after_valid:
-        print(f"only {n_valid} of the {request.stop_after_valid} valid structures asked for after {request.n} samples "
-              "(raise --max-samples, or lower the temperature)", file=sys.stderr)
-    print(f"{n_valid}/{run_result.manifest['n_finished']} valid; wrote {out}")
+    left = remaining(request, run)
+    if left is not None:
+        generate(loaded, left, run, on_candidate=arrived)
+    if scorer is not None:
+        run.unavailable = dict(scorer.unavailable)
+    run.status = "done"
+    writer.finish()
+    if request.stop_after_valid and run.n_valid < request.stop_after_valid:
+        print(f"only {run.n_valid} of the {request.stop_after_valid} valid structures asked for after "
+              f"{len(run.candidates)} samples (raise --max-samples, or lower the temperature)", file=sys.stderr)
+    print(f"{run.n_valid}/{len(run.candidates)} valid; wrote {args.out}")
     return 0
+
+
+def remaining(request, run):
+    """What is left of `request` after the candidates already in `run` (None: nothing)."""
+    done, valid = len(run.candidates), run.n_valid
+    if not done:
+        return request
+    n = request.n - done
+    wanted = None if request.stop_after_valid is None else request.stop_after_valid - valid
+    if n < 1 or (wanted is not None and wanted < 1):
+        return None
+    return replace(request, n=n, stop_after_valid=None if wanted is None else min(wanted, n),
+                   seed=continuation_seed(request.seed, done))

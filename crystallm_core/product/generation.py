@@ -1,20 +1,15 @@
-"""One generation run: targets + prompt + settings → checked structures, a manifest, files.
+"""One generation request: targets + prompt + settings → checked candidates, streamed into a Run.
 
-`generate` streams: every structure is decoded, repaired and validity-checked as soon as
-the sampler finishes it, then handed to `on_structure`; a failure in one structure becomes
-its reason and never stops the batch. `write_run` produces what the CLI and the app's zip
-share: one CIF per sample, `summary.csv` and `manifest.json`.
+`prepare` validates a request against the model (cheap, before anything queues).
+`generate` streams: every sample is decoded, repaired and validity-checked (in the isolated
+checker) as soon as the sampler finishes it, becomes a `Candidate` of the run and is handed to
+`on_candidate`; a failure in one sample becomes its reason and never stops the batch.
+Scoring (surrogate gap, CHGNet, novelty) is `scoring_service.score_candidate`'s job.
 """
 from __future__ import annotations
 
-import csv
-import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
-from pathlib import Path
 from typing import Callable
 
 from crystallm_core.chem.constraints import CifConstraint, CifTokens, PromptMismatch
@@ -24,7 +19,7 @@ from crystallm_core.chem.prompts import (
     element_token_ids,
     parse_composition,
 )
-from crystallm_core.chem.validity import ValidityReport
+from crystallm_core.chem.repair import relax, rescale
 from crystallm_core.lm.checkpoints import LoadedModel
 from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.sampler import (
@@ -33,10 +28,10 @@ from crystallm_core.lm.sampler import (
     SamplingSettings,
     sample,
 )
+from crystallm_core.product.run import Candidate, Run, candidate_name
 
 MAX_STRUCTURES = 256
 UNTIL_VALID_SAMPLE_FACTOR = 4  # "until N valid" draws at most this many times N samples
-VERSIONED_PACKAGES = ("torch", "transformers", "pymatgen", "numpy", "safetensors", "chgnet", "lightgbm", "streamlit")
 
 
 @dataclass
@@ -52,6 +47,8 @@ class GenerationRequest:
     seed: int = 0
     # Stop as soon as this many samples are valid (n is then the most samples drawn); None = draw all n.
     stop_after_valid: int | None = None
+    rescale: bool = False  # repair: rescale the cell of a sample that fails only on bond lengths
+    relax: bool = False  # repair: relax valid (and bond-only) samples with CHGNet, E_hull before/after
 
     def validate(self) -> None:
         if not (1 <= int(self.n) <= MAX_STRUCTURES):
@@ -69,79 +66,6 @@ def sample_counts(n: int, until_valid: bool = False, max_samples: int | None = N
     if not until_valid:
         return {"n": n, "stop_after_valid": None}
     return {"n": min(MAX_STRUCTURES, max_samples or UNTIL_VALID_SAMPLE_FACTOR * n), "stop_after_valid": n}
-
-
-def structure_file_stem(index: int, formula: str | None) -> str:
-    """How a run names a structure's files: zero-padded index and formula."""
-    return f"{index:03d}_{formula or 'unparsed'}"
-
-
-@dataclass
-class GeneratedStructure:
-    index: int
-    raw_text: str  # what the model wrote (decoded, brackets kept)
-    cif: str | None  # the repaired, parseable CIF, or None when it could not be repaired
-    report: ValidityReport
-    seconds: float
-    n_tokens: int
-    stop_reason: str
-    retries: dict | None = None  # constrained decoding's rewinds (row / cell / restart, and why)
-
-    @property
-    def valid(self) -> bool:
-        return self.report.valid
-
-    @property
-    def formula(self) -> str | None:
-        return self.report.formula
-
-    @property
-    def spacegroup(self) -> str | None:
-        return self.report.spacegroup
-
-    @property
-    def reasons(self) -> list[str]:
-        return self.report.failed_reasons
-
-    def file_stem(self) -> str:
-        return structure_file_stem(self.index, self.formula)
-
-
-@dataclass
-class GenerationRun:
-    structures: list[GeneratedStructure]
-    manifest: dict
-    cancelled: bool = False
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages a run depends on, for manifests."""
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def build_manifest(loaded: LoadedModel, request: GenerationRequest, prompt_text: str) -> dict:
-    """Everything needed to reproduce a run (model id + hash, targets, settings, seed, versions)."""
-    info = loaded.info
-    return {
-        "tool": "CrystaLLM Studio",
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": info.name, "source": info.source, "weights_sha256": info.weights_sha256,
-                  "n_params": info.n_params, "dtype": info.dtype},
-        "targets": {"band_gap": request.band_gap, "e_hull": request.e_hull},
-        "prompt": {"composition": request.composition, "z": request.z, "spacegroup": request.spacegroup,
-                   "elements": request.elements, "text": prompt_text},
-        "sampling": asdict(request.settings),
-        "n_requested": request.n,
-        "stop_after_valid": request.stop_after_valid,
-        "seed": request.seed,
-        "versions": package_versions(),
-    }
 
 
 @dataclass
@@ -182,26 +106,52 @@ def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedRequest:
                            factory)
 
 
+def repairs_of(candidate: Candidate, request: GenerationRequest) -> list[dict]:
+    """The optional repairs the request asks for, each recorded beside the model's own CIF."""
+    if candidate.structure is None:
+        return []
+    done = [repair(candidate.structure, candidate.report)
+            for wanted, repair in ((request.rescale, rescale), (request.relax, relax)) if wanted]
+    return [r.to_dict() for r in done if r is not None]
+
+
+def model_record(loaded: LoadedModel) -> dict:
+    """What a run records of its model: id, source, weights hash, size, dtype."""
+    info = loaded.info
+    return {"name": info.name, "source": info.source, "weights_sha256": info.weights_sha256,
+            "n_params": info.n_params, "dtype": info.dtype}
+
+
+def new_run(loaded: LoadedModel, requests: list[GenerationRequest], kind: str = "generate",
+            settings: dict | None = None) -> Run:
+    return Run(kind=kind, model=model_record(loaded), requests=[asdict(r) for r in requests],
+               settings=dict(settings or {}), status="running")
+
+
 def generate(
     loaded: LoadedModel,
     request: GenerationRequest,
-    on_structure: Callable[[GeneratedStructure], None] | None = None,
+    run: Run | None = None,
+    on_candidate: Callable[[Candidate], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-) -> GenerationRun:
-    """Sample `request.n` structures and check each one as soon as it is finished.
+) -> Run:
+    """Sample `request.n` structures into `run` (a new one by default) and check each as it finishes.
 
-    With `request.stop_after_valid`, sampling stops once that many are valid; samples still
-    in flight then are dropped, so every returned structure was finished.
+    With `request.stop_after_valid`, sampling stops once that many of this request's samples are
+    valid; samples still in flight then are dropped, so every candidate was finished. Candidates
+    are numbered run-wide, so several requests (a sweep) can fill one run.
     """
     prepared = prepare(loaded, request)
-    manifest = build_manifest(loaded, request, prepared.prompt_text)
+    own_run = run is None
+    run = new_run(loaded, [request]) if own_run else run
     context = loaded.model.config.max_cif_tokens
     max_tokens = min(request.settings.max_tokens or context, context)  # as the sampler caps it
-    structures: list[GeneratedStructure] = []
+    first = len(run.candidates)
+    mine: list[Candidate] = []
 
     def target_reached() -> bool:
         wanted = request.stop_after_valid
-        return wanted is not None and sum(s.valid for s in structures) >= wanted
+        return wanted is not None and sum(c.valid for c in mine) >= wanted
 
     def stop() -> bool:
         return target_reached() or (should_cancel is not None and should_cancel())
@@ -209,55 +159,29 @@ def generate(
     def finished(done: FinishedSample) -> None:
         text = loaded.tokenizer.decode(done.token_ids, skip_special_tokens=False)
         cif, report = check_sample(text, done.stop_reason, max_tokens, done.note)
-        structure = GeneratedStructure(done.index, text, cif, report, done.seconds, len(done.token_ids),
-                                       done.stop_reason, done.retries)
-        structures.append(structure)
-        if on_structure is not None:
-            on_structure(structure)
+        index = first + len(mine)
+        candidate = Candidate(index, candidate_name(index, report.formula), cif, report, report.structure, text,
+                              request.band_gap, request.e_hull, seconds=done.seconds, n_tokens=len(done.token_ids),
+                              stop_reason=done.stop_reason, retries=done.retries)
+        candidate.repairs = repairs_of(candidate, request)
+        mine.append(candidate)
+        run.candidates.append(candidate)
+        if on_candidate is not None:
+            on_candidate(candidate)
 
     started = time.perf_counter()
     sample(loaded.model, prepared.prompt_ids, prepared.conditions, prepared.present, request.n, request.settings,
            request.seed, eos_id=loaded.tokenizer.eos_id, banned_ids=prepared.banned_ids, on_finished=finished,
            should_cancel=stop, constraint_factory=prepared.constraint_factory)
-    structures.sort(key=lambda s: s.index)
-    cancelled = len(structures) < request.n and not target_reached()
-    manifest.update({"n_finished": len(structures), "n_valid": sum(s.valid for s in structures),
-                     "cancelled": cancelled, "wall_seconds": round(time.perf_counter() - started, 2)})
+    cancelled = len(mine) < request.n and not target_reached()
+    record = {"prompt": prepared.prompt_text, "seed": request.seed, "n_requested": request.n, "n_finished": len(mine),
+              "n_valid": sum(c.valid for c in mine), "n_valid_after_repair": sum(c.valid_after_repair for c in mine),
+              "cancelled": cancelled,
+              "wall_seconds": round(time.perf_counter() - started, 2)}
     if request.settings.decoding == "constrained":
-        manifest["rewinds"] = {level: sum((s.retries or {}).get(level, 0) for s in structures)
-                               for level in ("row", "cell", "restart")}
-    return GenerationRun(structures, manifest, cancelled)
-
-
-def summary_rows(structures: list[GeneratedStructure]) -> list[dict]:
-    """One summary.csv row per structure."""
-    return [
-        {"index": s.index, "file": s.file_stem() + ".cif", "formula": s.formula or "", "spacegroup": s.spacegroup or "",
-         "valid": s.valid, "failed_checks": "; ".join(s.reasons), "n_tokens": s.n_tokens,
-         "seconds": round(s.seconds, 3), "stop_reason": s.stop_reason,
-         "rewinds": sum(s.retries[k] for k in ("row", "cell", "restart")) if s.retries else ""}
-        for s in structures
-    ]
-
-
-def check_run_dir(out_dir: str | Path) -> Path:
-    """A run directory must not hold another run's CIFs (evaluate would score them against this manifest)."""
-    out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.glob("*.cif")):
-        raise ValueError(f"{out_dir} already holds CIF files from another run; choose a new directory")
-    return out_dir
-
-
-def write_run(run: GenerationRun, out_dir: str | Path) -> Path:
-    """One CIF per sample (the repaired CIF, or the raw text if unrepairable), summary.csv, manifest.json."""
-    out_dir = check_run_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for s in run.structures:
-        (out_dir / (s.file_stem() + ".cif")).write_text(s.cif if s.cif is not None else s.raw_text)
-    rows = summary_rows(run.structures)
-    with (out_dir / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["index"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (out_dir / "manifest.json").write_text(json.dumps(run.manifest, indent=2))
-    return out_dir
+        record["rewinds"] = {level: sum((c.retries or {}).get(level, 0) for c in mine)
+                             for level in ("row", "cell", "restart")}
+    run.generation.append(record)
+    if own_run:
+        run.status = "cancelled" if cancelled else "done"
+    return run

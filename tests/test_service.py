@@ -1,0 +1,85 @@
+"""The pages' service layer: sweep requests, hit-rate curve, sweep summary, zips of stored runs."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+from prototypes import rocksalt_nacl
+from run_samples import sample_run
+
+from crystallm_core.chem.structure_info import (
+    describe_structure,
+    parse_cif,
+    xrd_pattern,
+)
+from crystallm_core.product.generation import GenerationRequest
+from crystallm_core.product.history import HistoryStore
+from crystallm_core.product.service import (
+    hit_rate_vs_tolerance,
+    run_table,
+    space_group_choices,
+    stored_run_zip,
+    sweep_requests,
+    sweep_summary,
+)
+
+
+def test_hit_curve_and_sweep_summary_over_all_samples():
+    frame = run_table(sample_run())
+    curve = hit_rate_vs_tolerance(frame, [0.1, 0.25, 1.0])
+    assert curve["hit_rate"].tolist() == pytest.approx([0.0, 2 / 4, 3 / 4])
+    summary = sweep_summary(frame).set_index("target")
+    assert summary.loc[1.0, "n"] == 3 and summary.loc[1.0, "mean_pred"] == pytest.approx(0.7)
+    assert summary.loc[3.0, "hit"] == 1.0
+
+
+def test_run_table_takes_the_pages_settings_over_the_runs():
+    run = sample_run()
+    assert run_table(run)["hit"].tolist()[:2] == [True, False]
+    assert run_table(run, tolerance=1.0)["hit"].tolist()[:2] == [True, True]
+    assert run_table(run, threshold=0.5)["stable"].tolist()[:2] == [True, True]
+
+
+def test_sweep_requests_share_settings_and_differ_in_target_and_seed():
+    base = GenerationRequest(band_gap=2.0, n=3, composition="TiO2", seed=7)
+    requests = sweep_requests(base, 0.5, 2.0, 4, 5, e_hull=0.1)
+    assert [r.band_gap for r in requests] == [0.5, 1.0, 1.5, 2.0] and [r.seed for r in requests] == [7, 8, 9, 10]
+    assert all(r.n == 5 and r.e_hull == 0.1 and r.composition is None for r in requests)
+    with pytest.raises(ValueError, match="highest target must be above"):
+        sweep_requests(base, 2.0, 1.0, 4, 5, e_hull=0.0)
+
+
+def test_zip_of_a_stored_run_and_of_one_deleted_meanwhile(tmp_path):
+    store = HistoryStore(tmp_path / "h.sqlite")
+    run = sample_run()
+    store.save(run)
+    with zipfile.ZipFile(io.BytesIO(stored_run_zip(store, run.run_id))) as archive:
+        assert "cifs/002_TiO2.cif" in archive.namelist()
+    store.delete(run.run_id)
+    with zipfile.ZipFile(io.BytesIO(stored_run_zip(store, run.run_id))) as archive:
+        assert archive.namelist() == ["RUN_DELETED.txt"] and b"was deleted" in archive.read("RUN_DELETED.txt")
+
+
+def test_space_group_choices_cover_all_230_in_model_notation():
+    choices = space_group_choices()
+    assert [n for n, _ in choices] == list(range(1, 231))
+    assert dict(choices)[14] == "P2_1/c" and dict(choices)[225] == "Fm-3m"
+
+
+def test_parse_cif_reports_corrupt_input():
+    from pymatgen.io.cif import CifWriter
+
+    assert parse_cif(str(CifWriter(rocksalt_nacl()))).composition.reduced_formula == "NaCl"
+    for bad in ("", "not a cif at all", "data_x\n_cell_length_a 5\n"):
+        with pytest.raises(ValueError):
+            parse_cif(bad)
+
+
+def test_structure_description_and_xrd():
+    summary = describe_structure(rocksalt_nacl())
+    assert summary["space group"] == "Fm-3m (#225)" and summary["crystal system"] == "cubic"
+    assert summary["density (g/cm³)"] == pytest.approx(2.164, abs=0.01)
+    peaks = xrd_pattern(rocksalt_nacl())
+    strongest = peaks.loc[peaks["intensity"].idxmax()]
+    assert strongest["two_theta"] == pytest.approx(31.7, abs=0.1) and strongest["hkl"] == "(2 0 0)"
