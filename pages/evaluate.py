@@ -9,14 +9,17 @@ import streamlit as st
 from crystallm_core.product.generation import GenerationRequest
 from crystallm_core.product.service import (
     DEFAULT_METRICS,
+    E_HULL_TOLERANCE,
     HULL_BIAS_NOTE,
     PAPER_BY_TARGET,
+    SWEEPABLE,
     funnel_counts,
     hit_rate_vs_tolerance,
     run_table,
     sweep_requests,
     sweep_summary,
 )
+from crystallm_core.ui.charts import e_hull_scatter_figure
 from crystallm_core.ui.components import (
     active_job,
     current_model,
@@ -74,32 +77,38 @@ def funnel_figure(frame) -> go.Figure:
     return figure
 
 
-def sweep_figures(summary) -> tuple[go.Figure, go.Figure]:
-    """Hit rate and mean surrogate gap vs target, with the published model's hit rates for reference."""
+def sweep_figures(summary, swept: str) -> tuple[go.Figure, go.Figure]:
+    """Hit rate and mean estimate vs target (band gap: with the published model's hit rates)."""
+    unit = "eV" if swept == "band_gap" else "eV/atom"
+    estimate = "surrogate gap" if swept == "band_gap" else "CHGNet E_hull estimate"
     hits = go.Figure(go.Scatter(x=summary["target"], y=summary["hit"], mode="lines+markers", name="this model"))
-    hits.add_trace(go.Scatter(x=list(PAPER_BY_TARGET), y=[v[2] for v in PAPER_BY_TARGET.values()], mode="markers",
-                              marker_symbol="x", name="CrystaLLM-π paper (ALIGNN)"))
-    hits.update_layout(height=320, title="Hit rate vs target", xaxis_title="target (eV)", yaxis_title="hit rate",
+    if swept == "band_gap":
+        hits.add_trace(go.Scatter(x=list(PAPER_BY_TARGET), y=[v[2] for v in PAPER_BY_TARGET.values()],
+                                  mode="markers", marker_symbol="x", name="CrystaLLM-π paper (ALIGNN)"))
+    hits.update_layout(height=320, title="Hit rate vs target", xaxis_title=f"target ({unit})", yaxis_title="hit rate",
                        yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=30, b=40))
     means = go.Figure(go.Scatter(x=summary["target"], y=summary["mean_pred"], mode="lines+markers",
                                  error_y=dict(type="data", array=summary["std_pred"].fillna(0)),
-                                 name="mean surrogate gap"))
-    top = float(summary["target"].max()) + 0.5
+                                 name=f"mean {estimate}"))
+    top = float(summary["target"].max()) * 1.1 + 0.05
     means.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(dash="dash"), name="ideal"))
-    means.update_layout(height=320, title="Mean surrogate gap vs target", xaxis_title="target (eV)",
-                        yaxis_title="surrogate gap (eV)", margin=dict(l=10, r=10, t=30, b=40))
+    means.update_layout(height=320, title=f"Mean {estimate} vs target", xaxis_title=f"target ({unit})",
+                        yaxis_title=f"{estimate} ({unit})", margin=dict(l=10, r=10, t=30, b=40))
     return hits, means
 
 
 def sweep_form() -> None:
-    """K samples at each of M targets, with the last Generate settings (or the defaults)."""
+    """K samples at each of M targets of one property, with the last Generate settings (or the defaults)."""
     with st.form("sweep_form"):
+        swept = st.radio("Sweep", list(SWEEPABLE), format_func=SWEEPABLE.get, horizontal=True, key="sweep_property")
         cols = st.columns(4)
-        low = cols[0].number_input("Lowest target (eV)", 0.0, 12.0, 0.5, 0.1, key="sweep_low")
-        high = cols[1].number_input("Highest target (eV)", 0.0, 12.0, 4.0, 0.1, key="sweep_high")
+        low = cols[0].number_input("Lowest target", 0.0, 12.0, 0.5, 0.05, key="sweep_low",
+                                   help="eV for the band gap, eV/atom for E_hull")
+        high = cols[1].number_input("Highest target", 0.0, 12.0, 4.0, 0.05, key="sweep_high")
         m = cols[2].number_input("Targets M", 2, 12, 4, key="sweep_m")
         k = cols[3].number_input("Samples per target K", 1, 64, 4, key="sweep_k")
-        e_hull = st.slider("E_hull target (eV/atom)", 0.0, 0.5, 0.0, 0.005, key="sweep_e_hull")
+        fixed = st.number_input("The other target (E_hull in eV/atom when sweeping the band gap; the band gap in "
+                                "eV when sweeping E_hull)", 0.0, 12.0, 0.0, 0.05, key="sweep_fixed")
         submitted = st.form_submit_button("Run sweep")
     if not submitted:
         return
@@ -109,11 +118,11 @@ def sweep_form() -> None:
     # the last Generate request's sampling settings; its single target must not pass for the sweep's
     base = st.session_state.get("last_request") or GenerationRequest()
     try:
-        requests = sweep_requests(base, low, high, int(m), int(k), e_hull)
+        requests = sweep_requests(base, low, high, int(m), int(k), fixed, swept)
     except ValueError as error:
         st.error(str(error))
         return
-    start_job(loaded, requests, kind="sweep", settings={"hit_tolerance": DEFAULT_METRICS.hit_tolerance})
+    start_job(loaded, requests, kind="sweep", settings={"hit_tolerance": DEFAULT_METRICS.hit_tolerance, "swept": swept})
 
 
 st.title("Evaluate")
@@ -127,8 +136,15 @@ else:
     threshold = cols[1].slider("Stable if E_hull ≤ (eV/atom)", 0.0, 0.3, DEFAULT_METRICS.stability_threshold, 0.01,
                                key="eval_threshold")
     frame = run_table(run, tolerance, threshold)  # structure matching runs once per run
+    gap_column, hull_column = st.columns(2)
+    hull_figure = e_hull_scatter_figure(frame, E_HULL_TOLERANCE)
+    if hull_figure is None:
+        hull_column.info("E_hull estimates: not available for this run (no valid structure with a CHGNet "
+                         "estimate, or no E_hull target).")
+    else:
+        hull_column.plotly_chart(hull_figure, key="e_hull_scatter")
     if scored(frame).any():
-        st.plotly_chart(scatter_figure(frame, tolerance), key="scatter")
+        gap_column.plotly_chart(scatter_figure(frame, tolerance), key="scatter")
         curve = hit_rate_vs_tolerance(frame, [round(t, 2) for t in np.arange(0.05, 3.01, 0.05)])
         figure = go.Figure(go.Scatter(x=curve["tolerance"], y=curve["hit_rate"], mode="lines"))
         figure.add_vline(x=tolerance, line_dash="dot")
@@ -136,13 +152,14 @@ else:
                              yaxis_title="hit rate", yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=30, b=40))
         st.plotly_chart(figure, key="hit_curve")
     else:
-        st.info("Surrogate band gaps: not available for this run (no valid structure, no surrogate model, or "
+        gap_column.info("Surrogate band gaps: not available for this run (no valid structure, no surrogate model, or "
                 "no band-gap target), so there is no scatter or hit rate to show.")
     st.plotly_chart(funnel_figure(frame), key="funnel")
     st.caption("Rates divide by all samples, as in the CrystaLLM-π paper. " + HULL_BIAS_NOTE)
     if run.kind == "sweep":
-        summary = sweep_summary(frame)
-        hits, means = sweep_figures(summary)
+        swept = run.settings.get("swept", "band_gap")
+        summary = sweep_summary(frame, swept)
+        hits, means = sweep_figures(summary, swept)
         left, right = st.columns(2)
         left.plotly_chart(hits, key="sweep_hits")
         right.plotly_chart(means, key="sweep_means")

@@ -1,6 +1,8 @@
 """Generate: targets and sampling settings in one form; a background run streams into the table."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from crystallm_core.product.generation import (
@@ -13,7 +15,10 @@ from crystallm_core.product.service import (
     DECODINGS,
     DEFAULT_METRICS,
     DEFAULT_SAMPLING,
+    GUIDES,
+    RESPONSE_CURVES,
     SamplingSettings,
+    e_hull_steering_note,
     known_space_groups,
     space_group_choices,
 )
@@ -23,6 +28,7 @@ from crystallm_core.ui.components import (
     current_model,
     current_run,
     live_job_panel,
+    read_json,
     run_summary,
     start_job,
     training_stats,
@@ -52,6 +58,9 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
         omit_help = None if can_omit else "This model needs both targets."
         any_gap = left.checkbox("Any band gap (no target)", key="any_gap", disabled=not can_omit, help=omit_help)
         any_hull = right.checkbox("Any E_hull (no target)", key="any_hull", disabled=not can_omit, help=omit_help)
+        steering = e_hull_steering_note(read_json(Path(loaded.info.source) / RESPONSE_CURVES))
+        if steering:
+            right.caption(steering)
         if stats:
             left.plotly_chart(histogram_figure(stats["band_gap_hist"], "training band gaps (eV)", band_gap,
                                                (0, BAND_GAP_SLIDER_MAX)), key="bg_density")
@@ -91,6 +100,10 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
                                       key="guidance",
                                       disabled=not can_omit,
                                       help=None if can_omit else "This model has no unconditional mode.")
+            guide = cols[2].selectbox(
+                "Guide", GUIDES, index=GUIDES.index(DEFAULT_SAMPLING.guide), key="guide", disabled=not can_omit,
+                help="Which target guidance amplifies: all, or one of them (contrasted with that target "
+                     "unknown while the other stays given). Measured effects: Model page, response curves.")
         with st.expander("Repairs after decoding (off by default; counted apart from valid as written)"):
             rescale = st.checkbox(
                 "Rescale a cell whose only failure is bond lengths", key="rescale",
@@ -104,7 +117,7 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
     if not submitted:
         return None
     settings = SamplingSettings(temperature=temperature, top_k=int(top_k), top_p=top_p, guidance_scale=guidance,
-                                decoding=decoding)
+                                guide=guide, decoding=decoding)
     request = GenerationRequest(band_gap=None if any_gap else band_gap, e_hull=None if any_hull else e_hull,
                                 **sample_counts(int(n), until_valid),
                                 composition=composition.strip() or None, z=int(z) or None,

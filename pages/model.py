@@ -9,7 +9,13 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from crystallm_core.paths import DEFAULT_MODEL_DIR, SURROGATE_DIR
-from crystallm_core.ui.charts import histogram_figure
+from crystallm_core.product.service import (
+    HULL_BIAS_NOTE,
+    RESPONSE_CURVES,
+    e_hull_steering_note,
+    response_table,
+)
+from crystallm_core.ui.charts import histogram_figure, response_figure
 from crystallm_core.ui.components import current_model, read_json, training_stats
 
 LOSS_LOG = "training_log.json"  # [{"step": …, "train_loss": …, "val_loss": …}, …] or {column: [values]}
@@ -83,6 +89,27 @@ else:
     left, right = st.columns(2)
     left.plotly_chart(histogram_figure(stats["band_gap_hist"], "band gap (eV)", height=280), key="bg_hist")
     right.plotly_chart(histogram_figure(stats["e_hull_hist"], "E_hull (eV/atom)", height=280), key="eh_hist")
+
+curves = read_json(model_dir / RESPONSE_CURVES)
+st.subheader("How far the sliders steer (measured)")
+if curves is None:
+    st.info(f"Response curves: not measured for this model (no {RESPONSE_CURVES}; "
+            "`python scripts/measure_response.py --out MODEL_DIR/response_curves.json` measures them).")
+else:
+    default = curves["variants"].get("default", {})
+    left, right = st.columns(2)
+    if "band_gap_sweep" in default:
+        left.plotly_chart(response_figure(default["band_gap_sweep"], "Band-gap slider: surrogate gap of valid "
+                                          "structures", "eV"), key="gap_response")
+    if "e_hull_sweep" in default:
+        right.plotly_chart(response_figure(default["e_hull_sweep"], "E_hull slider: CHGNet E_hull estimate",
+                                           "eV/atom", relaxed=True), key="hull_response")
+    note = e_hull_steering_note(curves)
+    if note:
+        st.caption(note)
+    st.dataframe(response_table(curves), hide_index=True)
+    st.caption(f"{curves['samples_per_point']} samples per target, seed {curves['seed']}, constrained decoding; "
+               "medians over valid structures with 90 % bootstrap intervals. " + HULL_BIAS_NOTE)
 
 try:
     predictions = pd.read_csv(SURROGATE_PREDICTIONS)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -72,6 +73,21 @@ def test_guidance_mixes_conditional_and_unconditional_logits():
     plain = sample(model, [372, 142], [0.9, 0.1], [True, True], 3, settings(1.0), seed=3)
     strong = sample(model, [372, 142], [0.9, 0.1], [True, True], 3, settings(8.0), seed=3)
     assert tokens(strong) != tokens(plain)
+
+
+def test_guidance_on_one_target_contrasts_with_only_that_target_unknown():
+    """guide="e_hull" at scale 0 samples what the model samples with E_hull unknown and the band
+    gap still given; a bad guide name is refused."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.conditioning.to_kv.weight.mul_(50.0)
+    settings = lambda scale, guide: SamplingSettings(batch_size=3, max_tokens=20, guidance_scale=scale, guide=guide)  # noqa: E731
+    tokens = lambda samples: [s.token_ids for s in samples]  # noqa: E731
+    gap_only = sample(model, [372, 142], [0.9, 0.0], [True, False], 3, settings(1.0, "all"), seed=3)
+    assert tokens(sample(model, [372, 142], [0.9, 0.1], [True, True], 3, settings(0.0, "e_hull"), seed=3)) == tokens(gap_only)
+    assert tokens(sample(model, [372, 142], [0.9, 0.1], [True, True], 3, settings(0.0, "all"), seed=3)) != tokens(gap_only)
+    with pytest.raises(ValueError, match="guide must be one of"):
+        SamplingSettings(guide="density").validate()
 
 
 def test_banned_tokens_are_never_sampled():

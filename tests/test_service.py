@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import zipfile
 
+import pandas as pd
 import pytest
 from prototypes import rocksalt_nacl
 from run_samples import sample_run
@@ -43,11 +44,24 @@ def test_run_table_takes_the_pages_settings_over_the_runs():
 
 def test_sweep_requests_share_settings_and_differ_in_target_and_seed():
     base = GenerationRequest(band_gap=2.0, n=3, composition="TiO2", seed=7)
-    requests = sweep_requests(base, 0.5, 2.0, 4, 5, e_hull=0.1)
+    requests = sweep_requests(base, 0.5, 2.0, 4, 5, fixed=0.1)
     assert [r.band_gap for r in requests] == [0.5, 1.0, 1.5, 2.0] and [r.seed for r in requests] == [7, 8, 9, 10]
     assert all(r.n == 5 and r.e_hull == 0.1 and r.composition is None for r in requests)
     with pytest.raises(ValueError, match="highest target must be above"):
-        sweep_requests(base, 2.0, 1.0, 4, 5, e_hull=0.0)
+        sweep_requests(base, 2.0, 1.0, 4, 5, fixed=0.0)
+
+
+def test_e_hull_sweep_varies_e_hull_at_a_fixed_gap_and_summarises_its_estimates():
+    base = GenerationRequest(band_gap=2.0, e_hull=0.3, n=3, seed=1)
+    requests = sweep_requests(base, 0.0, 0.5, 3, 4, fixed=1.5, swept="e_hull")
+    assert [r.e_hull for r in requests] == [0.0, 0.25, 0.5] and all(r.band_gap == 1.5 for r in requests)
+    with pytest.raises(ValueError, match="one of band_gap, e_hull"):
+        sweep_requests(base, 0.0, 0.5, 3, 4, fixed=1.5, swept="density")
+    frame = pd.DataFrame({"e_hull_target": [0.0, 0.0, 0.5, 0.5], "valid": [True, True, True, False],
+                          "e_hull_pred": [0.05, 0.3, 0.45, 0.5]})
+    summary = sweep_summary(frame, "e_hull").set_index("target")
+    assert summary.loc[0.0, "hit"] == 0.5 and summary.loc[0.0, "median_pred"] == pytest.approx(0.175)
+    assert summary.loc[0.5, "hit"] == 0.5 and summary.loc[0.5, "mean_pred"] == pytest.approx(0.45)  # invalid: not counted
 
 
 def test_zip_of_a_stored_run_and_of_one_deleted_meanwhile(tmp_path):

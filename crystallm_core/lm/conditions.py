@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+PROPERTIES = ("band_gap", "e_hull")  # the order of the condition vector
 BAND_GAP_MAX = 17.891  # eV, largest gap in the published model's training data
 E_HULL_MAX = 5.418  # eV/atom
 BAND_GAP_EXPONENT = 0.8

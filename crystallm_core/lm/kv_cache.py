@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from crystallm_core.lm.cache_attention import attend
+
 
 class StaticKVCache:
     """Pre-allocated keys and values of `rows` sequences (see the module docstring)."""
@@ -42,10 +44,11 @@ class StaticKVCache:
         self.keys[layer][rows, :, positions] = k.to(self.keys[layer].dtype)
         self.values[layer][rows, :, positions] = v.to(self.values[layer].dtype)
 
-    def read(self, layer: int, rows: torch.Tensor | None, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions 0…span-1: a view of every row (rows None), or a copy of some."""
-        if rows is None:
-            return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
+    def read(self, layer: int, rows: torch.Tensor | int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0…span-1: a view of the first `rows` rows (an int), or a
+        copy of the listed rows (a tensor)."""
+        if isinstance(rows, int):
+            return self.keys[layer][:rows, :, :span], self.values[layer][:rows, :, :span]
         return self.keys[layer][rows, :, :span], self.values[layer][rows, :, :span]
 
     def rewind(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -82,8 +85,8 @@ def query_groups(starts: torch.Tensor, counts: torch.Tensor, lengths: torch.Tens
 
 
 class RowQueries:
-    """Query tokens laid out (B, T): packed token index[b, t] of cache row rows[b] (None = row b
-    of every row) sees that row's positions 0…last[b, t]; `real` marks padding (None = none)."""
+    """Query tokens laid out (B, T): packed token index[b, t] of cache row rows[b] (None = row b,
+    for b < B) sees that row's positions 0…last[b, t]; `real` marks padding (None = none)."""
 
     def __init__(self, index: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None,
                  real: torch.Tensor | None = None):
@@ -104,12 +107,8 @@ class RowQueries:
 
     def attend(self, cache: StaticKVCache, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
         """out[token] = attention of q[token] (packed (N, H, D)) over its row's visible cache."""
-        keys, values = cache.read(layer, self.rows, self.span)
-        queries = q[self.index].transpose(1, 2).to(keys.dtype)  # (B, H, T, D)
-        # Two matmuls and an fp32 softmax: on a CPU this beats SDPA's flash kernel over a slice of
-        # the cache by 1.5-8x (scripts/bench_sampler.py prints both).
-        scores = torch.matmul(queries, keys.transpose(-1, -2)) * queries.shape[-1] ** -0.5 + self.bias
-        attended = torch.matmul(scores.float().softmax(dim=-1).to(values.dtype), values)
+        keys, values = cache.read(layer, self.index.shape[0] if self.rows is None else self.rows, self.span)
+        attended = attend(q[self.index].transpose(1, 2), keys, values, self.bias)  # (B, H, T, D), fp32
         attended = attended.transpose(1, 2).to(out.dtype)
         if self.real is None:
             out[self.index] = attended

@@ -25,10 +25,12 @@ from typing import Callable, Protocol
 
 import torch
 
+from crystallm_core.lm.conditions import PROPERTIES
 from crystallm_core.lm.model import CrystaLLMPKV
 
 DEFAULT_BANNED_IDS = (370, 371, 372, 376)  # <unk> <pad> <bos> <prop>: never part of a CIF
 DECODINGS = ("constrained", "free")
+GUIDES = ("all", *PROPERTIES)  # which targets classifier-free guidance amplifies
 
 
 @dataclass
@@ -40,6 +42,7 @@ class SamplingSettings:
     batch_size: int = 32
     max_tokens: int | None = None  # CIF tokens incl. prompt; None = the model's context
     decoding: str = "constrained"  # "constrained": consistent CIFs by construction; "free": as trained
+    guide: str = "all"  # guidance contrasts with this target (or all) unknown; the others stay given
 
     def validate(self) -> None:
         if not (0.0 < self.temperature <= 5.0):
@@ -54,6 +57,8 @@ class SamplingSettings:
             raise ValueError(f"max tokens must be ≥ 2, got {self.max_tokens}")
         if not (1 <= self.batch_size <= 512):
             raise ValueError(f"batch size must be in [1, 512], got {self.batch_size}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide must be one of {', '.join(GUIDES)}, got {self.guide!r}")
         if self.decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
 
@@ -193,6 +198,21 @@ class SlotBatch:
 
 
 @torch.inference_mode()
+def warm_up(model: CrystaLLMPKV) -> float:
+    """Run the step shapes sampling meets (one or several rows; one or a few new tokens each) so
+    that compiling the attention kernel happens here, not while a user waits for a structure.
+    Returns the seconds taken (a few the first time on a machine, then from inductor's cache)."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    for rows in (1, 2):
+        for width in (1, 3):
+            cache = model.setup_cache(rows, 16)
+            counts = torch.full((rows,), width, dtype=torch.long, device=device)
+            model.forward_cached(torch.zeros(rows * width, dtype=torch.long, device=device), counts, cache)
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
 def sample(
     model: CrystaLLMPKV,
     prompt_ids: list[int],
@@ -228,8 +248,10 @@ def sample(
 
     cond = torch.tensor([conditions], dtype=torch.float32, device=device)
     present = torch.tensor([condition_present], dtype=torch.bool, device=device)
-    if guided:  # unconditional twin: every property "unknown"
-        cond, present = torch.cat([cond, torch.zeros_like(cond)]), torch.cat([present, torch.zeros_like(present)])
+    if guided:  # the twin: the guided properties "unknown", the others as given
+        dropped = torch.tensor([[settings.guide in ("all", name) for name in PROPERTIES]], device=device)
+        twin = present & ~dropped
+        cond, present = torch.cat([cond, cond * twin]), torch.cat([present, twin])
     prefix = model.conditioning(cond.to(param.dtype), present)  # computed once, reused for every slot
 
     batch = SlotBatch(model, min(n, settings.batch_size), guided, capacity, prefix)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from crystallm_core.lm.sampler import DECODINGS, SamplingSettings
+from crystallm_core.lm.sampler import DECODINGS, GUIDES, SamplingSettings
 
 DEFAULTS = SamplingSettings()
 
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
     parser.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
                         help="classifier-free guidance (1 = off)")
+    parser.add_argument("--guide", choices=GUIDES, default=DEFAULTS.guide,
+                        help="the target guidance amplifies: all, or one (contrasted with it unknown)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--rescale", action="store_true",
                         help="repair: rescale the cell of a structure that fails only on bond lengths (kept apart)")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                                decoding=args.decoding)
+                                guide=args.guide, decoding=args.decoding)
     if args.max_samples is not None and not args.until_valid:
         raise ValueError("--max-samples only applies with --until-valid")
     request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull,

@@ -28,7 +28,7 @@ from crystallm_core.chem.structure_info import (  # noqa: F401
     xrd_pattern,
 )
 from crystallm_core.lm.checkpoints import LoadedModel
-from crystallm_core.lm.sampler import DECODINGS, SamplingSettings  # noqa: F401 (the pages take them from here)
+from crystallm_core.lm.sampler import DECODINGS, GUIDES, SamplingSettings  # noqa: F401 (the pages take them from here)
 from crystallm_core.product.generation import GenerationRequest, new_run, prepare
 from crystallm_core.product.history import HistoryStore
 from crystallm_core.product.jobs import GenerationJob
@@ -48,14 +48,22 @@ def submit(loaded: LoadedModel, requests: Sequence[GenerationRequest], store: Hi
     return GenerationJob(loaded, requests, new_run(loaded, list(requests), kind, settings), store=store).start()
 
 
-def sweep_requests(base: GenerationRequest, low: float, high: float, m: int, k: int,
-                   e_hull: float) -> list[GenerationRequest]:
-    """K samples at each of M band-gap targets from low to high; each target its own seed."""
+SWEEPABLE = {"band_gap": "band gap (eV)", "e_hull": "E_hull (eV/atom)"}
+E_HULL_TOLERANCE = 0.1  # eV/atom: an E_hull estimate this close to its target counts as a hit
+
+
+def sweep_requests(base: GenerationRequest, low: float, high: float, m: int, k: int, fixed: float,
+                   swept: str = "band_gap") -> list[GenerationRequest]:
+    """K samples at each of M targets of `swept` from low to high, the other target at `fixed`;
+    each target its own seed."""
+    if swept not in SWEEPABLE:
+        raise ValueError(f"a sweep varies one of {', '.join(SWEEPABLE)}, not {swept!r}")
     if high <= low:
         raise ValueError("The highest target must be above the lowest.")
     targets = [round(float(t), 3) for t in np.linspace(low, high, int(m))]
-    base = replace(base, e_hull=e_hull, composition=None, z=None, spacegroup=None, stop_after_valid=None)
-    return [replace(base, band_gap=target, n=int(k), seed=base.seed + i) for i, target in enumerate(targets)]
+    other = "e_hull" if swept == "band_gap" else "band_gap"
+    base = replace(base, composition=None, z=None, spacegroup=None, stop_after_valid=None, **{other: fixed})
+    return [replace(base, n=int(k), seed=base.seed + i, **{swept: target}) for i, target in enumerate(targets)]
 
 
 def hit_rate_vs_tolerance(frame: pd.DataFrame, tolerances: Sequence[float]) -> pd.DataFrame:
@@ -67,16 +75,23 @@ def hit_rate_vs_tolerance(frame: pd.DataFrame, tolerances: Sequence[float]) -> p
     return pd.DataFrame({"tolerance": list(tolerances), "hit_rate": hits / max(len(frame), 1)})
 
 
-def sweep_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per band-gap target: samples, valid and hit rates (over all samples), mean predicted gap."""
+def sweep_summary(frame: pd.DataFrame, swept: str = "band_gap", tolerance: float | None = None) -> pd.DataFrame:
+    """Per target of the swept property: samples, valid and hit rates (over all samples), and the
+    mean, spread and median of the valid structures' estimate (surrogate gap or CHGNet E_hull)."""
     rows = []
-    for target, group in frame.dropna(subset=["band_gap_target"]).groupby("band_gap_target"):
-        rates = summarise(group, float(target))
-        predicted = pd.to_numeric(group["band_gap_pred"], errors="coerce")
-        rows.append({"target": float(target), "n": len(group), "valid": rates["valid"], "hit": rates["hit"],
+    for target, group in frame.dropna(subset=[f"{swept}_target"]).groupby(f"{swept}_target"):
+        predicted = pd.to_numeric(group[f"{swept}_pred"].where(group["valid"]), errors="coerce")
+        if swept == "band_gap":
+            rates = summarise(group, float(target))
+            valid, hit = rates["valid"], rates["hit"]
+        else:
+            valid = float(group["valid"].mean())
+            hit = float(((predicted - float(target)).abs() <= (tolerance or E_HULL_TOLERANCE)).sum() / len(group))
+        rows.append({"target": float(target), "n": len(group), "valid": valid, "hit": hit,
                      "mean_pred": float(predicted.mean()) if predicted.notna().any() else NAN,
-                     "std_pred": float(predicted.std()) if predicted.notna().sum() > 1 else NAN})
-    return pd.DataFrame(rows, columns=["target", "n", "valid", "hit", "mean_pred", "std_pred"])
+                     "std_pred": float(predicted.std()) if predicted.notna().sum() > 1 else NAN,
+                     "median_pred": float(predicted.median()) if predicted.notna().any() else NAN})
+    return pd.DataFrame(rows, columns=["target", "n", "valid", "hit", "mean_pred", "std_pred", "median_pred"])
 
 
 def run_table(run: Run, tolerance: float | None = None, threshold: float | None = None,
@@ -110,3 +125,40 @@ def space_group_choices() -> list[tuple[int, str]]:
     from crystallm_core.lm.tokenizer import standard_settings
 
     return sorted((number, symbol) for number, (symbol, _) in standard_settings().items())
+
+
+RESPONSE_CURVES = "response_curves.json"  # scripts/measure_response.py writes it into the model directory
+
+
+def e_hull_steering_note(curves: dict | None) -> str | None:
+    """What the measured response curves say about the E_hull slider (None: not measured)."""
+    sweep = ((curves or {}).get("variants", {}).get("default") or {}).get("e_hull_sweep")
+    if not sweep or not sweep.get("median_difference_low_minus_high"):
+        return None
+    points = sweep["points"]
+    low, high = points[0], points[-1]
+    difference, lower, upper = sweep["median_difference_low_minus_high"]
+    measured = (f"median CHGNet E_hull estimate of valid structures {low['median'][0]:.2f} eV/atom at target "
+                f"{low['target']:g} vs {high['median'][0]:.2f} at {high['target']:g} (difference {difference:+.2f}, "
+                f"90 % interval {lower:+.2f} to {upper:+.2f}; Spearman ρ {sweep['spearman']:.2f}, "
+                f"{curves['samples_per_point']} samples per target)")
+    if sweep.get("steers"):
+        return f"Measured with default settings: {measured}."
+    return (f"E_hull steering is not yet reliable for this model: {measured}. Lower targets do not give "
+            "measurably more stable structures; see the Model page's response curves.")
+
+
+
+def response_table(curves: dict) -> pd.DataFrame:
+    """One row per variant and E_hull target: settings, valid, median (static and relaxed), Spearman."""
+    rows = []
+    for name, variant in curves.get("variants", {}).items():
+        sweep = variant.get("e_hull_sweep", {})
+        for point in sweep.get("points", []):
+            rows.append({"variant": name, "guidance": variant["settings"]["guidance_scale"],
+                         "guide": variant["settings"]["guide"], "E_hull target": point["target"],
+                         "valid": f"{point['n_valid']}/{point['n']}", "median E_hull": point["median"][0],
+                         "median after relaxation": (point.get("median_relaxed") or [None])[0],
+                         f"within ±{curves['tolerance']['e_hull']:g}": point["within_tolerance"],
+                         "Spearman ρ (sweep)": sweep["spearman"]})
+    return pd.DataFrame(rows)

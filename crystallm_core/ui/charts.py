@@ -1,6 +1,8 @@
 """Plotly figures the pages share."""
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 
 
@@ -20,4 +22,58 @@ def histogram_figure(hist: dict, x_title: str, marker: float | None = None, x_ra
                          yaxis_title="density (log)", yaxis_type="log", showlegend=False, bargap=0)
     if x_range is not None:
         figure.update_xaxes(range=list(x_range))
+    return figure
+
+
+def e_hull_scatter_figure(frame: pd.DataFrame, tolerance: float = 0.1) -> go.Figure | None:
+    """Target vs CHGNet E_hull estimate of the valid structures, the ±tolerance band shaded
+    (None when no row has both)."""
+    shown = frame[frame["valid"] & frame["e_hull_pred"].notna() & frame["e_hull_target"].notna()]
+    if shown.empty:
+        return None
+    group = shown.groupby("e_hull_target")
+    width = max(float(shown["e_hull_target"].max()), 0.05)
+    jitter = ((group.cumcount() + 0.5) / group["index"].transform("count") - 0.5) * 0.06 * width
+    top = max(width, float(shown["e_hull_pred"].max())) + tolerance
+    line = np.array([0.0, top])
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=np.r_[line, line[::-1]], y=np.r_[line + tolerance, (line - tolerance)[::-1]],
+                                mode="lines", fill="toself", fillcolor="rgba(221,107,32,0.12)", line_width=0,
+                                name=f"target ± {tolerance:g} eV/atom", hoverinfo="skip"))
+    figure.add_trace(go.Scatter(x=line, y=line, mode="lines", line=dict(dash="dash", color="#dd6b20"),
+                                name="estimate = target"))
+    figure.add_trace(go.Scatter(x=shown["e_hull_target"] + jitter, y=shown["e_hull_pred"], mode="markers",
+                                marker=dict(color="#dd6b20", size=9), text=shown["formula"], name="valid structures",
+                                hovertemplate="%{text}<br>target %{x:.3f}<br>estimate %{y:.3f} eV/atom<extra></extra>"))
+    figure.update_layout(height=420, margin=dict(l=10, r=10, t=30, b=40), title="Target vs estimated E_hull",
+                         xaxis_title="target E_hull (eV/atom)", yaxis_title="CHGNet E_hull estimate (eV/atom)")
+    return figure
+
+
+def response_figure(sweep: dict, title: str, unit: str, relaxed: bool = False) -> go.Figure:
+    """Measured medians (90 % intervals) against the target, from a response_curves.json sweep."""
+    points = [p for p in sweep["points"] if p["median"][0] is not None]
+    targets = [p["target"] for p in points]
+    figure = go.Figure()
+
+    def add(key: str, name: str, colour: str) -> None:
+        chosen = [p for p in points if p.get(key) and p[key][0] is not None]
+        if chosen:
+            medians = [p[key][0] for p in chosen]
+            figure.add_trace(go.Scatter(
+                x=[p["target"] for p in chosen], y=medians, mode="lines+markers", name=name, line_color=colour,
+                error_y=dict(type="data", symmetric=False, array=[p[key][2] - m for p, m in zip(chosen, medians)],
+                             arrayminus=[m - p[key][1] for p, m in zip(chosen, medians)]),
+                customdata=[p["n_valid"] for p in chosen],
+                hovertemplate="target %{x}<br>median %{y:.3f}<br>%{customdata} valid<extra></extra>"))
+
+    add("median", "median of valid structures (90 % interval)", "#2b6cb0")
+    if relaxed:
+        add("median_relaxed", "after CHGNet relaxation", "#2f855a")
+    top = max(targets + [0.1])
+    figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(dash="dash", color="#a0aec0"),
+                                name="outcome = target"))
+    figure.update_layout(height=340, title=f"{title} (Spearman ρ {sweep['spearman']:.2f})",
+                         xaxis_title=f"target ({unit})", yaxis_title=f"outcome ({unit})",
+                         margin=dict(l=10, r=10, t=40, b=40))
     return figure

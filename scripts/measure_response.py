@@ -1,0 +1,155 @@
+"""How far each slider steers: response curves of the shipped model, measured.
+
+    python scripts/measure_response.py [--n 32] [--relax 6] [--variant default guide-e_hull ...]
+        [--out crystallm_core/assets/default_model/response_curves.json]
+
+Two sweeps, each with the other target fixed: E_hull targets 0, 0.05, 0.1, 0.25, 0.5 eV/atom at
+a band gap of 1.5 eV, and the paper's eight band-gap targets at E_hull 0. Per point: n samples
+(constrained decoding, T 0.7, one seed per point), and for the valid structures the surrogate
+band gap and the CHGNet E_hull estimate (static; and after the bounded CHGNet relaxation for
+the first `--relax` valid structures of each E_hull point). Reported per point: the median with
+a 90 % bootstrap interval, the share within tolerance (0.1 eV/atom, 0.5 eV); per sweep:
+Spearman's rank correlation between target and outcome over all valid structures, and for
+E_hull the difference of medians between targets 0 and 0.5 with its 90 % interval (E_hull
+steers in the right direction when that interval lies below 0). Variants: the default
+settings; `guide-e_hull` (guidance 2 contrasting E_hull with "E_hull unknown" only); `guide-all`
+(guidance 2 against both unknown). The results feed the Model page and the model card.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from crystallm_core.chem.repair import relax
+from crystallm_core.chem.scoring import StructureScorer
+from crystallm_core.lm.checkpoints import load_model
+from crystallm_core.paths import DEFAULT_MODEL_DIR
+from crystallm_core.product.evaluate import score_candidates
+from crystallm_core.product.generation import GenerationRequest, generate
+from crystallm_core.product.service import DEFAULT_SAMPLING
+
+E_HULL_TARGETS = (0.0, 0.05, 0.1, 0.25, 0.5)  # eV/atom, at FIXED_GAP
+FIXED_GAP = 1.5
+GAP_TARGETS = (0.072, 0.180, 0.681, 1.547, 2.440, 3.720, 6.776, 12.145)  # the paper's, at E_hull 0
+TOLERANCE = {"e_hull": 0.1, "band_gap": 0.5}
+VARIANTS = {
+    "default": {},
+    "guide-e_hull": {"guidance_scale": 2.0, "guide": "e_hull"},
+    "guide-all": {"guidance_scale": 2.0, "guide": "all"},
+}
+
+
+def median_interval(values: np.ndarray, rng: np.random.Generator, n_boot: int = 2000) -> list[float | None]:
+    """Median and its 90 % bootstrap interval ([None] * 3 without values)."""
+    if len(values) == 0:
+        return [None, None, None]
+    boots = np.median(rng.choice(values, (n_boot, len(values))), axis=1)
+    return [round(float(np.median(values)), 4), round(float(np.quantile(boots, 0.05)), 4),
+            round(float(np.quantile(boots, 0.95)), 4)]
+
+
+def difference_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n_boot: int = 2000) -> list[float] | None:
+    """median(a) - median(b) and its 90 % bootstrap interval."""
+    if len(a) == 0 or len(b) == 0:
+        return None
+    boots = (np.median(rng.choice(a, (n_boot, len(a))), axis=1) - np.median(rng.choice(b, (n_boot, len(b))), axis=1))
+    return [round(float(np.median(a) - np.median(b)), 4), round(float(np.quantile(boots, 0.05)), 4),
+            round(float(np.quantile(boots, 0.95)), 4)]
+
+
+def measure_point(loaded, scorer: StructureScorer, band_gap: float, e_hull: float, n: int, seed: int,
+                  settings, n_relax: int) -> dict:
+    """One target pair: sample, score the valid structures, relax the first few."""
+    started = time.perf_counter()
+    run = generate(loaded, GenerationRequest(band_gap=band_gap, e_hull=e_hull, n=n, seed=seed, settings=settings))
+    sampled = time.perf_counter() - started
+    valid = [c for c in run.candidates if c.valid]
+    score_candidates(valid, scorer)
+    scored = time.perf_counter() - started - sampled
+    relaxed = []
+    for candidate in valid[:n_relax]:
+        repair = relax(candidate.structure, candidate.report)
+        if repair is not None and repair.details.get("e_hull_after") is not None:
+            relaxed.append(repair.details["e_hull_after"])
+    return {"band_gap_target": band_gap, "e_hull_target": e_hull, "n": n, "n_valid": len(valid),
+            "band_gap": [c.scores.band_gap_pred for c in valid if c.scores.band_gap_pred is not None],
+            "e_hull": [c.scores.e_hull_pred for c in valid if c.scores.e_hull_pred is not None],
+            "e_hull_relaxed": relaxed,
+            "seconds": {"sampling": round(sampled, 1), "scoring": round(scored, 1),
+                        "relaxing": round(time.perf_counter() - started - sampled - scored, 1)}}
+
+
+def summarise(points: list[dict], swept: str, rng: np.random.Generator) -> dict:
+    """Per-point medians, shares within tolerance, and the sweep's rank correlation."""
+    target_key = f"{swept}_target"
+    rows, targets, outcomes = [], [], []
+    for point in points:
+        values = np.array(point[swept], dtype=float)
+        row = {"target": point[target_key], "n": point["n"], "n_valid": point["n_valid"],
+               "median": median_interval(values, rng),
+               "within_tolerance": round(float(np.mean(np.abs(values - point[target_key]) <= TOLERANCE[swept])), 3)
+               if len(values) else None}
+        if swept == "e_hull":
+            row["median_relaxed"] = median_interval(np.array(point["e_hull_relaxed"], dtype=float), rng)
+            row["n_relaxed"] = len(point["e_hull_relaxed"])
+        rows.append(row)
+        targets += [point[target_key]] * len(values)
+        outcomes += list(values)
+    rho, p_value = spearmanr(targets, outcomes) if len(set(targets)) > 1 and outcomes else (float("nan"), float("nan"))
+    summary = {"points": rows, "spearman": round(float(rho), 3), "spearman_p": float(p_value),
+               "n_valid": len(outcomes)}
+    if swept == "e_hull":
+        by_target = {p["e_hull_target"]: np.array(p["e_hull"], dtype=float) for p in points}
+        lowest, highest = min(by_target), max(by_target)
+        summary["median_difference_low_minus_high"] = difference_interval(by_target[lowest], by_target[highest], rng)
+        summary["steers"] = bool(summary["median_difference_low_minus_high"]
+                                 and summary["median_difference_low_minus_high"][2] < 0)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=32, help="samples per target point")
+    parser.add_argument("--relax", type=int, default=6, help="valid structures relaxed per E_hull point")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--skip-gap-sweep", action="store_true", help="only the E_hull sweep (for the variants)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "response_curves.json")
+    args = parser.parse_args()
+    loaded = load_model()
+    scorer = StructureScorer(novelty=False)
+    rng = np.random.default_rng(0)
+    results = {"model": loaded.info.name, "weights_sha256": loaded.info.weights_sha256,
+               "samples_per_point": args.n, "seed": args.seed, "tolerance": TOLERANCE, "variants": {}}
+    for name in args.variant:
+        settings = replace(DEFAULT_SAMPLING, **VARIANTS[name])
+        started = time.perf_counter()
+        hull_points = [measure_point(loaded, scorer, FIXED_GAP, e, args.n, args.seed, settings, args.relax)
+                       for e in E_HULL_TARGETS]
+        variant = {"settings": {k: getattr(settings, k) for k in ("temperature", "top_k", "top_p", "guidance_scale",
+                                                                   "guide", "decoding")},
+                   "e_hull_sweep": {"band_gap": FIXED_GAP, **summarise(hull_points, "e_hull", rng)}}
+        if not args.skip_gap_sweep and name == "default":
+            gap_points = [measure_point(loaded, scorer, g, 0.0, args.n, args.seed, settings, 0) for g in GAP_TARGETS]
+            variant["band_gap_sweep"] = {"e_hull": 0.0, **summarise(gap_points, "band_gap", rng)}
+        variant["seconds"] = round(time.perf_counter() - started, 1)
+        results["variants"][name] = variant
+        sweep = variant["e_hull_sweep"]
+        print(f"{name}: E_hull medians {[p['median'][0] for p in sweep['points']]} "
+              f"(targets {list(E_HULL_TARGETS)}), Spearman {sweep['spearman']}, "
+              f"difference 0 - 0.5: {sweep['median_difference_low_minus_high']}, steers: {sweep['steers']}")
+        if "band_gap_sweep" in variant:
+            gap = variant["band_gap_sweep"]
+            print(f"  band-gap medians {[p['median'][0] for p in gap['points']]}, Spearman {gap['spearman']}")
+        args.out.write_text(json.dumps(results, indent=1))  # after every variant: nothing lost
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
