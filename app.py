@@ -86,6 +86,7 @@ navigation = st.navigation([
     st.Page("pages/explore.py", title="Explore", icon=":material/view_in_ar:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/monitoring:"),
     st.Page("pages/model.py", title="Model", icon=":material/neurology:"),
+    st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:"),
     st.Page("pages/history.py", title="History", icon=":material/history:"),
 ])
 navigation.run()

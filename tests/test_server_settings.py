@@ -47,10 +47,10 @@ def test_paths_stay_inside_roots(tmp_path):
     root = (tmp_path / "models").resolve()
     (root / "mine").mkdir(parents=True)
     (root / "escape").symlink_to(tmp_path)
-    assert within_roots(root / "mine", (root,), "model") == root / "mine"
+    assert within_roots(root / "mine", (root,), "models") == root / "mine"
     for outside in [tmp_path, root / ".." / "x", root / "escape", root / "escape" / "models" / "..", "/etc/passwd"]:
         with pytest.raises(ValueError, match="outside the folders this server reads models from"):
-            within_roots(outside, (root,), "model")
+            within_roots(outside, (root,), "models")
 
 
 def test_model_source_roots_and_hub_ids(clean_env, tmp_path):

@@ -100,12 +100,12 @@ def within_roots(path: str | Path, roots: tuple[Path, ...], what: str) -> Path:
     about paths outside the roots."""
     text = str(path).strip()
     if not text:
-        raise ValueError(f"no {what} given")
+        raise ValueError(f"no path given for {what}")
     resolved = Path(text).expanduser().resolve()
     if any(resolved == root or resolved.is_relative_to(root) for root in roots):
         return resolved
     allowed = ", ".join(str(root) for root in roots) or "none configured"
-    raise ValueError(f"{text} is outside the folders this server reads {what}s from ({allowed})")
+    raise ValueError(f"{text} is outside the folders this server reads {what} from ({allowed})")
 
 
 def check_upload_size(size: int, settings: ServerSettings | None = None) -> None:
@@ -123,4 +123,4 @@ def allowed_model_source(text: str, hub: bool = False) -> str:
         return text
     if hub:
         raise ValueError(f"'{text}' is not a hub id of the form owner/model-name")
-    return str(within_roots(text, server_settings().model_roots, "model"))
+    return str(within_roots(text, server_settings().model_roots, "models"))
