@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def main() -> None:
     print(f"{len(table)} {args.element} structures from {table['source'].value_counts().to_dict()}", flush=True)
 
     settings = FineTuneSettings(minutes=args.minutes, epochs=args.epochs)
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     data = prepare_user_data(csv, 1024, settings=settings)
     prepared = time.perf_counter() - start
@@ -115,7 +117,8 @@ def main() -> None:
     report = {
         "element": args.element, "rows": len(table), "kept": len(data.kept), "rejected": data.rejected_by_reason(),
         "train_rows": int((data.kept["split"] == "train").sum()), "val_rows": len(val),
-        "threads": args.threads, "wall_s": round(wall, 1), "convert_s": round(prepared, 1),
+        "threads": args.threads, "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "wall_s": round(wall, 1), "convert_s": round(prepared, 1),
         "train_s": result.seconds, "steps": result.steps, "best_step": result.best_step,
         "val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after,
         "element_sets": element_sets, "samples_per_set": args.samples,

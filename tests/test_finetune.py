@@ -75,6 +75,31 @@ def test_rows_are_read_with_reasons_for_bad_properties(table_file):
     assert rows["e_hull"].isna().sum() > 0  # empty cells are "unknown"
 
 
+def test_a_folder_of_cifs_with_labels_by_file_name(tmp_path):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    table = user_table(3)
+    for name, text in zip(table["name"], table["structure_cif"]):
+        (folder / f"{name}.cif").write_text(text)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"file": ["s0.cif", "s2"], "gap": [1.5, 2.5]}).to_csv(labels, index=False)
+    rows, rejected = user_rows(folder, ColumnMap(id="file", band_gap="gap"), labels)
+    gaps = rows.set_index("id")["band_gap"]
+    assert rejected.empty and gaps["s0.cif"] == 1.5 and gaps["s2.cif"] == 2.5 and pd.isna(gaps["s1.cif"])
+    assert rows["cif"].str.startswith("# generated using pymatgen").all()
+
+
+def test_a_path_column_cannot_leave_the_table_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "secret.cif").write_text("data_secret\n")
+    table = tmp_path / "data" / "paths.csv"
+    pd.DataFrame({"path": ["../secret.cif", "missing.cif"]}).to_csv(table, index=False)
+    rows, rejected = user_rows(table)
+    assert rows.empty
+    reasons = rejected["reason"].tolist()
+    assert "points outside the data folder" in reasons[0] and reasons[1].startswith("unreadable: missing.cif")
+
+
 def test_missing_column_is_a_clear_error(table_file):
     with pytest.raises(ValueError, match="no column 'gap_ev'.*columns are"):
         user_rows(table_file, ColumnMap(cif="structure_cif", band_gap="gap_ev"))

@@ -88,3 +88,27 @@ def test_finetune_then_use_the_model(page_env, monkeypatch):
     next(b for b in at.button if b.label == "Use this model").click().run()
     assert not errors(at), errors(at)
     assert at.session_state["model_source"] == str(page_env / "models" / "tuned" / "mine-v1")
+
+
+def test_uploads_are_mapped_and_held_to_the_size_limit(page_env, monkeypatch):
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir(page_env / "models" / "base", 66)))
+    monkeypatch.setenv("CRYSTALLM_MAX_UPLOAD_MB", "1")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/finetune.py").run()
+    content = (page_env / "data" / "mine.csv").read_bytes()
+    at.file_uploader(key="ft_upload").upload("mine.csv", content, "text/csv").run()
+    assert not at.exception and not at.error, errors(at)
+    assert at.selectbox(key="ft_cif").value == "cif"
+    at.file_uploader(key="ft_upload").upload("big.csv", b"cif\n" + b"x" * 2**21, "text/csv").run()
+    assert "accepts uploads up to 1 MB" in errors(at)
+
+
+def test_explore_upload_is_held_to_the_size_limit(page_env, monkeypatch):
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir(page_env / "models" / "base", 66)))
+    monkeypatch.setenv("CRYSTALLM_MAX_UPLOAD_MB", "1")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/explore.py").run()
+    at.file_uploader(key="explore_upload").upload("huge.cif", b"data_x\n" + b"#" * 2**21, "chemical/x-cif").run()
+    assert not at.exception and "accepts uploads up to 1 MB" in errors(at)

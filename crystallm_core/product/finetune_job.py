@@ -3,7 +3,8 @@
 The job waits its turn in the generation queue (fine-tuning and generating on the same CPUs
 would thrash each other), converts the user's data, trains, and writes the model into the
 server's fine-tune folder. The page polls `progress()`; Cancel stops it at the next step and
-writes nothing. The thread touches no Streamlit API.
+writes nothing. A closed page does not stop it: it ends at its time budget, and the model is
+then in the fine-tune folder for the Home page to load. The thread touches no Streamlit API.
 """
 from __future__ import annotations
 
