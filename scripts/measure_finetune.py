@@ -11,7 +11,9 @@ fine-tuned model:
   - generation prompted with the element set of each validation formula (E.g. {Be, Ni, Zr}):
     share of the samples whose structure contains Be and contains all prompted elements,
     and the share valid;
-  - generation with no prompt at all: share of the samples containing Be.
+  - generation with no prompt at all: share of the samples containing Be, and their formulas;
+  - what it forgot: validation loss on the project's own validation rows (tokens.npz in
+    the cache, when prepare-data has been run), base and fine-tuned.
 
     nice -n 15 python scripts/measure_finetune.py --n 500 --out runs/finetune_be
 """
@@ -22,15 +24,18 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from pymatgen.core import Composition
 
 from crystallm_core.chem.splits import formula_hash
 from crystallm_core.lm.checkpoints import load_model
-from crystallm_core.paths import data_dir
+from crystallm_core.lm.training import TokenData, TrainConfig, evaluate_loss
+from crystallm_core.paths import cache_dir, data_dir
 from crystallm_core.product.finetune import (
     FineTuneSettings,
     finetune,
@@ -83,7 +88,15 @@ def generation_shares(model_dir, element_sets: list[list[str]], samples: int, el
     unprompted = sum(c.structure is not None and element in c.structure.composition.as_dict() for c in free.candidates)
     shares = {k: round(v / prompted["samples"], 3) for k, v in prompted.items() if k != "samples"}
     return {"prompted": prompted, "prompted_shares": shares, "unprompted_samples": len(free.candidates),
-            "unprompted_with_element": unprompted}
+            "unprompted_with_element": unprompted,
+            "unprompted_formulas": Counter(c.formula for c in free.candidates).most_common(10)}
+
+
+def general_val_loss(model_dir, tokens: Path, rows: int = 256) -> float:
+    """Mean NLL per token on the first `rows` validation rows of the project's own token cache."""
+    loaded = load_model(model_dir, dtype=torch.float32)
+    data = TokenData(dict(np.load(tokens, allow_pickle=False)), 1, 371)
+    return round(evaluate_loss(loaded.model, data, TrainConfig(batch_size=8, bf16=True), torch.device("cpu"), rows), 4)
 
 
 def main() -> None:
@@ -127,6 +140,10 @@ def main() -> None:
     for name, model in (("base", None), ("finetuned", result.model_dir)):
         report[name] = generation_shares(model, element_sets, args.samples, args.element)
         print(name, json.dumps(report[name]), flush=True)
+    tokens = cache_dir() / "tokens.npz"
+    if tokens.is_file():
+        report["own_val_loss"] = {"base": general_val_loss(None, tokens), "finetuned": general_val_loss(result.model_dir, tokens)}
+        print("own validation rows", report["own_val_loss"], flush=True)
     (args.out / "measure.json").write_text(json.dumps(report, indent=1))
 
 
