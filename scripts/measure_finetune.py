@@ -15,7 +15,8 @@ fine-tuned model:
   - what it forgot: validation loss on the project's own validation rows (tokens.npz in
     the cache, when prepare-data has been run), base and fine-tuned.
 
-    nice -n 15 python scripts/measure_finetune.py --n 500 --out runs/finetune_be
+    CRYSTALLM_CACHE_DIR=/path/to/cache nice -n 15 python scripts/measure_finetune.py --n 500 --minutes 20 \
+        --out runs/finetune_be
 """
 from __future__ import annotations
 

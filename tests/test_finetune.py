@@ -134,12 +134,25 @@ def test_cancel_writes_nothing(table_file, base_model_dir, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--epochs", "0"], "invalid fine-tuning settings: epochs"),
     (["--band-gap-column", "nope"], "no column 'nope'"),
+    (["--device", "tpu"], "device must be auto, cpu or cuda"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(table_file, base_model_dir, tmp_path, capsys, extra, message):
     code = main(["finetune", str(table_file), "--out", str(tmp_path / "o"), "--from", str(base_model_dir),
                  "--cif-column", "structure_cif", *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_reports_rejections_and_writes_a_model(table_file, base_model_dir, tmp_path, capsys):
+    code = main(["finetune", str(table_file), "--out", str(tmp_path / "m"), "--from", str(base_model_dir),
+                 "--cif-column", "structure_cif", "--band-gap-column", "gap", "--e-hull-column", "ehull",
+                 "--id-column", "name", "--epochs", "1", "--minutes", "2", "--learning-rate", "3e-3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "53 rows: 50 kept" in out and "rejected 1: out-of-range property" in out and "hot: out-of-range" in out
+    assert "validation loss" in out and (tmp_path / "m" / "config.json").is_file()
+    assert main(["finetune", str(table_file), "--out", str(tmp_path / "m"), "--from", str(base_model_dir)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
 
 
 def test_cli_missing_data_file(tmp_path, capsys):

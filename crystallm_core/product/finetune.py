@@ -63,6 +63,10 @@ class FineTuneSettings:
         if bad:
             raise ValueError(f"invalid fine-tuning settings: {', '.join(bad)} (minutes, epochs and learning rate "
                              "> 0, validation fraction below 0.5)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got '{self.device}'")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for, but this machine has no usable GPU (use auto or cpu)")
 
 
 @dataclass
