@@ -8,9 +8,9 @@ from crystallm_core.ui.finetune_panel import (
     choose_data,
     map_columns,
     progress_panel,
+    queue_finetune,
     result_view,
     settings_form,
-    start_job,
 )
 
 st.title("Fine-tune")
@@ -35,7 +35,7 @@ else:
             columns, labels = map_columns(path)
             submitted = settings_form()
             if submitted is not None:
-                start_job(path, upload, columns, labels, *submitted)
+                queue_finetune(path, upload, columns, labels, *submitted)
                 st.rerun()
     except ValueError as error:
         st.error(str(error))

@@ -8,7 +8,7 @@ appears nowhere in the project's own data (MP-20, MPTS-52, WBM), writes them as 
 `product.finetune` (timed: conversion + training + writing), and compares the base and the
 fine-tuned model:
   - validation loss (formula-disjoint rows of the family) before and after;
-  - generation prompted with the element set of each validation formula (E.g. {Be, Ni, Zr}):
+  - generation prompted with the element set of each validation formula (e.g. {Be, Ni, Zr}):
     share of the samples whose structure contains Be and contains all prompted elements,
     and the share valid;
   - generation with no prompt at all: share of the samples containing Be, and their formulas;

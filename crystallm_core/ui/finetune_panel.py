@@ -108,7 +108,7 @@ def settings_form() -> tuple[str, FineTuneSettings] | None:
     return name.strip(), FineTuneSettings(minutes=minutes, epochs=float(epochs), learning_rate=rate)
 
 
-def start_job(path: Path, upload: bytes | None, columns: ColumnMap, labels: Path | None, name: str,
+def queue_finetune(path: Path, upload: bytes | None, columns: ColumnMap, labels: Path | None, name: str,
               settings: FineTuneSettings) -> None:
     """Queue the job (the upload's copy then belongs to it); a bad choice is an inline message."""
     base = st.session_state.get("model_source")
