@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from crystallm_core.product.server_settings import allowed_model_source, server_settings
 from crystallm_core.ui.components import current_model, get_model
 
 
@@ -35,14 +36,15 @@ def model_selector() -> None:
         location = st.text_input("Directory or hub id", placeholder="/path/to/checkpoint  or  owner/model-name",
                                  help="A CrystaLLM-pi or CrystaLLM Studio checkpoint: config.json + *.safetensors.",
                                  key="model_location")
+        st.caption(model_roots_caption())
         load = st.form_submit_button("Load model")
     if not load:
         return
-    source = None if choices[kind] is None else location.strip()
-    if source == "":
+    if choices[kind] is not None and not location.strip():
         st.error("Enter a directory or a hub id for this model source.")
         return
     try:
+        source = None if choices[kind] is None else allowed_model_source(location, hub=choices[kind] == "hub")
         with st.spinner("Loading model…"):
             get_model(source)
     except ValueError as error:
@@ -50,6 +52,11 @@ def model_selector() -> None:
         return
     st.session_state["model_source"] = source
     st.success("Model loaded." if source is None else f"Model loaded from {source}.")
+
+
+def model_roots_caption() -> str:
+    roots = ", ".join(f"`{root}`" for root in server_settings().model_roots)
+    return f"Local directories are loaded only from inside: {roots} (set by the server's owner)."
 
 
 def home() -> None:
@@ -79,6 +86,7 @@ navigation = st.navigation([
     st.Page("pages/explore.py", title="Explore", icon=":material/view_in_ar:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/monitoring:"),
     st.Page("pages/model.py", title="Model", icon=":material/neurology:"),
+    st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:"),
     st.Page("pages/history.py", title="History", icon=":material/history:"),
 ])
 navigation.run()

@@ -8,6 +8,7 @@ from pathlib import PurePath
 import plotly.graph_objects as go
 import streamlit as st
 
+from crystallm_core.product.server_settings import check_upload_size
 from crystallm_core.product.service import (
     HULL_BIAS_NOTE,
     RelaxSettings,
@@ -29,6 +30,11 @@ def pick_cif() -> tuple[str, str, object] | None:
     if source == "Upload a CIF":
         upload = st.file_uploader("CIF file", type=["cif"], key="explore_upload")
         if upload is None:
+            return None
+        try:
+            check_upload_size(upload.size)
+        except ValueError as error:
+            st.error(str(error))
             return None
         return upload.name, upload.getvalue().decode("utf-8", errors="replace"), None
     readable = {c.index: c for c in run.candidates if c.cif}

@@ -6,11 +6,11 @@ from pathlib import Path
 import streamlit as st
 
 from crystallm_core.product.generation import (
-    MAX_STRUCTURES,
     UNTIL_VALID_SAMPLE_FACTOR,
     GenerationRequest,
     sample_counts,
 )
+from crystallm_core.product.server_settings import server_settings
 from crystallm_core.product.service import (
     DECODINGS,
     DEFAULT_METRICS,
@@ -49,6 +49,7 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
     """The form; returns (request, tolerance) when submitted, None otherwise."""
     can_omit = loaded.info.supports_missing_properties  # guidance also needs the "unknown" embedding
     known = known_space_groups(loaded)
+    limit = server_settings().max_structures
     with st.form("generate_form"):
         left, right = st.columns(2)
         band_gap = left.slider("Target band gap (eV)", 0.0, BAND_GAP_SLIDER_MAX, 1.5, 0.05, key="band_gap")
@@ -80,11 +81,11 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
             z = cols[1].number_input("Z, formula units per cell (0 = as written)", 0, 20, 0, key="z")
         with st.expander("Sampling", expanded=True):
             cols = st.columns(3)
-            n = cols[0].number_input("Number of structures", 1, MAX_STRUCTURES, 8, key="n")
+            n = cols[0].number_input("Number of structures", 1, limit, min(8, limit), key="n")
             until_valid = cols[0].checkbox(
                 "Count valid ones only", key="until_valid",
                 help=f"Keep sampling until this many structures are valid, drawing at most "
-                     f"{UNTIL_VALID_SAMPLE_FACTOR}× as many (and at most {MAX_STRUCTURES}). Invalid ones stay "
+                     f"{UNTIL_VALID_SAMPLE_FACTOR}× as many (and at most {limit}). Invalid ones stay "
                      "in the table with their reasons.")
             seed = cols[0].number_input("Seed", 0, 2**31 - 1, 0, key="seed")
             decoding = cols[0].radio(

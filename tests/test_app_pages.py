@@ -42,6 +42,9 @@ def app_env(tmp_path, monkeypatch, short_model_dir):
     """The short tiny model as the default model; a fresh history database per test."""
     monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(short_model_dir))
     monkeypatch.setenv("CRYSTALLM_HISTORY_DB", str(tmp_path / "history.sqlite"))
+    monkeypatch.setenv("CRYSTALLM_MODEL_ROOTS", str(tmp_path))  # models may be loaded from this test's folder
+    monkeypatch.setenv("CRYSTALLM_FINETUNE_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("CRYSTALLM_DATA_ROOTS", str(tmp_path / "data"))
     return tmp_path
 
 
@@ -88,6 +91,18 @@ def test_home_shows_model_and_reports_a_bad_directory_inline(app_env):
     assert not at.exception
     assert "could not be loaded" in messages(at.error) and "does not exist" in messages(at.error)
     assert "model_source" not in at.session_state  # the working model stays selected
+
+
+@pytest.mark.parametrize("location", ["/etc", "{root}/../..", "{root}/link_out"])
+def test_home_refuses_a_directory_outside_the_model_roots(app_env, location):
+    (app_env / "link_out").symlink_to("/usr")
+    at = new_app()
+    at.radio(key="model_kind").set_value("Local directory")
+    at.text_input(key="model_location").set_value(location.format(root=app_env))
+    at.button[0].click().run()
+    assert not at.exception
+    assert "outside the folders this server reads models from" in messages(at.error)
+    assert "model_source" not in at.session_state
 
 
 def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):

@@ -101,7 +101,7 @@ def test_rows_kept_and_rejected_with_reasons(prepared):
     assert rejected["mp-7"].startswith("duplicate")
     assert rejected["mp-8"].startswith("conversion failed")
     assert rejected["mp-9"].startswith("too long")
-    assert rejected["wbm-3"].startswith("unknown tokens")  # Po is not in the vocabulary
+    assert rejected["wbm-3"].startswith("unknown element: Po")  # Po is not in the vocabulary
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sources_done"] == ["mp20", "mpts52", "wbm"]
     assert summary["rows_kept_by_source"] == {"mp20": 4, "mpts52": 2, "wbm": 3}

@@ -34,6 +34,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -106,7 +107,7 @@ def sample_per_source(rows: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame
 class RowProcessor:
     """CIF → properties, model CIF and token ids of one row; errors become a reason string."""
 
-    def __init__(self, hull: HullReference, max_tokens: int):
+    def __init__(self, hull: HullReference | None, max_tokens: int):
         self.hull = hull
         self.max_tokens = max_tokens
         self.tokenizer = get_tokenizer()  # built before forking, so every worker inherits it
@@ -126,13 +127,16 @@ class RowProcessor:
         result.update(reduced_formula=composition.reduced_formula, formula=composition.formula.replace(" ", ""),
                       n_atoms=len(structure), volume_per_atom=structure.volume / len(structure),
                       spacegroup_number=int(match.group(1)) if match else 1, e_hull=row["e_hull"])
-        if pd.isna(row["e_hull"]) and pd.notna(row["e_form"]):
+        if pd.isna(row["e_hull"]) and pd.notna(row["e_form"]) and self.hull is not None:
             try:
                 result["e_hull"] = self.hull.e_above_hull(composition, row["e_form"])
             except ValueError as err:  # e.g. an element without a reference state
                 result["e_hull_error"] = str(err)
         ids, unknown = self.tokenizer.encode_with_report(training_text(model_cif))
-        if unknown:
+        foreign = sorted({e.symbol for e in composition} - set(self.tokenizer.token_to_id))
+        if foreign:
+            result["reason"] = f"unknown element: {', '.join(foreign)} (not in the model's vocabulary)"
+        elif unknown:
             result["reason"] = f"unknown tokens: {sorted(set(unknown))[:5]}"
         elif len(ids) > self.max_tokens:
             result["reason"] = f"too long: {len(ids)} tokens"
@@ -179,6 +183,12 @@ def process_rows(rows: pd.DataFrame, map_rows) -> list[dict]:
     return results
 
 
+def convert_rows(rows: pd.DataFrame, max_tokens: int, workers: int = 1, hull: HullReference | None = None) -> list[dict]:
+    """Every row (ROW_COLUMNS) through RowProcessor: the one conversion prepare-data and fine-tuning share."""
+    with row_mapper(RowProcessor(hull, max_tokens), workers) as map_rows:
+        return process_rows(rows, map_rows)
+
+
 # ---- assembling the table ------------------------------------------------------------------
 def clipped_condition(value: float, maximum: float, normalise) -> tuple[float, bool]:
     """Normalised value and present flag; out-of-range values are clipped (raw kept elsewhere)."""
@@ -187,8 +197,10 @@ def clipped_condition(value: float, maximum: float, normalise) -> tuple[float, b
     return normalise(min(max(float(value), 0.0), maximum)), True
 
 
-def build_dataset(rows: pd.DataFrame, results: list[dict], config: PrepConfig) -> tuple[pd.DataFrame, list, pd.DataFrame]:
-    """(kept table, their token arrays, rejected rows with reasons)."""
+def build_dataset(rows: pd.DataFrame, results: list[dict], config: PrepConfig,
+                  assign_splits: Callable[[pd.Series], list[str]] | None = None) -> tuple[pd.DataFrame, list, pd.DataFrame]:
+    """(kept table, their token arrays, rejected rows with reasons). `assign_splits` maps the kept
+    rows' reduced formulas to split names (default: `split_of` with the config's seed)."""
     by_id = {r["id"]: r for r in results}
     table = rows.copy()
     table["reason"] = [by_id[i]["reason"] for i in table["id"]]
@@ -203,7 +215,8 @@ def build_dataset(rows: pd.DataFrame, results: list[dict], config: PrepConfig) -
     table.loc[first_source.index[parsed["source"] != first_source], "reason"] = "duplicate structure of an earlier source"
     rejected = table.loc[table["reason"].notna(), ["id", "source", "reason"]]
     kept = table[table["reason"].isna()].reset_index(drop=True)
-    kept["split"] = [split_of(f, seed=config.seed) for f in kept["reduced_formula"]]
+    kept["split"] = (assign_splits(kept["reduced_formula"]) if assign_splits is not None
+                     else [split_of(f, seed=config.seed) for f in kept["reduced_formula"]])
     splits_per_formula = kept.groupby("reduced_formula")["split"].nunique()
     if (splits_per_formula > 1).any():  # cannot happen with split_of, but the guarantee matters
         raise RuntimeError(f"formulas in several splits: {list(splits_per_formula[splits_per_formula > 1].index[:5])}")
@@ -229,17 +242,29 @@ def token_arrays(kept: pd.DataFrame, tokens: list) -> dict[str, np.ndarray]:
     }
 
 
+def reason_kinds(reasons: pd.Series) -> pd.Series:
+    """A reason's kind: its text before the details ("too long: 1100 tokens" → "too long")."""
+    return reasons.str.replace(r"(: |\s\d).*", "", regex=True)
+
+
+def property_ranges(kept: pd.DataFrame, columns: list[str]) -> dict:
+    """min / median / max and the number missing, per property column."""
+    ranges = {}
+    for column in columns:
+        values = kept[column].dropna()
+        ranges[column] = {"min": float(values.min()) if len(values) else None,
+                          "median": float(values.median()) if len(values) else None,
+                          "max": float(values.max()) if len(values) else None,
+                          "missing": int(kept[column].isna().sum())}
+    return ranges
+
+
 def summarise(rows: pd.DataFrame, kept: pd.DataFrame, rejected: pd.DataFrame, seconds: float) -> dict:
     """Counts, token-length percentiles, property ranges and missing-property counts."""
-    reasons = rejected["reason"].str.replace(r"(: |\s\d).*", "", regex=True)
-    properties = {}
-    for column in ["band_gap", "e_hull", "e_form"]:
-        values = kept[column].dropna()
-        properties[column] = {"min": float(values.min()) if len(values) else None,
-                              "median": float(values.median()) if len(values) else None,
-                              "max": float(values.max()) if len(values) else None,
-                              "missing": int(kept[column].isna().sum()),
-                              "missing_by_source": kept[column].isna().groupby(kept["source"]).sum().astype(int).to_dict()}
+    reasons = reason_kinds(rejected["reason"])
+    properties = property_ranges(kept, ["band_gap", "e_hull", "e_form"])
+    for column, entry in properties.items():
+        entry["missing_by_source"] = kept[column].isna().groupby(kept["source"]).sum().astype(int).to_dict()
     return {
         "seconds": round(seconds, 1),
         "rows_in_by_source": rows["source"].value_counts().to_dict(),

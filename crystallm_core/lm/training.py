@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ class TrainConfig:
     data: str = "data/cache/tokens.npz"
     out_dir: str = "runs/train"
     name: str = "crystallm-studio-pkv"
+    trained_on: str = "MP-20 + MPTS-52 + WBM (Materials Project data, CC-BY-4.0), formula-disjoint splits"
     # model
     n_layer: int = 8
     n_head: int = 8
@@ -52,7 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 200
     max_steps: int = 5000
-    time_budget_s: float | None = None  # fixes max_steps from the measured speed after 30 steps
+    time_budget_s: float | None = None  # fits max_steps to the measured speed; a hard stop at the budget
     grad_clip: float = 1.0
     condition_dropout: float = 0.15
     # bookkeeping
@@ -194,9 +196,13 @@ def data_stats(npz: dict) -> dict:
             "e_hull_hist": histogram(hull, np.array([0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5.5]))}
 
 
-def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None) -> Path | None:
+def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None,
+          on_progress: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> Path | None:
     """Train and export the best model; `stop_at_step` saves a resume checkpoint there and returns None
-    (as an interrupted run would leave it)."""
+    (as an interrupted run would leave it). A run from `init_from` is evaluated at step 0 first, and
+    that model is the one to beat. `on_progress` gets {step, max_steps, loss, val_loss, elapsed_s}
+    after every step; `should_stop()` true ends the run without exporting anything (returns None)."""
     torch.manual_seed(cfg.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     out = Path(cfg.out_dir)
@@ -224,9 +230,17 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
     best_state = load_file(str(best_path)) if resume and state["step"] and best_path.is_file() else None
     t0, tokens_seen = time.perf_counter() - state["elapsed_s"], 0
     step = first_step = state["step"]
+    if cfg.init_from and step == 0:
+        val = evaluate_loss(model, val_data, cfg, device, cfg.eval_rows)
+        state["log"].append({"step": 0, "train_loss": None, "val_loss": round(val, 4), "elapsed_s": 0.0})
+        state.update(best_val=val, best_step=0)
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        print(f"step 0 val_loss {val:.4f} (the starting model)", flush=True)
     timer_start = time.perf_counter()
     model.train()
     while step < state["max_steps"]:
+        if should_stop is not None and should_stop():
+            return None
         epoch, position = divmod(step, steps_per_epoch)
         picks = train_data.epoch_batches(cfg.batch_size, cfg.seed, epoch)[position]
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout + conditioning dropout, resumable
@@ -244,6 +258,7 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
         step += 1
         tokens_seen += int(count.sum())
         elapsed = time.perf_counter() - t0
+        over_budget = bool(cfg.time_budget_s) and elapsed >= cfg.time_budget_s
         if cfg.time_budget_s:
             # Time steps from 10 on (after start-up and kernel warm-up) and fit max_steps to the budget;
             # re-fitted once at step 300, since early steps can be slow (e.g. a GPU shared at start).
@@ -258,7 +273,7 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
             eta = (state["max_steps"] - step) * elapsed / max(step, 1)
             print(f"step {step}/{state['max_steps']} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
                   f"{tokens_seen / elapsed:,.0f} tok/s elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
-        if step % cfg.eval_every == 0 or step == state["max_steps"]:
+        if step % cfg.eval_every == 0 or step == state["max_steps"] or over_budget:
             val = evaluate_loss(model, val_data, cfg, device, cfg.eval_rows)
             state["log"].append({"step": step, "train_loss": round(loss.item(), 4), "val_loss": round(val, 4),
                                  "elapsed_s": round(elapsed, 1)})
@@ -271,6 +286,10 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
                 if state["bad_evals"] >= cfg.patience:
                     print(f"early stop: no improvement for {cfg.patience} evaluations", flush=True)
                     break
+        if on_progress is not None:
+            on_progress({"step": step, "max_steps": state["max_steps"], "loss": loss.item(),
+                         "val_loss": state["log"][-1]["val_loss"] if state["log"] else None,
+                         "elapsed_s": time.perf_counter() - t0})
         if step % cfg.checkpoint_every == 0:
             state.update(step=step, elapsed_s=elapsed)
             save_resume(out / "resume", model, optimizer, state)
@@ -278,6 +297,9 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
                 save_file({k: v.contiguous() for k, v in best_state.items() if k != "lm_head.weight"}, str(best_path))
         if step == stop_at_step:
             return None
+        if over_budget:
+            print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}", flush=True)
+            break
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
         model.tie_weights()
@@ -289,7 +311,7 @@ def export(model, cfg: TrainConfig, state: dict, npz: dict, out: Path) -> Path:
     model_dir = out / "model"
     metadata = {
         "name": cfg.name,
-        "trained_on": "MP-20 + MPTS-52 + WBM (Materials Project data, CC-BY-4.0), formula-disjoint splits",
+        "trained_on": cfg.trained_on,
         "normalisation": {"band_gap": {"max": BAND_GAP_MAX, "exponent": BAND_GAP_EXPONENT, "kind": "power-log"},
                           "e_hull": {"max": E_HULL_MAX, "kind": "linear"}},
         "tokenizer": "CrystaLLM-pi CIF vocabulary (377 tokens), crystallm_core.lm.tokenizer",

@@ -29,8 +29,12 @@ from crystallm_core.lm.sampler import (
     sample,
 )
 from crystallm_core.product.run import Candidate, Run, candidate_name
+from crystallm_core.product.server_settings import (
+    DEFAULT_MAX_STRUCTURES,
+    server_settings,
+)
 
-MAX_STRUCTURES = 256
+MAX_STRUCTURES = DEFAULT_MAX_STRUCTURES  # the default limit; a server may set another (server_settings)
 UNTIL_VALID_SAMPLE_FACTOR = 4  # "until N valid" draws at most this many times N samples
 
 
@@ -51,8 +55,9 @@ class GenerationRequest:
     relax: bool = False  # repair: relax valid (and bond-only) samples with CHGNet, E_hull before/after
 
     def validate(self) -> None:
-        if not (1 <= int(self.n) <= MAX_STRUCTURES):
-            raise ValueError(f"number of structures must be between 1 and {MAX_STRUCTURES}, got {self.n}")
+        limit = server_settings().max_structures
+        if not (1 <= int(self.n) <= limit):
+            raise ValueError(f"number of structures must be between 1 and {limit}, got {self.n}")
         if self.stop_after_valid is not None and not (1 <= int(self.stop_after_valid) <= self.n):
             raise ValueError(f"the number of valid structures to stop at must be between 1 and the number of "
                              f"samples ({self.n}), got {self.stop_after_valid}")
@@ -65,7 +70,7 @@ def sample_counts(n: int, until_valid: bool = False, max_samples: int | None = N
     drawn from at most `max_samples` samples (default 4 × n, at most 256)."""
     if not until_valid:
         return {"n": n, "stop_after_valid": None}
-    return {"n": min(MAX_STRUCTURES, max_samples or UNTIL_VALID_SAMPLE_FACTOR * n), "stop_after_valid": n}
+    return {"n": min(server_settings().max_structures, max_samples or UNTIL_VALID_SAMPLE_FACTOR * n), "stop_after_valid": n}
 
 
 @dataclass

@@ -41,6 +41,11 @@ class GenerationQueue:
             self._line.append(ticket)
             return ticket
 
+    def __len__(self) -> int:
+        """Jobs queued or running."""
+        with self._cond:
+            return len(self._line)
+
     def position(self, ticket: int) -> int | None:
         """0 = generating now, k = k runs ahead of it, None = not in the queue."""
         with self._cond:

@@ -31,9 +31,10 @@ from crystallm_core.lm.checkpoints import LoadedModel
 from crystallm_core.lm.sampler import DECODINGS, GUIDES, SamplingSettings  # noqa: F401 (the pages take them from here)
 from crystallm_core.product.generation import GenerationRequest, new_run, prepare
 from crystallm_core.product.history import HistoryStore
-from crystallm_core.product.jobs import GenerationJob
+from crystallm_core.product.jobs import GENERATION_QUEUE, GenerationJob
 from crystallm_core.product.run import Run
 from crystallm_core.product.run_files import run_zip
+from crystallm_core.product.server_settings import server_settings
 
 NAN = float("nan")
 DEFAULT_SAMPLING = SamplingSettings()  # the one place the app, CLI and scripts take defaults from
@@ -43,9 +44,18 @@ DEFAULT_METRICS = MetricSettings()
 def submit(loaded: LoadedModel, requests: Sequence[GenerationRequest], store: HistoryStore | None,
            kind: str = "generate", settings: dict | None = None) -> GenerationJob:
     """Validate every request (ValueError with the reason, before anything queues) and start a job."""
+    check_server_capacity()
     for request in requests:
         prepare(loaded, request)
     return GenerationJob(loaded, requests, new_run(loaded, list(requests), kind, settings), store=store).start()
+
+
+def check_server_capacity() -> None:
+    """ValueError when the server already holds its most jobs (generation and fine-tuning share one queue)."""
+    limit = server_settings().max_jobs
+    if len(GENERATION_QUEUE) >= limit:
+        raise ValueError(f"The server is busy: {len(GENERATION_QUEUE)} jobs are queued or running (its limit is "
+                         f"{limit}). Try again in a few minutes.")
 
 
 SWEEPABLE = {"band_gap": "band gap (eV)", "e_hull": "E_hull (eV/atom)"}

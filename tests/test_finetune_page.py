@@ -1,0 +1,114 @@
+"""The Fine-tune page through AppTest: data only from inside the data roots, a clear message for
+unusable data, and a run that ends in a model the Home page's roots accept ("Use this model")."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from streamlit.testing.v1 import AppTest
+from test_finetune import user_table
+
+from crystallm_core.lm.checkpoints import save_model
+from crystallm_core.lm.model import CrystaLLMPKV
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+def model_dir(root: Path, n_positions: int) -> Path:
+    torch.manual_seed(0)
+    return save_model(CrystaLLMPKV(tiny_config(n_positions=n_positions)), root, metadata={"name": "tiny-test-model"})
+
+
+@pytest.fixture
+def page_env(tmp_path, monkeypatch):
+    """Default model inside the model roots, a data root holding a user table, fresh history."""
+    data = tmp_path / "data"
+    data.mkdir()
+    user_table(20).rename(columns={"structure_cif": "cif", "gap": "band_gap"}).to_csv(data / "mine.csv", index=False)
+    monkeypatch.setenv("CRYSTALLM_MODEL_ROOTS", str(tmp_path / "models"))
+    monkeypatch.setenv("CRYSTALLM_FINETUNE_DIR", str(tmp_path / "models" / "tuned"))
+    monkeypatch.setenv("CRYSTALLM_DATA_ROOTS", str(data))
+    monkeypatch.setenv("CRYSTALLM_HISTORY_DB", str(tmp_path / "history.sqlite"))
+    return tmp_path
+
+
+def open_page(path_text: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/finetune.py").run()
+    at.radio(key="ft_kind").set_value("A file or folder on the server").run()
+    at.text_input(key="ft_path").set_value(path_text).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def run_to_end(at: AppTest, timeout: float = 180) -> AppTest:
+    at.button[0].click().run()  # "Start fine-tuning" (the form's only button)
+    deadline = time.time() + timeout
+    while "finetune_job" in at.session_state and time.time() < deadline:
+        time.sleep(0.5)
+        at.run()
+    assert "finetune_job" not in at.session_state, "fine-tuning did not finish in time"
+    return at
+
+
+def errors(at: AppTest) -> str:
+    return " | ".join(str(e.value) for e in at.error)
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "{root}/data/../history.sqlite"])
+def test_a_path_outside_the_data_roots_is_refused(page_env, monkeypatch, path):
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir(page_env / "models" / "base", 66)))
+    at = open_page(path.format(root=page_env))
+    assert "outside the folders this server reads fine-tuning data from" in errors(at)
+    assert not at.get("form")  # no column mapping, no Start button
+
+
+def test_unusable_rows_give_a_clear_message(page_env, monkeypatch):
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir(page_env / "models" / "base", 66)))  # 64-token context
+    at = open_page(str(page_env / "data" / "mine.csv"))
+    assert at.selectbox(key="ft_cif").value == "cif" and at.selectbox(key="ft_gap").value == "band_gap"
+    at = run_to_end(at)
+    assert "none of the 20 rows can be used" in errors(at) and "too long" in errors(at)
+
+
+def test_finetune_then_use_the_model(page_env, monkeypatch):
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir(page_env / "models" / "base", 512)))
+    at = open_page(str(page_env / "data" / "mine.csv"))
+    at.text_input(key="ft_name").set_value("mine-v1")
+    at.slider(key="ft_minutes").set_value(1)
+    at.number_input(key="ft_epochs").set_value(1)
+    at = run_to_end(at)
+    assert not errors(at), errors(at)
+    job = at.session_state["finetune_result"]
+    assert job.status == "done" and (page_env / "models" / "tuned" / "mine-v1" / "MODEL_CARD.md").is_file()
+    next(b for b in at.button if b.label == "Use this model").click().run()
+    assert not errors(at), errors(at)
+    assert at.session_state["model_source"] == str(page_env / "models" / "tuned" / "mine-v1")
+
+
+def test_uploads_are_mapped_and_held_to_the_size_limit(page_env, monkeypatch):
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir(page_env / "models" / "base", 66)))
+    monkeypatch.setenv("CRYSTALLM_MAX_UPLOAD_MB", "1")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/finetune.py").run()
+    content = (page_env / "data" / "mine.csv").read_bytes()
+    at.file_uploader(key="ft_upload").upload("mine.csv", content, "text/csv").run()
+    assert not at.exception and not at.error, errors(at)
+    assert at.selectbox(key="ft_cif").value == "cif"
+    at.file_uploader(key="ft_upload").upload("big.csv", b"cif\n" + b"x" * 2**21, "text/csv").run()
+    assert "accepts uploads up to 1 MB" in errors(at)
+
+
+def test_explore_upload_is_held_to_the_size_limit(page_env, monkeypatch):
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir(page_env / "models" / "base", 66)))
+    monkeypatch.setenv("CRYSTALLM_MAX_UPLOAD_MB", "1")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/explore.py").run()
+    at.file_uploader(key="explore_upload").upload("huge.cif", b"data_x\n" + b"#" * 2**21, "chemical/x-cif").run()
+    assert not at.exception and "accepts uploads up to 1 MB" in errors(at)
