@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from crystallm_core.paths import DEFAULT_MODEL_DIR, SURROGATE_DIR
-from crystallm_core.ui.charts import histogram_figure
+from crystallm_core.ui.charts import histogram_figure, reliability_figure
 from crystallm_core.ui.components import current_model, read_json, training_stats
 
 LOSS_LOG = "training_log.json"  # [{"step": …, "train_loss": …, "val_loss": …}, …] or {column: [values]}
@@ -91,11 +91,12 @@ except (OSError, KeyError, ValueError) as error:
     st.info(f"Surrogate parity plot: not available ({type(error).__name__}: {error}).")
 else:
     st.plotly_chart(figure, key="parity")
+    st.plotly_chart(reliability_figure(predictions), key="reliability")
 
 metrics = read_json(SURROGATE_METRICS)
 if metrics is not None:
-    st.caption("Band-gap surrogate on held-out splits (eV; the app shows the mean of the two readings, ± half "
-               "their difference).")
+    st.caption("Band-gap surrogate on held-out splits (eV): the shipped ensemble next to v1; coverage_1 / "
+               "coverage_2 = share of rows whose error is within ±1 / ±2 of the calibrated spread.")
     st.dataframe(pd.DataFrame([{"reading": reading, "split": split, **values}
                                for reading, splits in metrics.get("metrics", {}).items()
                                for split, values in splits.items()]), hide_index=True)

@@ -13,6 +13,14 @@ import torch
 from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 
+from crystallm_core.chem import stability
+from crystallm_core.chem.surrogates import report
+from crystallm_core.chem.surrogates.calibration import (
+    coverage,
+    fit_scale,
+    mixture_spread,
+    reliability_curve,
+)
 from crystallm_core.chem.surrogates.cgcnn import (
     CrystalGNN,
     GNNConfig,
@@ -22,8 +30,12 @@ from crystallm_core.chem.surrogates.cgcnn import (
     save_gnn,
     standardise,
 )
-from crystallm_core.chem.surrogates.ensemble import BandGapSurrogate, GapPrediction
-from crystallm_core.chem.surrogates.ensemble import main as score_ensemble
+from crystallm_core.chem.surrogates.ensemble import (
+    BandGapSurrogate,
+    EnsembleConfig,
+    GapPrediction,
+    head_feature_names,
+)
 from crystallm_core.chem.surrogates.features import (
     ELEMENT_PROPERTIES,
     MAX_Z,
@@ -53,12 +65,12 @@ def tiny_gnn() -> CrystalGNN:
     return CrystalGNN(config, torch.as_tensor(standardise(element_table()))).eval()
 
 
-def tiny_gbm() -> GBMModel:
+def tiny_gbm(names: list[str] | None = None) -> GBMModel:
     """Boosters fitted on random rows: only the plumbing is under test."""
+    names = names or feature_names()
     rng = np.random.default_rng(0)
-    features, target = rng.normal(size=(40, len(feature_names()))), rng.uniform(0, 3, 40)
+    features, target = rng.normal(size=(40, len(names))), rng.uniform(0, 3, 40)
     params = {"verbose": -1, "min_data_in_leaf": 2, "num_leaves": 4, "num_threads": 1}
-    names = feature_names()
     classifier = lgb.train({**params, "objective": "binary"}, lgb.Dataset(features, target > 1.5, feature_name=names), 3)
     regressor = lgb.train({**params, "objective": "l2"}, lgb.Dataset(features, target, feature_name=names), 3)
     return GBMModel(classifier, regressor)
@@ -157,7 +169,7 @@ def test_gating_and_metrics():
     assert metrics["metal_accuracy"] == 1.0 and metrics["n_gap_pos"] == 2
 
 
-def test_ensemble_turns_bad_structures_into_reasons(tmp_path):
+def test_v1_ensemble_turns_bad_structures_into_reasons(tmp_path):
     tiny_gnn_dir = tmp_path / "models"
     save_gnn(tiny_gnn(), tiny_gnn_dir)
     tiny_gbm().save(tiny_gnn_dir)
@@ -174,28 +186,79 @@ def test_ensemble_turns_bad_structures_into_reasons(tmp_path):
     assert math.isnan(surrogate.predict(["x"])[0].mean)
 
 
-def test_ensemble_cli_writes_metrics_and_test_predictions(tmp_path, prototypes):
+def tiny_ensemble(directory, config: EnsembleConfig):
+    save_gnn(tiny_gnn(), directory)
+    tiny_gbm().save(directory)
+    tiny_gbm(head_feature_names()).save(directory, prefix="head")
+    config.save(directory)
+    return directory
+
+
+def test_head_reuses_chgnet_features_and_computes_them_when_missing(tmp_path, monkeypatch):
+    models = tiny_ensemble(tmp_path, EnsembleConfig(["head", "gbm"], "mixture", 0.1, 0.1, 1.5))
+    surrogate = BandGapSurrogate.load(models)
+    assert set(surrogate.models) == {"head", "gbm"} and surrogate.graph_config is None  # no graph network loaded
+    structures = [rocksalt_nacl(), fcc_cu()]
+    [nacl_features, cu_features] = [r.features for r in stability.static_readings(structures)]
+    computed = surrogate.predict(structures)
+
+    def no_second_chgnet_call(structures, batch_size=16):
+        raise AssertionError("CHGNet must not run again when its features are given")
+
+    monkeypatch.setattr("crystallm_core.chem.surrogates.ensemble.static_readings", no_second_chgnet_call)
+    reused = surrogate.predict(structures, chgnet=[nacl_features, cu_features])
+    for a, b in zip(computed, reused):
+        assert (a.mean, a.std, a.head, a.gbm) == pytest.approx((b.mean, b.std, b.head, b.gbm), abs=1e-6)
+        assert math.isnan(a.gnn) and a.std > 0 and a.reason is None
+
+
+def test_report_scores_v1_and_shipped_side_by_side(tmp_path, prototypes):
     import pandas as pd
 
-    models = tmp_path / "models"
-    save_gnn(tiny_gnn(), models)
-    tiny_gbm().save(models)
+    models = tiny_ensemble(tmp_path / "models", EnsembleConfig(["head", "gnn", "gbm"], "mixture", 0.1, 0.1, 1.0))
     rows = [("nacl", "mp20", 5.0, "test", "NaCl"), ("cu", "wbm", 0.0, "test", "Cu"),
-            ("tio2", "mp20", 3.0, "val", "TiO2"), ("si", "mp20", 1.1, "train", "Si"),
-            ("zno", "mp20", float("nan"), "test", "ZnO")]  # only NaCl and Cu are labelled test rows
+            ("zno", "wbm", 3.4, "test", "ZnO"), ("tio2", "mp20", 3.0, "val", "TiO2"),
+            ("si", "mp20", 1.1, "train", "Si"), ("srtio3", "mp20", float("nan"), "test", "SrTiO3")]
     pd.DataFrame([{"id": i, "source": source, "band_gap": gap, "split": split, "cif": prototypes[name].to(fmt="cif")}
                   for i, source, gap, split, name in rows]).to_parquet(tmp_path / "dataset.parquet")
-    score_ensemble(["--dataset", str(tmp_path / "dataset.parquet"), "--models", str(models), "--threads", "1",
-                    "--out", str(tmp_path / "metrics.json"), "--predictions", str(tmp_path / "predictions.csv")])
-    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"gnn", "gbm", "mean"} and metrics["mean"]["test_all"]["n"] == 2
+    summary = report.main(["--dataset", str(tmp_path / "dataset.parquet"), "--models", str(models),
+                           "--out", str(tmp_path / "metrics.json"), "--predictions", str(tmp_path / "predictions.csv")])
+    assert set(summary["metrics"]) == {"v1", "shipped"}
+    shipped = summary["metrics"]["shipped"]
+    written = json.loads((tmp_path / "metrics.json").read_text())["metrics"]["shipped"]["test_wbm"]
+    assert written["mae"] == shipped["test_wbm"]["mae"] and written["coverage_1"] == shipped["test_wbm"]["coverage_1"]
+    assert set(shipped) == {"test_wbm", "test_mp", "val_mp"} and shipped["test_wbm"]["n"] == 2
+    assert {"r2", "mae", "mae_gap_pos", "metal_accuracy", "coverage_1", "coverage_2"} <= set(shipped["test_mp"])
+    assert summary["shipped_ms_per_structure_beyond_chgnet"] > 0 and summary["chgnet_ms_per_structure"] > 0
     table = pd.read_csv(tmp_path / "predictions.csv")
-    assert list(table.columns) == ["id", "source", "split", "true", "pred", "std", "gnn", "gbm", "p_metal"]
-    assert table["id"].tolist() == ["nacl", "cu"] and table["source"].tolist() == ["mp20", "wbm"]  # test rows only
-    assert (table["split"] == "test").all() and table["true"].tolist() == [5.0, 0.0]
-    assert table["std"].to_numpy() == pytest.approx(abs(table["gnn"] - table["gbm"]).to_numpy() / 2, abs=2e-4)
-    mae = np.mean(np.abs(table["true"] - table["pred"]))
-    assert mae == pytest.approx(metrics["mean"]["test_all"]["mae"], abs=1e-3)
+    assert table["id"].tolist() == ["nacl", "cu", "zno"] and (table["split"] == "test").all()  # labelled test rows
+    assert {"true", "pred", "std", "p_metal", "head", "gnn", "gbm", "v1_pred", "v1_std"} <= set(table.columns)
+    assert table["v1_std"].to_numpy() == pytest.approx(abs(table["gnn"] - table["gbm"]).to_numpy() / 2, abs=2e-4)
+    wbm = table[table["source"] == "wbm"]
+    assert np.mean(np.abs(wbm["true"] - wbm["pred"])) == pytest.approx(shipped["test_wbm"]["mae"], abs=1e-3)
+
+
+def test_mixture_spread_and_calibration():
+    # a confident metal read as 0 eV, a confident non-metal, and a split vote
+    spread = mixture_spread([0.99, 0.01, 0.5], [2.0, 3.0, 2.0], [0.0, 3.0, 0.0], [0.3, 0.3, 0.3])
+    assert spread[0] == pytest.approx(np.sqrt(0.01 * (4 + 0.09)))
+    assert spread[1] == pytest.approx(np.sqrt(0.99 * 0.09 + 0.01 * 9), rel=1e-6)
+    assert spread[2] > spread[0]
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0.1, 1.0, 20000)
+    error = rng.normal(size=20000) * spread * 2.5  # spreads 2.5 times too small
+    k = fit_scale(error, spread)
+    assert k == pytest.approx(2.5, rel=0.03) and coverage(error, spread, k) == pytest.approx(0.68, abs=0.005)
+    assert coverage(error, spread, 2 * k) == pytest.approx(0.954, abs=0.01)
+    curve = reliability_curve(error, k * spread)
+    assert np.allclose(curve["observed"], curve["nominal"], atol=0.02)
+
+
+def test_fit_scale_when_exact_zeros_alone_exceed_the_target():
+    error = np.r_[np.zeros(80), np.linspace(0.1, 1.0, 20)]  # 80 % of rows: metals read exactly right
+    k = fit_scale(error, np.ones(100))
+    assert k == pytest.approx(np.quantile(error[80:], 0.68), abs=0.05)  # fitted on the rows that can miss
+    assert coverage(error, np.ones(100), k) > 0.8  # the floor the rows with error 0 set
 
 
 def test_missing_model_files_are_named(tmp_path):
@@ -203,11 +266,13 @@ def test_missing_model_files_are_named(tmp_path):
         BandGapSurrogate.load(tmp_path)
 
 
-SHIPPED = all((SURROGATE_DIR / name).is_file() for name in ("gnn.safetensors", "gbm_regressor.txt"))
+SHIPPED = (SURROGATE_DIR / "ensemble_config.json").is_file()
 
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped surrogate weights not present in crystallm_core/assets/surrogates")
 def test_shipped_surrogates_know_salt_from_copper():
-    nacl, cu = BandGapSurrogate.load().predict([rocksalt_nacl(), fcc_cu()])
-    assert nacl.p_metal < 0.5 and nacl.mean > 2.0 and nacl.gnn > 2.0 and nacl.gbm > 2.0
-    assert cu.p_metal > 0.5 and cu.mean == 0.0
+    surrogate = BandGapSurrogate.load()
+    assert "head" in surrogate.config.members and surrogate.config.spread == "mixture"
+    nacl, cu = surrogate.predict([rocksalt_nacl(), fcc_cu()])
+    assert nacl.p_metal < 0.5 and nacl.mean > 2.0 and nacl.head > 2.0 and 0 < nacl.std < 2.0
+    assert cu.p_metal > 0.5 and cu.mean == 0.0 and cu.std < 0.5

@@ -1,0 +1,50 @@
+"""The "±" of a band-gap reading: a spread derived from the model, rescaled on held-out rows.
+
+numpy only. A gated reading is a two-outcome guess: "metal (0 eV) with probability p, else a
+gap g known to about ±sigma". `mixture_spread` is the standard deviation of that guess about
+the reading shown; `fit_scale` finds the factor k so that |error| <= k * spread on a target
+share of held-out rows (68 %: what "±1" means for a normal error), and `coverage` checks it.
+"""
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+
+TARGET_COVERAGE = 0.68
+
+
+def mixture_spread(p_metal: np.ndarray, gap: np.ndarray, reading: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Standard deviation, about `reading`, of "0 eV with probability p_metal, else gap ± sigma"."""
+    p, gap, reading, sigma = (np.asarray(a, dtype=float) for a in (p_metal, gap, reading, sigma))
+    return np.sqrt(p * reading**2 + (1 - p) * ((gap - reading) ** 2 + sigma**2))
+
+
+def coverage(error: np.ndarray, spread: np.ndarray, k: float = 1.0) -> float:
+    """Share of rows whose absolute error is within k spreads."""
+    return float(np.mean(np.abs(np.asarray(error)) <= k * np.asarray(spread)))
+
+
+def fit_scale(error: np.ndarray, spread: np.ndarray, target: float = TARGET_COVERAGE) -> float:
+    """Smallest k with coverage(error, spread, k) >= target (rows with zero spread and error never count).
+
+    Rows whose error is exactly 0 (metals read as 0 eV) are covered by any k; when they alone
+    exceed `target`, no rescaling can bring coverage down to it and k is fitted on the other
+    rows instead, to the share of them the target leaves (a floor that `coverage` then reports).
+    """
+    error, spread = np.abs(np.asarray(error, dtype=float)), np.asarray(spread, dtype=float)
+    exact = error == 0
+    rest = ~exact & (spread > 0)
+    if not rest.any():
+        return 1.0
+    share = (target - exact.mean()) / rest.mean() if exact.mean() < target else target
+    ratios = np.sort(error[rest] / spread[rest])
+    return float(ratios[min(int(np.ceil(np.clip(share, 0, 1) * len(ratios))) - 1, len(ratios) - 1)].clip(1e-6))
+
+
+def reliability_curve(error: np.ndarray, spread: np.ndarray,
+                      nominal: np.ndarray = np.round(np.arange(0.05, 1.0, 0.05), 2)) -> dict[str, list[float]]:
+    """Observed share of rows inside the central interval of each nominal probability (±z spreads,
+    z from a normal distribution): on the diagonal when the spread is calibrated."""
+    z = [NormalDist().inv_cdf(0.5 + p / 2) for p in nominal]
+    return {"nominal": [float(p) for p in nominal], "observed": [coverage(error, spread, k) for k in z]}
