@@ -5,8 +5,8 @@
     surrogate.predict(structures, chgnet=features)   # reuse the CHGNet forward of the stability estimate
 
 Three readings can take part, each a metal classifier plus a non-metal gap regressor: "head"
-(LightGBM on CHGNet's pretrained crystal features next to the descriptors of `features.py`),
-"gnn" (the crystal graph network) and "gbm" (LightGBM on the descriptors alone).
+(a deep ensemble of MLPs on CHGNet's pretrained crystal features, `head.py`), "gnn" (the
+crystal graph network) and "gbm" (LightGBM on the descriptors of `features.py`).
 `ensemble_config.json` names the members and the calibration of the spread (chosen on the
 validation split by `train_head`). A structure that cannot be featurised gets NaNs and a
 `reason`; it never breaks the batch.
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from pymatgen.core import Structure
 
-from crystallm_core.chem.stability import chgnet_feature_names, static_readings
+from crystallm_core.chem.stability import static_readings
 from crystallm_core.chem.surrogates.calibration import mixture_spread
 from crystallm_core.chem.surrogates.cgcnn import (
     CONFIG_FILE,
@@ -33,11 +33,17 @@ from crystallm_core.chem.surrogates.cgcnn import (
     predict_gap,
 )
 from crystallm_core.chem.surrogates.features import feature_names, structure_features
-from crystallm_core.chem.surrogates.gbm import GBMModel, model_files
+from crystallm_core.chem.surrogates.gbm import CLASSIFIER_FILE, REGRESSOR_FILE, GBMModel
 from crystallm_core.chem.surrogates.graphs import (
     GraphConfig,
     pack_graphs,
     structure_to_graph,
+)
+from crystallm_core.chem.surrogates.head import (
+    HEAD_CONFIG_FILE,
+    HEAD_WEIGHTS_FILE,
+    GapHead,
+    load_head,
 )
 from crystallm_core.chem.surrogates.scoring import gated_gap
 from crystallm_core.paths import SURROGATE_DIR
@@ -47,18 +53,13 @@ ENSEMBLE_CONFIG_FILE = "ensemble_config.json"
 READINGS = ("head", "gnn", "gbm")
 
 
-def head_feature_names() -> list[str]:
-    """Columns of the CHGNet head: CHGNet's crystal features, then the descriptors."""
-    return chgnet_feature_names() + feature_names()
-
-
 @dataclass
 class EnsembleConfig:
     """Which readings are averaged and how their spread becomes the "±" (see calibration.py)."""
 
     members: list[str] = field(default_factory=lambda: ["gnn", "gbm"])
     spread: str = "disagreement"  # "disagreement": half the gap between two readings (v1); "mixture"
-    sigma_relative: float = 0.0  # mixture: the regressor's error, sigma = hypot(members' std, rel·g, floor)
+    sigma_relative: float = 0.0  # mixture: the regressor's error, sigma = hypot(readings' std, rel·g, floor)
     sigma_floor: float = 0.0  # eV
     scale: float = 1.0  # k, fitted on val so that ±1 spread covers 68 % of rows
 
@@ -88,8 +89,10 @@ class GapPrediction:
         return asdict(self)
 
 
-def combine(p_metal: np.ndarray, gap: np.ndarray, config: EnsembleConfig) -> tuple[np.ndarray, ...]:
-    """Members' (P(metal), gap if non-metal) columns (n, m) -> (band gap, ±, P(metal), readings (n, m))."""
+def combine(p_metal: np.ndarray, gap: np.ndarray, config: EnsembleConfig, gap_var: np.ndarray | None = None,
+            ) -> tuple[np.ndarray, ...]:
+    """Members' (P(metal), gap if non-metal) columns (n, m), and the variance of each member's own
+    gap among its models (n, m; the head's MLPs) -> (band gap, ±, P(metal), readings (n, m))."""
     readings = gated_gap(p_metal, gap)
     # Gate once with the averaged probability: averaging two gated readings would turn a
     # split vote (0 eV vs 3 eV) into 1.5 eV, which is wrong for both outcomes.
@@ -98,19 +101,22 @@ def combine(p_metal: np.ndarray, gap: np.ndarray, config: EnsembleConfig) -> tup
     if config.spread == "disagreement":
         spread = np.abs(readings[:, 0] - readings[:, -1]) / 2
     else:
-        sigma = np.sqrt(gap.var(axis=1) + (config.sigma_relative * mean_gap) ** 2 + config.sigma_floor**2)
+        within = 0.0 if gap_var is None else gap_var.mean(axis=1)
+        sigma = np.sqrt(gap.var(axis=1) + within + (config.sigma_relative * mean_gap) ** 2 + config.sigma_floor**2)
         spread = mixture_spread(mean_p, mean_gap, mean, sigma)
     return mean, config.scale * spread, mean_p, readings
 
 
 class BandGapSurrogate:
-    def __init__(self, config: EnsembleConfig, models: dict[str, CrystalGNN | GBMModel]):
+    def __init__(self, config: EnsembleConfig, models: dict[str, CrystalGNN | GBMModel | GapHead]):
         missing = set(config.members) - set(models)
         if missing or not config.members:
             raise ValueError(f"ensemble members without a model: {sorted(missing) or 'none listed'}")
         self.config, self.models = config, models
         gnn = models.get("gnn")
         self.graph_config = GraphConfig(gnn.config.cutoff, gnn.config.max_neighbors) if gnn else None
+        head = models.get("head")
+        self.needs_descriptors = "gbm" in models or (head is not None and head.config.descriptors)
 
     @classmethod
     def load(cls, dir: Path = SURROGATE_DIR, config: EnsembleConfig | None = None) -> BandGapSurrogate:
@@ -118,29 +124,34 @@ class BandGapSurrogate:
         missing file."""
         dir = Path(dir)
         config = config or EnsembleConfig.load(dir)
-        files = {"gnn": (CONFIG_FILE, WEIGHTS_FILE), "gbm": model_files("gbm"), "head": model_files("head")}
+        files = {"gnn": (CONFIG_FILE, WEIGHTS_FILE), "gbm": (CLASSIFIER_FILE, REGRESSOR_FILE),
+                 "head": (HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE)}
         for name in (f for member in config.members for f in files[member]):
             if not (dir / name).is_file():
                 raise FileNotFoundError(f"band-gap surrogate file missing: {dir / name}")
         loaders = {"gnn": lambda: load_gnn(dir), "gbm": lambda: GBMModel.load(dir, feature_names()),
-                   "head": lambda: GBMModel.load(dir, head_feature_names(), prefix="head")}
+                   "head": lambda: load_head(dir)}
         return cls(config, {member: loaders[member]() for member in config.members})
 
-    def featurise(self, structure: Structure) -> tuple[object, np.ndarray]:
-        """(graph or None when no graph network is used, descriptors); ValueError with a readable reason."""
+    def featurise(self, structure: Structure) -> tuple[object, np.ndarray | None]:
+        """(graph, descriptors), each None when no member needs it; ValueError with a readable reason."""
         if not isinstance(structure, Structure):
             raise ValueError(f"expected a pymatgen Structure, got {type(structure).__name__}")
+        if not structure.is_ordered:
+            raise ValueError("disordered structure (partial occupancies) is not supported")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            features = structure_features(structure)
+            features = structure_features(structure) if self.needs_descriptors else None
             graph = structure_to_graph(structure, self.graph_config) if self.graph_config else None
-        if not np.isfinite(features).all() or (graph is not None and not np.isfinite(graph.distances).all()):
+        if (features is not None and not np.isfinite(features).all()) or (
+                graph is not None and not np.isfinite(graph.distances).all()):
             raise ValueError("non-finite geometry (overlapping atoms or a degenerate lattice?)")
         return graph, features
 
     def readings(self, structures: Sequence[Structure], chgnet: Sequence[np.ndarray | None] | None = None,
-                 ) -> tuple[list[str | None], dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """Per-structure failure reasons, and each member's (P(metal), gap) over the structures without one.
+                 ) -> tuple[list[str | None], dict[str, tuple[np.ndarray, ...]]]:
+        """Per-structure failure reasons, and each member's (P(metal), gap, variance of the gap among its
+        models) over the structures without one.
 
         `chgnet` holds each structure's `stability.crystal_features` where already computed; the
         rest are computed here (one CHGNet forward each)."""
@@ -166,15 +177,17 @@ class BandGapSurrogate:
         if not keep:
             return reasons, {}
         out = {}
-        descriptors = np.stack([descriptors[k] for k in keep])
+        descriptors = np.stack([descriptors[k] for k in keep]) if self.needs_descriptors else None
         for member, model in self.models.items():
             if member == "gnn":
                 store = GraphStore(pack_graphs([graphs[k] for k in keep]))
-                out[member] = predict_gap(model, store, np.arange(len(keep)))
+                out[member] = (*predict_gap(model, store, np.arange(len(keep))), np.zeros(len(keep)))
             elif member == "gbm":
-                out[member] = model.predict(descriptors)
+                out[member] = (*model.predict(descriptors), np.zeros(len(keep)))
             else:
-                out[member] = model.predict(np.hstack([np.stack([chgnet[ok[k]] for k in keep]), descriptors]))
+                inputs = np.stack([chgnet[ok[k]] for k in keep])
+                p, gap = model.predict(np.hstack([inputs, descriptors]) if model.config.descriptors else inputs)
+                out[member] = (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))
         return reasons, out
 
     def predict(self, structures: Sequence[Structure], chgnet: Sequence[np.ndarray | None] | None = None,
@@ -184,8 +197,8 @@ class BandGapSurrogate:
         if not readings:
             return [GapPrediction(NAN, NAN, NAN, reason=reason) for reason in reasons]
         members = self.config.members
-        mean, spread, p_metal, gated = combine(np.stack([readings[m][0] for m in members], 1),
-                                               np.stack([readings[m][1] for m in members], 1), self.config)
+        mean, spread, p_metal, gated = combine(*(np.stack([readings[m][i] for m in members], 1) for i in range(2)),
+                                               self.config, np.stack([readings[m][2] for m in members], 1))
         ok = iter(range(len(mean)))
         out = []
         for reason in reasons:

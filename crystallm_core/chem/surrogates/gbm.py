@@ -1,8 +1,6 @@
-"""LightGBM readings: a metal / non-metal classifier and a gap regressor trained on non-metals.
+"""LightGBM reading: a metal / non-metal classifier and a gap regressor trained on non-metals.
 
-Two readings use it: "gbm" on the descriptors of `features.py` and "head" on CHGNet's crystal
-features next to those descriptors. Boosters are stored in LightGBM's own text format (no
-pickle) as `{prefix}_classifier.txt` and `{prefix}_regressor.txt`.
+Both boosters are stored in LightGBM's own text format (no pickle), next to the GNN files.
 """
 from __future__ import annotations
 
@@ -12,10 +10,8 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 
-
-def model_files(prefix: str) -> tuple[str, str]:
-    """(classifier, regressor) file names of the reading called `prefix`."""
-    return f"{prefix}_classifier.txt", f"{prefix}_regressor.txt"
+CLASSIFIER_FILE = "gbm_classifier.txt"
+REGRESSOR_FILE = "gbm_regressor.txt"
 
 
 @dataclass
@@ -30,20 +26,18 @@ class GBMModel:
         gap = np.clip(self.regressor.predict(features), 0.0, None)
         return p_metal, gap
 
-    def save(self, out_dir: Path, prefix: str = "gbm") -> None:
+    def save(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        classifier, regressor = model_files(prefix)
-        self.classifier.save_model(out_dir / classifier)
-        self.regressor.save_model(out_dir / regressor)
+        self.classifier.save_model(out_dir / CLASSIFIER_FILE)
+        self.regressor.save_model(out_dir / REGRESSOR_FILE)
 
     @classmethod
-    def load(cls, model_dir: Path, expected_features: list[str], prefix: str = "gbm") -> GBMModel:
+    def load(cls, model_dir: Path, expected_features: list[str]) -> GBMModel:
         """Load both boosters; ValueError if they were trained on a different feature set."""
-        classifier, regressor = model_files(prefix)
-        model = cls(lgb.Booster(model_file=str(Path(model_dir) / classifier)),
-                    lgb.Booster(model_file=str(Path(model_dir) / regressor)))
+        model = cls(lgb.Booster(model_file=str(Path(model_dir) / CLASSIFIER_FILE)),
+                    lgb.Booster(model_file=str(Path(model_dir) / REGRESSOR_FILE)))
         for booster in (model.classifier, model.regressor):
             if booster.feature_name() != expected_features:
                 raise ValueError(f"{model_dir}: LightGBM model was trained on other features; retrain it "
-                                 "(python -m crystallm_core.chem.surrogates.train_gbm or train_head)")
+                                 "(python -m crystallm_core.chem.surrogates.train_gbm)")
         return model

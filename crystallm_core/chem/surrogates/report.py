@@ -52,17 +52,18 @@ def parse(cifs: Sequence[str]) -> list[Structure | None]:
 
 
 def member_readings(table: pd.DataFrame, model_dir: Path, members: list[str],
-                    chgnet: Sequence[np.ndarray | None] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each member's (P(metal), gap) for the rows of `table` (column cif); NaN where a row fails."""
+                    chgnet: Sequence[np.ndarray | None] | None = None) -> dict[str, tuple[np.ndarray, ...]]:
+    """Each member's (P(metal), gap, gap variance among its models) for the rows of `table` (column
+    cif); NaN where a row fails."""
     surrogate = BandGapSurrogate.load(model_dir, EnsembleConfig(members))
     reasons, readings = surrogate.readings(parse(table.cif), chgnet)
     ok = np.array([reason is None for reason in reasons])
     out = {}
     for member, columns in readings.items():
-        full = [np.full(len(table), np.nan), np.full(len(table), np.nan)]
+        full = tuple(np.full(len(table), np.nan) for _ in columns)
         for column, values in zip(full, columns):
             column[ok] = values
-        out[member] = (full[0], full[1])
+        out[member] = full
     return out
 
 
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         readings = member_readings(table, args.models, config.members, chgnet)
         summary[f"{name}_ms_per_structure_beyond_chgnet"] = round(1000 * (time.perf_counter() - start) / len(table), 2)
-        mean, spread, p_metal, gated = combine(np.stack([readings[m][0] for m in config.members], 1),
-                                               np.stack([readings[m][1] for m in config.members], 1), config)
+        columns_in = [np.stack([readings[m][i] for m in config.members], 1) for i in range(3)]
+        mean, spread, p_metal, gated = combine(*columns_in[:2], config, columns_in[2])
         ok = np.isfinite(mean)
         summary["failed"] = int((~ok).sum())
         summary["metrics"][name] = {part: scores(y[mask & ok], mean[mask & ok], spread[mask & ok], p_metal[mask & ok])

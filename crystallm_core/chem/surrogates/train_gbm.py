@@ -60,14 +60,13 @@ def cached_features(table: pd.DataFrame, cache: Path, workers: int) -> np.ndarra
 
 
 def train_gbm(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, max_rounds: int = 5000,
-              threads: int = 1, names: list[str] | None = None) -> tuple[GBMModel, dict]:
-    """Fit classifier and regressor with early stopping on the validation split (columns `names`,
-    by default the descriptors of `features.py`).
+              threads: int = 1) -> tuple[GBMModel, dict]:
+    """Fit classifier and regressor with early stopping on the validation split.
 
     One thread by default: it trains in about 30 s, while on a shared, oversubscribed machine
     LightGBM's OpenMP threads spin-wait (a 2-thread run under load took 31 minutes).
     """
-    names = names or feature_names()
+    names = feature_names()
     metal = is_metal(band_gap).astype(float)
     train, val = split == "train", split == "val"
     stop = [lgb.early_stopping(200, verbose=False)]
