@@ -36,7 +36,7 @@ def scored(frame) -> pd.Series:
 
 
 def scatter_figure(frame, tolerance: float) -> go.Figure:
-    """Target vs surrogate gap, error bars = surrogate disagreement, the ±tolerance band shaded."""
+    """Target vs surrogate gap, error bars = the surrogate's calibrated ±, the ±tolerance band shaded."""
     shown = frame[scored(frame)].copy()
     shown["category"] = [("valid, E_hull n/a" if pd.isna(stable) else "valid, stable" if stable else "valid, not stable")
                          for stable in shown["stable"]]

@@ -42,7 +42,7 @@ def parity_figure(table: pd.DataFrame) -> go.Figure:
     if table.empty:
         raise ValueError("no test rows")
     table = table.assign(true=table["true"].astype(float), pred=table["pred"].astype(float))
-    spread = " ± %{customdata:.2f}" if "std" in table else ""  # the ensemble's disagreement, if written
+    spread = " ± %{customdata:.2f}" if "std" in table else ""  # the calibrated ± spread, if written
     groups = table.groupby("source", sort=True) if "source" in table else [("test", table)]
     figure = go.Figure()
     for name, group in groups:
