@@ -56,7 +56,7 @@ from crystallm_core.chem.surrogates.head import (
 )
 from crystallm_core.chem.surrogates.scoring import gap_metrics, gated_gap
 from crystallm_core.chem.surrogates.train_gnn import TrainConfig, train
-from crystallm_core.chem.surrogates.train_head import train_head
+from crystallm_core.chem.surrogates.train_head import calibrate, train_head
 from crystallm_core.paths import SURROGATE_DIR
 
 
@@ -258,6 +258,20 @@ def test_train_head_fits_each_model_and_round_trips(tmp_path):
     save_head(head, tmp_path)
     again = load_head(tmp_path).predict(features[160:])
     assert np.allclose(again[0], p_metal) and np.allclose(again[1], gap)
+
+
+def test_calibrate_fits_the_spread_on_rows_read_as_non_metals():
+    rng = np.random.default_rng(1)
+    n = 4000
+    metal = rng.uniform(size=n) < 0.6
+    true = np.where(metal, 0.0, rng.uniform(0.5, 5.0, n))
+    noise = 0.4 * rng.normal(size=n)  # the regressor's error on non-metals
+    p_metal = np.where(metal, 0.95, 0.05)[:, None]
+    gap = np.clip(np.where(metal, 1.0, true + noise), 0, None)[:, None]
+    config, log = calibrate(EnsembleConfig(["head"]), p_metal, gap, np.zeros((n, 1)), true)
+    assert config.spread == "mixture" and config.members == ["head"]
+    assert log["coverage_1_read_nonmetal"] == pytest.approx(0.68, abs=0.01)
+    assert log["coverage_1"] > 0.68  # metals read as 0 eV are exactly right: they lift coverage over all rows
 
 
 def test_mixture_spread_and_calibration():

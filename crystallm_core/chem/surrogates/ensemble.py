@@ -50,7 +50,6 @@ from crystallm_core.paths import SURROGATE_DIR
 
 NAN = float("nan")
 ENSEMBLE_CONFIG_FILE = "ensemble_config.json"
-READINGS = ("head", "gnn", "gbm")
 
 
 @dataclass
@@ -61,7 +60,7 @@ class EnsembleConfig:
     spread: str = "disagreement"  # "disagreement": half the gap between two readings (v1); "mixture"
     sigma_relative: float = 0.0  # mixture: the regressor's error, sigma = hypot(readings' std, rel·g, floor)
     sigma_floor: float = 0.0  # eV
-    scale: float = 1.0  # k, fitted on val so that ±1 spread covers 68 % of rows
+    scale: float = 1.0  # k, fitted on val so that ±1 spread covers 68 % of the rows read as non-metals
 
     @classmethod
     def load(cls, directory: Path) -> EnsembleConfig:

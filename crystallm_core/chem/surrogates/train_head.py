@@ -106,7 +106,8 @@ def calibrate(config: EnsembleConfig, p_metal: np.ndarray, gap: np.ndarray, gap_
             best = (score, trial, mean - y, trial.scale * spread, gapped)
     score, chosen, error, spread, gapped = best
     return chosen, {"interval_score": round(score, 4), "coverage_1": coverage(error, spread),
-                    "coverage_2": coverage(error, spread, 2), "coverage_1_read_nonmetal": coverage(error[gapped], spread[gapped])}
+                    "coverage_2": coverage(error, spread, 2),
+                    "coverage_1_read_nonmetal": coverage(error[gapped], spread[gapped])}
 
 
 def select(heads: dict[str, tuple[np.ndarray, ...]], shipped: dict[str, tuple[np.ndarray, ...]], y: np.ndarray,
