@@ -245,6 +245,24 @@ def test_report_scores_v1_and_shipped_side_by_side(tmp_path, prototypes):
     assert np.mean(np.abs(wbm["true"] - wbm["pred"])) == pytest.approx(shipped["test_wbm"]["mae"], abs=1e-3)
 
 
+def test_chgnet_feature_cache_computes_each_row_once(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from crystallm_core.chem.surrogates import chgnet_cache
+
+    table = pd.DataFrame({"id": ["nacl", "junk"], "cif": [rocksalt_nacl().to(fmt="cif"), "not a CIF"]})
+    first = chgnet_cache.cached_chgnet_features(table, tmp_path / "cache.npz", verbose=False)
+    assert first.shape == (2, len(stability.chgnet_feature_names()))
+    assert np.isfinite(first[0]).all() and np.isnan(first[1]).all()  # a failed row is NaN, not an error
+
+    def never(cifs, batch_size=32):
+        raise AssertionError("cached rows must not be recomputed")
+
+    monkeypatch.setattr(chgnet_cache, "features_of_cifs", never)
+    again = chgnet_cache.cached_chgnet_features(table.iloc[::-1].reset_index(drop=True), tmp_path / "cache.npz")
+    assert np.array_equal(again[1], first[0]) and np.isnan(again[0]).all()
+
+
 def test_train_head_fits_each_model_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     features = rng.normal(size=(200, 6))
