@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ensembles = {"v1": V1_CONFIG, "shipped": EnsembleConfig.load(args.models)}
     y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
-    summary: dict = {"chgnet_ms_per_structure": round(chgnet_ms, 2), "torch_threads": torch.get_num_threads(),
+    summary: dict = {"dataset": str(args.dataset), "rows": len(table),
+                     "chgnet_ms_per_structure": round(chgnet_ms, 2), "torch_threads": torch.get_num_threads(),
                      "ensembles": {name: config.__dict__ for name, config in ensembles.items()}, "metrics": {}}
     columns: dict[str, np.ndarray] = {}
     for name, config in ensembles.items():
