@@ -19,7 +19,7 @@ from crystallm_core.product.service import (
     sweep_requests,
     sweep_summary,
 )
-from crystallm_core.ui.charts import e_hull_scatter_figure
+from crystallm_core.ui.charts import e_hull_scatter_figure, hit_rate_figure
 from crystallm_core.ui.components import (
     active_job,
     current_model,
@@ -38,7 +38,7 @@ def scored(frame) -> pd.Series:
 
 
 def scatter_figure(frame, tolerance: float) -> go.Figure:
-    """Target vs surrogate gap, error bars = surrogate disagreement, the ±tolerance band shaded."""
+    """Target vs surrogate gap, error bars = the surrogate's calibrated ±, the ±tolerance band shaded."""
     shown = frame[scored(frame)].copy()
     shown["category"] = [("valid, E_hull n/a" if pd.isna(stable) else "valid, stable" if stable else "valid, not stable")
                          for stable in shown["stable"]]
@@ -146,11 +146,7 @@ else:
     if scored(frame).any():
         gap_column.plotly_chart(scatter_figure(frame, tolerance), key="scatter")
         curve = hit_rate_vs_tolerance(frame, [round(t, 2) for t in np.arange(0.05, 3.01, 0.05)])
-        figure = go.Figure(go.Scatter(x=curve["tolerance"], y=curve["hit_rate"], mode="lines"))
-        figure.add_vline(x=tolerance, line_dash="dot")
-        figure.update_layout(height=300, title="Hit rate (over all samples) vs tolerance", xaxis_title="tolerance (eV)",
-                             yaxis_title="hit rate", yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=30, b=40))
-        st.plotly_chart(figure, key="hit_curve")
+        st.plotly_chart(hit_rate_figure(curve, tolerance), key="hit_curve")
     else:
         gap_column.info("Surrogate band gaps: not available for this run (no valid structure, no surrogate model, or "
                 "no band-gap target), so there is no scatter or hit rate to show.")

@@ -15,7 +15,11 @@ from crystallm_core.product.service import (
     e_hull_steering_note,
     response_table,
 )
-from crystallm_core.ui.charts import histogram_figure, response_figure
+from crystallm_core.ui.charts import (
+    histogram_figure,
+    reliability_figure,
+    response_figure,
+)
 from crystallm_core.ui.components import current_model, read_json, training_stats
 
 LOSS_LOG = "training_log.json"  # [{"step": …, "train_loss": …, "val_loss": …}, …] or {column: [values]}
@@ -48,7 +52,7 @@ def parity_figure(table: pd.DataFrame) -> go.Figure:
     if table.empty:
         raise ValueError("no test rows")
     table = table.assign(true=table["true"].astype(float), pred=table["pred"].astype(float))
-    spread = " ± %{customdata:.2f}" if "std" in table else ""  # the ensemble's disagreement, if written
+    spread = " ± %{customdata:.2f}" if "std" in table else ""  # the calibrated ± spread, if written
     groups = table.groupby("source", sort=True) if "source" in table else [("test", table)]
     figure = go.Figure()
     for name, group in groups:
@@ -118,11 +122,12 @@ except (OSError, KeyError, ValueError) as error:
     st.info(f"Surrogate parity plot: not available ({type(error).__name__}: {error}).")
 else:
     st.plotly_chart(figure, key="parity")
+    st.plotly_chart(reliability_figure(predictions), key="reliability")
 
 metrics = read_json(SURROGATE_METRICS)
 if metrics is not None:
-    st.caption("Band-gap surrogate on held-out splits (eV; the app shows the mean of the two readings, ± half "
-               "their difference).")
+    st.caption("Band-gap surrogate on held-out splits (eV): the shipped ensemble next to v1; coverage_1 / "
+               "coverage_2 = share of rows whose error is within ±1 / ±2 of the calibrated spread.")
     st.dataframe(pd.DataFrame([{"reading": reading, "split": split, **values}
                                for reading, splits in metrics.get("metrics", {}).items()
                                for split, values in splits.items()]), hide_index=True)

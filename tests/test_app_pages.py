@@ -270,6 +270,8 @@ def test_evaluate_draws_scatter_hit_curve_and_funnel(app_env):
     at.switch_page("pages/evaluate.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert len(at.get("plotly_chart")) >= 3  # scatter, hit rate vs tolerance, funnel
+    [hits] = [chart for chart in at.get("plotly_chart") if "Hit rate (over all samples)" in chart.proto.spec]
+    assert "uncertain" in hits.proto.spec and "certain hits" in hits.proto.spec  # the ± band splits the hits
     at.session_state["run"] = prototype_run(scores=False)
     at.run()
     assert "not available" in messages(at.info) and len(at.get("plotly_chart")) == 1  # funnel only
@@ -317,6 +319,8 @@ def test_model_page_renders_card_curves_and_histograms(app_env, short_model_dir,
     assert PARITY_FILE.is_file()  # shipped with the surrogates
     parity = [chart for chart in at.get("plotly_chart") if "Band-gap surrogate on its test split" in chart.proto.spec]
     assert len(parity) == 1 and "MAE" in parity[0].proto.spec and "wbm" in parity[0].proto.spec
+    [reliability] = [chart for chart in at.get("plotly_chart") if "Reliability of the surrogate" in chart.proto.spec]
+    assert "WBM rows" in reliability.proto.spec and "Materials Project rows" in reliability.proto.spec
     at.switch_page("pages/generate.py").run()
     assert not at.exception and len(at.get("plotly_chart")) == 2  # density hints beside the sliders
 

@@ -27,7 +27,7 @@ class FakeSurrogate:
     def load(cls):
         return cls()
 
-    def predict(self, structures):
+    def predict(self, structures, chgnet=None):
         from crystallm_core.chem.surrogates.ensemble import GapPrediction
 
         return [GapPrediction(mean=1.2, std=0.1, gnn=1.1, gbm=1.3, p_metal=0.2, reason=None) for _ in structures]

@@ -46,10 +46,38 @@ def test_missing_components_are_named_once_and_never_invented(no_components, mon
 
 def test_a_failing_component_becomes_a_note_not_a_crash(monkeypatch):
     class BrokenSurrogate:
-        def predict(self, structures):
+        def predict(self, structures, chgnet=None):
             raise RuntimeError("graph too big")
 
     monkeypatch.setattr(scoring, "load_gap_model", lambda: BrokenSurrogate())
     scorer = scoring.StructureScorer(stability=False, novelty=False)
     rows = scorer.score([rocksalt_nacl(), None])
     assert rows[0] == {"notes": "band gap failed: RuntimeError: graph too big"} and rows[1] == {}
+
+
+def test_the_gap_model_reuses_the_stability_pass_chgnet_features(monkeypatch):
+    import numpy as np
+
+    from crystallm_core.chem.stability import StabilityEstimate
+    from crystallm_core.chem.surrogates import GapPrediction
+
+    features = [np.full(3, 1.0), None]  # the second structure's CHGNet pass failed
+    seen = {}
+
+    def estimates(structures, relax=False, relax_settings=None):
+        return [StabilityEstimate(-4.0, -1.0, 0.05, False, 0.1, features=features[0]),
+                StabilityEstimate(None, None, None, False, 0.1, "CHGNet failed: isolated atom")]
+
+    class Surrogate:
+        def predict(self, structures, chgnet=None):
+            seen["chgnet"] = chgnet
+            return [GapPrediction(2.0, 0.3, 0.1, head=2.0), GapPrediction(0.0, 0.05, 0.9, head=0.0)]
+
+    monkeypatch.setattr(stability, "load_chgnet", lambda: None)
+    monkeypatch.setattr(stability, "estimate_stability", estimates)
+    monkeypatch.setattr(scoring, "load_gap_model", lambda: Surrogate())
+    rows = scoring.StructureScorer(novelty=False).score([rocksalt_nacl(), rutile_tio2()])
+    assert seen["chgnet"][0] is features[0] and seen["chgnet"][1] is None  # no second CHGNet pass here
+    assert rows[0] == {"band_gap_pred": 2.0, "band_gap_std": 0.3, "p_metal": 0.1, "e_form_pred": -1.0,
+                       "e_hull_pred": 0.05}  # readings of non-members (NaN) are left out
+    assert rows[1]["band_gap_pred"] == 0.0 and "isolated atom" in rows[1]["notes"]

@@ -30,6 +30,9 @@ def test_hit_curve_and_sweep_summary_over_all_samples():
     frame = run_table(sample_run())
     curve = hit_rate_vs_tolerance(frame, [0.1, 0.25, 1.0])
     assert curve["hit_rate"].tolist() == pytest.approx([0.0, 2 / 4, 3 / 4])
+    # every score has ± 0.1: at 0.25 eV both hits (0.2 eV off) are uncertain, at 0.1 eV one miss could be a hit
+    assert curve["certain_hit_rate"].tolist() == pytest.approx([0.0, 0.0, 3 / 4])
+    assert curve["possible_hit_rate"].tolist() == pytest.approx([1 / 4, 2 / 4, 3 / 4])
     summary = sweep_summary(frame).set_index("target")
     assert summary.loc[1.0, "n"] == 3 and summary.loc[1.0, "mean_pred"] == pytest.approx(0.7)
     assert summary.loc[3.0, "hit"] == 1.0

@@ -13,6 +13,14 @@ import torch
 from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 
+from crystallm_core.chem import stability
+from crystallm_core.chem.surrogates import report
+from crystallm_core.chem.surrogates.calibration import (
+    coverage,
+    fit_scale,
+    mixture_spread,
+    reliability_curve,
+)
 from crystallm_core.chem.surrogates.cgcnn import (
     CrystalGNN,
     GNNConfig,
@@ -22,8 +30,11 @@ from crystallm_core.chem.surrogates.cgcnn import (
     save_gnn,
     standardise,
 )
-from crystallm_core.chem.surrogates.ensemble import BandGapSurrogate, GapPrediction
-from crystallm_core.chem.surrogates.ensemble import main as score_ensemble
+from crystallm_core.chem.surrogates.ensemble import (
+    BandGapSurrogate,
+    EnsembleConfig,
+    GapPrediction,
+)
 from crystallm_core.chem.surrogates.features import (
     ELEMENT_PROPERTIES,
     MAX_Z,
@@ -37,8 +48,15 @@ from crystallm_core.chem.surrogates.graphs import (
     pack_graphs,
     structure_to_graph,
 )
+from crystallm_core.chem.surrogates.head import (
+    GapHead,
+    HeadConfig,
+    load_head,
+    save_head,
+)
 from crystallm_core.chem.surrogates.scoring import gap_metrics, gated_gap
 from crystallm_core.chem.surrogates.train_gnn import TrainConfig, train
+from crystallm_core.chem.surrogates.train_head import calibrate, train_head
 from crystallm_core.paths import SURROGATE_DIR
 
 
@@ -55,10 +73,10 @@ def tiny_gnn() -> CrystalGNN:
 
 def tiny_gbm() -> GBMModel:
     """Boosters fitted on random rows: only the plumbing is under test."""
-    rng = np.random.default_rng(0)
-    features, target = rng.normal(size=(40, len(feature_names()))), rng.uniform(0, 3, 40)
-    params = {"verbose": -1, "min_data_in_leaf": 2, "num_leaves": 4, "num_threads": 1}
     names = feature_names()
+    rng = np.random.default_rng(0)
+    features, target = rng.normal(size=(40, len(names))), rng.uniform(0, 3, 40)
+    params = {"verbose": -1, "min_data_in_leaf": 2, "num_leaves": 4, "num_threads": 1}
     classifier = lgb.train({**params, "objective": "binary"}, lgb.Dataset(features, target > 1.5, feature_name=names), 3)
     regressor = lgb.train({**params, "objective": "l2"}, lgb.Dataset(features, target, feature_name=names), 3)
     return GBMModel(classifier, regressor)
@@ -157,7 +175,7 @@ def test_gating_and_metrics():
     assert metrics["metal_accuracy"] == 1.0 and metrics["n_gap_pos"] == 2
 
 
-def test_ensemble_turns_bad_structures_into_reasons(tmp_path):
+def test_v1_ensemble_turns_bad_structures_into_reasons(tmp_path):
     tiny_gnn_dir = tmp_path / "models"
     save_gnn(tiny_gnn(), tiny_gnn_dir)
     tiny_gbm().save(tiny_gnn_dir)
@@ -174,28 +192,120 @@ def test_ensemble_turns_bad_structures_into_reasons(tmp_path):
     assert math.isnan(surrogate.predict(["x"])[0].mean)
 
 
-def test_ensemble_cli_writes_metrics_and_test_predictions(tmp_path, prototypes):
+def tiny_ensemble(directory, config: EnsembleConfig):
+    save_gnn(tiny_gnn(), directory)
+    tiny_gbm().save(directory)
+    torch.manual_seed(0)
+    save_head(GapHead(HeadConfig(len(stability.chgnet_feature_names()), hidden=16, n_models=3)), directory)
+    config.save(directory)
+    return directory
+
+
+def test_head_reuses_chgnet_features_and_computes_them_when_missing(tmp_path, monkeypatch):
+    models = tiny_ensemble(tmp_path, EnsembleConfig(["head", "gbm"], "mixture", 0.1, 0.1, 1.5))
+    surrogate = BandGapSurrogate.load(models)
+    assert set(surrogate.models) == {"head", "gbm"} and surrogate.graph_config is None  # no graph network loaded
+    structures = [rocksalt_nacl(), fcc_cu()]
+    [nacl_features, cu_features] = [r.features for r in stability.static_readings(structures)]
+    computed = surrogate.predict(structures)
+
+    def no_second_chgnet_call(structures, batch_size=16):
+        raise AssertionError("CHGNet must not run again when its features are given")
+
+    monkeypatch.setattr("crystallm_core.chem.surrogates.ensemble.static_readings", no_second_chgnet_call)
+    reused = surrogate.predict(structures, chgnet=[nacl_features, cu_features])
+    for a, b in zip(computed, reused):
+        assert (a.mean, a.std, a.head, a.gbm) == pytest.approx((b.mean, b.std, b.head, b.gbm), abs=1e-6)
+        assert math.isnan(a.gnn) and a.std > 0 and a.reason is None
+
+
+def test_report_scores_v1_and_shipped_side_by_side(tmp_path, prototypes):
     import pandas as pd
 
-    models = tmp_path / "models"
-    save_gnn(tiny_gnn(), models)
-    tiny_gbm().save(models)
+    models = tiny_ensemble(tmp_path / "models", EnsembleConfig(["head", "gnn", "gbm"], "mixture", 0.1, 0.1, 1.0))
     rows = [("nacl", "mp20", 5.0, "test", "NaCl"), ("cu", "wbm", 0.0, "test", "Cu"),
-            ("tio2", "mp20", 3.0, "val", "TiO2"), ("si", "mp20", 1.1, "train", "Si"),
-            ("zno", "mp20", float("nan"), "test", "ZnO")]  # only NaCl and Cu are labelled test rows
+            ("zno", "wbm", 3.4, "test", "ZnO"), ("tio2", "mp20", 3.0, "val", "TiO2"),
+            ("si", "mp20", 1.1, "train", "Si"), ("srtio3", "mp20", float("nan"), "test", "SrTiO3")]
     pd.DataFrame([{"id": i, "source": source, "band_gap": gap, "split": split, "cif": prototypes[name].to(fmt="cif")}
                   for i, source, gap, split, name in rows]).to_parquet(tmp_path / "dataset.parquet")
-    score_ensemble(["--dataset", str(tmp_path / "dataset.parquet"), "--models", str(models), "--threads", "1",
-                    "--out", str(tmp_path / "metrics.json"), "--predictions", str(tmp_path / "predictions.csv")])
-    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"gnn", "gbm", "mean"} and metrics["mean"]["test_all"]["n"] == 2
+    summary = report.main(["--dataset", str(tmp_path / "dataset.parquet"), "--models", str(models),
+                           "--out", str(tmp_path / "metrics.json"), "--predictions", str(tmp_path / "predictions.csv")])
+    assert set(summary["metrics"]) == {"v1", "shipped"}
+    shipped = summary["metrics"]["shipped"]
+    written = json.loads((tmp_path / "metrics.json").read_text())["metrics"]["shipped"]["test_wbm"]
+    assert written["mae"] == shipped["test_wbm"]["mae"] and written["coverage_1"] == shipped["test_wbm"]["coverage_1"]
+    assert set(shipped) == {"test_wbm", "test_mp", "val_mp"} and shipped["test_wbm"]["n"] == 2
+    assert {"r2", "mae", "mae_gap_pos", "metal_accuracy", "coverage_1", "coverage_2"} <= set(shipped["test_mp"])
+    assert summary["shipped_ms_per_structure_beyond_chgnet"] > 0 and summary["chgnet_ms_per_structure"] > 0
     table = pd.read_csv(tmp_path / "predictions.csv")
-    assert list(table.columns) == ["id", "source", "split", "true", "pred", "std", "gnn", "gbm", "p_metal"]
-    assert table["id"].tolist() == ["nacl", "cu"] and table["source"].tolist() == ["mp20", "wbm"]  # test rows only
-    assert (table["split"] == "test").all() and table["true"].tolist() == [5.0, 0.0]
-    assert table["std"].to_numpy() == pytest.approx(abs(table["gnn"] - table["gbm"]).to_numpy() / 2, abs=2e-4)
-    mae = np.mean(np.abs(table["true"] - table["pred"]))
-    assert mae == pytest.approx(metrics["mean"]["test_all"]["mae"], abs=1e-3)
+    assert table["id"].tolist() == ["nacl", "cu", "zno"] and (table["split"] == "test").all()  # labelled test rows
+    assert {"true", "pred", "std", "p_metal", "head", "gnn", "gbm", "v1_pred", "v1_std"} <= set(table.columns)
+    assert table["v1_std"].to_numpy() == pytest.approx(abs(table["gnn"] - table["gbm"]).to_numpy() / 2, abs=2e-4)
+    wbm = table[table["source"] == "wbm"]
+    assert np.mean(np.abs(wbm["true"] - wbm["pred"])) == pytest.approx(shipped["test_wbm"]["mae"], abs=1e-3)
+
+
+def test_chgnet_feature_cache_computes_each_row_once(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from crystallm_core.chem.surrogates import chgnet_cache
+
+    table = pd.DataFrame({"id": ["nacl", "junk"], "cif": [rocksalt_nacl().to(fmt="cif"), "not a CIF"]})
+    first = chgnet_cache.cached_chgnet_features(table, tmp_path / "cache.npz", verbose=False)
+    assert first.shape == (2, len(stability.chgnet_feature_names()))
+    assert np.isfinite(first[0]).all() and np.isnan(first[1]).all()  # a failed row is NaN, not an error
+
+    def never(cifs, batch_size=32):
+        raise AssertionError("cached rows must not be recomputed")
+
+    monkeypatch.setattr(chgnet_cache, "features_of_cifs", never)
+    again = chgnet_cache.cached_chgnet_features(table.iloc[::-1].reset_index(drop=True), tmp_path / "cache.npz")
+    assert np.array_equal(again[1], first[0]) and np.isnan(again[0]).all()
+
+
+def test_train_head_fits_each_model_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 6))
+    band_gap = np.where(features[:, 0] > 0, 0.0, 1.0 + features[:, 1] ** 2)  # metal iff feature 0 > 0
+    features[::7, 2] = np.nan  # a missing input (no formation energy) is read as the training mean
+    split = np.where(np.arange(200) < 160, "train", "val")
+    head = train_head(features, band_gap, split, HeadConfig(6, hidden=16, n_models=2), epochs=30, batch_size=32)
+    p_metal, gap = head.predict(features[160:])
+    assert p_metal.shape == gap.shape == (40, 2) and np.isfinite(p_metal).all() and (gap >= 0).all()
+    assert np.mean((p_metal.mean(axis=1) >= 0.5) == (band_gap[160:] == 0)) >= 0.75  # learned the classes (chance: 0.5)
+    save_head(head, tmp_path)
+    again = load_head(tmp_path).predict(features[160:])
+    assert np.allclose(again[0], p_metal) and np.allclose(again[1], gap)
+
+
+def test_calibrate_fits_the_spread_on_rows_read_as_non_metals():
+    rng = np.random.default_rng(1)
+    n = 4000
+    metal = rng.uniform(size=n) < 0.6
+    true = np.where(metal, 0.0, rng.uniform(0.5, 5.0, n))
+    noise = 0.4 * rng.normal(size=n)  # the regressor's error on non-metals
+    p_metal = np.where(metal, 0.95, 0.05)[:, None]
+    gap = np.clip(np.where(metal, 1.0, true + noise), 0, None)[:, None]
+    config, log = calibrate(EnsembleConfig(["head"]), p_metal, gap, np.zeros((n, 1)), true)
+    assert config.spread == "mixture" and config.members == ["head"]
+    assert log["coverage_1_read_nonmetal"] == pytest.approx(0.68, abs=0.01)
+    assert log["coverage_1"] > 0.68  # metals read as 0 eV are exactly right: they lift coverage over all rows
+
+
+def test_mixture_spread_and_calibration():
+    # a confident metal read as 0 eV, a confident non-metal, and a split vote
+    spread = mixture_spread([0.99, 0.01, 0.5], [2.0, 3.0, 2.0], [0.0, 3.0, 0.0], [0.3, 0.3, 0.3])
+    assert spread[0] == pytest.approx(np.sqrt(0.01 * (4 + 0.09)))
+    assert spread[1] == pytest.approx(np.sqrt(0.99 * 0.09 + 0.01 * 9), rel=1e-6)
+    assert spread[2] > spread[0]
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0.1, 1.0, 20000)
+    error = rng.normal(size=20000) * spread * 2.5  # spreads 2.5 times too small
+    k = fit_scale(error, spread)
+    assert k == pytest.approx(2.5, rel=0.03) and coverage(error, spread, k) == pytest.approx(0.68, abs=0.005)
+    assert coverage(error, spread, 2 * k) == pytest.approx(0.954, abs=0.01)
+    curve = reliability_curve(error, k * spread)
+    assert np.allclose(curve["observed"], curve["nominal"], atol=0.02)
 
 
 def test_missing_model_files_are_named(tmp_path):
@@ -203,11 +313,13 @@ def test_missing_model_files_are_named(tmp_path):
         BandGapSurrogate.load(tmp_path)
 
 
-SHIPPED = all((SURROGATE_DIR / name).is_file() for name in ("gnn.safetensors", "gbm_regressor.txt"))
+SHIPPED = (SURROGATE_DIR / "ensemble_config.json").is_file()
 
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped surrogate weights not present in crystallm_core/assets/surrogates")
 def test_shipped_surrogates_know_salt_from_copper():
-    nacl, cu = BandGapSurrogate.load().predict([rocksalt_nacl(), fcc_cu()])
-    assert nacl.p_metal < 0.5 and nacl.mean > 2.0 and nacl.gnn > 2.0 and nacl.gbm > 2.0
-    assert cu.p_metal > 0.5 and cu.mean == 0.0
+    surrogate = BandGapSurrogate.load()
+    assert "head" in surrogate.config.members and surrogate.config.spread == "mixture"
+    nacl, cu = surrogate.predict([rocksalt_nacl(), fcc_cu()])
+    assert nacl.p_metal < 0.5 and nacl.mean > 2.0 and nacl.head > 2.0 and 0 < nacl.std < 2.0
+    assert cu.p_metal > 0.5 and cu.mean == 0.0 and cu.std < 0.5

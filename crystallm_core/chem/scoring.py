@@ -7,6 +7,7 @@ left out, never invented. A failure on one structure becomes that structure's no
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Sequence
 
@@ -74,10 +75,11 @@ class StructureScorer:
             elif structure is not None:
                 present.append(i)
         batch = [structures[i] for i in present]
-        if self.gap_model is not None and batch:
-            self.add_gaps(batch, [rows[i] for i in present], [notes[i] for i in present])
+        chgnet = None  # CHGNet's crystal features from the stability pass, reused by the band-gap head
         if self.with_stability and batch:
-            self.add_stability(batch, [rows[i] for i in present], [notes[i] for i in present])
+            chgnet = self.add_stability(batch, [rows[i] for i in present], [notes[i] for i in present])
+        if self.gap_model is not None and batch:
+            self.add_gaps(batch, [rows[i] for i in present], [notes[i] for i in present], chgnet)
         if self.novelty_index is not None and batch:
             for i, novel in zip(present, novelty_flags(batch, self.novelty_index)):
                 rows[i]["novel"] = novel
@@ -86,9 +88,10 @@ class StructureScorer:
                 row["notes"] = "; ".join(row_notes)
         return rows
 
-    def add_gaps(self, structures: list[Structure], rows: list[dict], notes: list[list[str]]) -> None:
+    def add_gaps(self, structures: list[Structure], rows: list[dict], notes: list[list[str]],
+                 chgnet: list | None = None) -> None:
         try:
-            predictions = self.gap_model.predict(structures)
+            predictions = self.gap_model.predict(structures, chgnet=chgnet)
         except Exception as error:
             for row_notes in notes:
                 row_notes.append(f"band gap failed: {why(error)}")
@@ -96,18 +99,20 @@ class StructureScorer:
         for row, row_notes, gap in zip(rows, notes, predictions):
             if gap.reason:
                 row_notes.append(f"band gap: {gap.reason}")
-            else:
-                row.update(band_gap_gnn=gap.gnn, band_gap_gbm=gap.gbm, band_gap_pred=gap.mean,
-                           band_gap_std=gap.std, p_metal=gap.p_metal)
+            else:  # a reading that is not an ensemble member is NaN: left out
+                values = dict(band_gap_gnn=gap.gnn, band_gap_gbm=gap.gbm, band_gap_pred=gap.mean,
+                              band_gap_std=gap.std, p_metal=gap.p_metal)
+                row.update({name: value for name, value in values.items() if math.isfinite(value)})
 
-    def add_stability(self, structures: list[Structure], rows: list[dict], notes: list[list[str]]) -> None:
+    def add_stability(self, structures: list[Structure], rows: list[dict], notes: list[list[str]]) -> list | None:
+        """Add E_form / E_hull; return each structure's CHGNet crystal features (None where missing)."""
         try:
             estimates = stability_estimates.estimate_stability(
                 structures, relax=self.relax is not None, relax_settings=self.relax)
         except Exception as error:
             for row_notes in notes:
                 row_notes.append(f"stability failed: {why(error)}")
-            return
+            return None
         for row, row_notes, estimate in zip(rows, notes, estimates):
             if estimate.e_form_per_atom is not None:
                 row["e_form_pred"] = estimate.e_form_per_atom
@@ -115,6 +120,7 @@ class StructureScorer:
                 row["e_hull_pred"] = estimate.e_hull
             if estimate.error:
                 row_notes.append(f"stability: {estimate.error}")
+        return [estimate.features for estimate in estimates]
 
 
 @lru_cache(maxsize=1)

@@ -21,11 +21,12 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from pymatgen.core import Composition, Structure
 
 from crystallm_core.paths import ASSETS_DIR, data_dir
@@ -50,6 +51,7 @@ class StabilityEstimate:
     relaxed: bool
     seconds: float
     error: str | None = None
+    features: np.ndarray | None = None  # CHGNet crystal features of the structure as given (static runs only)
 
 
 @dataclass
@@ -122,18 +124,56 @@ def load_hull():
     return HullReference.load()
 
 
-def static_energies(structures: Sequence[Structure], batch_size: int = 16) -> list[float | str]:
-    """CHGNet energy per atom of each structure as given; a failure becomes its message."""
+CHGNET_FEATURE_DIM = 64  # CHGNet 0.4.2 atom / crystal feature width
+
+
+def chgnet_feature_names() -> list[str]:
+    """Names of `crystal_features`: CHGNet's crystal_fea, pooled atom_fea and the energies."""
+    dims = range(CHGNET_FEATURE_DIM)
+    pooled = [f"chgnet_atom_{stat}_{d}" for stat in ("mean", "max", "std") for d in dims]
+    return [f"chgnet_crystal_{d}" for d in dims] + pooled + ["chgnet_energy_per_atom", "chgnet_e_form_per_atom"]
+
+
+def crystal_features(prediction: dict, composition: Composition) -> np.ndarray:
+    """CHGNet's pretrained representation of one structure (float32, see `chgnet_feature_names`):
+    the pooled final-layer features (crystal_fea), mean / max / std of the penultimate atom
+    features, the energy per atom and the formation energy (NaN without elemental references)."""
+    atoms = prediction["atom_fea"].reshape(-1, CHGNET_FEATURE_DIM)
+    energy = float(prediction["e"])
+    try:
+        e_form = formation_energy_per_atom(composition, energy)
+    except ValueError:
+        e_form = float("nan")
+    return np.concatenate([prediction["crystal_fea"], atoms.mean(0), atoms.max(0), atoms.std(0),
+                           [energy, e_form]]).astype(np.float32)
+
+
+@dataclass
+class ChgnetReading:
+    """One CHGNet forward pass: the energy for stability and the features for the band-gap head."""
+
+    energy_per_atom: float  # eV/atom
+    features: np.ndarray  # `crystal_features`
+
+
+def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> list[ChgnetReading | str]:
+    """CHGNet energy per atom and crystal features of each structure as given (one forward each);
+    a failure becomes its message."""
     model = load_chgnet()
+    options = dict(task="e", return_atom_feas=True, return_crystal_feas=True)
+
+    def reading(prediction: dict, structure: Structure) -> ChgnetReading:
+        return ChgnetReading(float(prediction["e"]), crystal_features(prediction, structure.composition))
+
     with quiet_chgnet():
         try:
-            preds = model.predict_structure(list(structures), task="e", batch_size=batch_size)
-            return [float(p["e"]) for p in preds]
+            predictions = model.predict_structure(list(structures), batch_size=batch_size, **options)
+            return [reading(p, s) for p, s in zip(predictions, structures)]
         except Exception:  # one bad structure (e.g. isolated atoms) fails the batch: redo one by one
-            results: list[float | str] = []
+            results: list[ChgnetReading | str] = []
             for s in structures:
                 try:
-                    results.append(float(model.predict_structure(s, task="e")["e"]))
+                    results.append(reading(model.predict_structure(s, **options), s))
                 except Exception as exc:
                     results.append(f"CHGNet failed: {exc}")
             return results
@@ -185,6 +225,7 @@ def estimate_stability(
     """One StabilityEstimate per input; None inputs and per-structure failures become error rows."""
     settings = relax_settings or RelaxSettings()
     energies: dict[int, float | str] = {}  # index -> eV/atom, or the reason there is none
+    features: dict[int, np.ndarray] = {}
     seconds: dict[int, float] = {}
     for i, structure in enumerate(structures):
         if structure is None:
@@ -195,9 +236,12 @@ def estimate_stability(
     todo = [i for i in range(len(structures)) if i not in energies]
     if todo and not relax:
         start = time.perf_counter()
-        values = static_energies([structures[i] for i in todo], batch_size=batch_size)
+        readings = static_readings([structures[i] for i in todo], batch_size=batch_size)
         per_item = (time.perf_counter() - start) / len(todo)  # batched: share the cost evenly
-        energies.update(zip(todo, values))
+        for i, value in zip(todo, readings):
+            energies[i] = value if isinstance(value, str) else value.energy_per_atom
+            if not isinstance(value, str):
+                features[i] = value.features
         seconds.update((i, per_item) for i in todo)
     for i in todo if relax else []:
         start = time.perf_counter()
@@ -206,7 +250,8 @@ def estimate_stability(
         except Exception as exc:
             energies[i] = f"CHGNet relaxation failed: {exc}"
         seconds[i] = time.perf_counter() - start
-    return [finish_estimate(structures[i], energies[i], relax, seconds[i]) for i in range(len(structures))]
+    return [replace(finish_estimate(structures[i], energies[i], relax, seconds[i]), features=features.get(i))
+            for i in range(len(structures))]
 
 
 def finish_estimate(

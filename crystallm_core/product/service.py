@@ -16,7 +16,6 @@ from crystallm_core.chem.metrics import (  # noqa: F401 (the pages take PAPER_BY
     PAPER_BY_TARGET,
     MetricSettings,
     funnel_counts,
-    hit_rate_curve,
     summarise,
 )
 from crystallm_core.chem.prompts import space_group_symbols
@@ -77,12 +76,23 @@ def sweep_requests(base: GenerationRequest, low: float, high: float, m: int, k: 
 
 
 def hit_rate_vs_tolerance(frame: pd.DataFrame, tolerances: Sequence[float]) -> pd.DataFrame:
-    """Hit rate over all samples as the tolerance grows (targets may differ per structure)."""
-    hits = pd.Series(0.0, index=range(len(tolerances)))
-    for target, group in frame.dropna(subset=["band_gap_target"]).groupby("band_gap_target"):
-        curve = hit_rate_curve(group["band_gap_pred"].tolist(), group["valid"].tolist(), float(target), tolerances)
-        hits += curve["hit_rate"] * len(group)
-    return pd.DataFrame({"tolerance": list(tolerances), "hit_rate": hits / max(len(frame), 1)})
+    """Hit rate over all samples as the tolerance grows (targets may differ per structure).
+
+    The surrogate's calibrated ± band (band_gap_std) splits it: `certain_hit_rate` counts hits
+    whose whole ± band lies inside the tolerance band; the rest of `hit_rate` are uncertain hits.
+    `possible_hit_rate` adds the misses whose ± band reaches into the tolerance band.
+    """
+    labelled = frame.dropna(subset=["band_gap_target"])
+    prediction = pd.to_numeric(labelled["band_gap_pred"], errors="coerce").to_numpy(float)
+    spread = pd.to_numeric(labelled.get("band_gap_std", pd.Series(0.0, index=labelled.index)), errors="coerce")
+    spread = spread.fillna(0.0).to_numpy(float)
+    scored = labelled["valid"].fillna(False).astype(bool).to_numpy() & np.isfinite(prediction)
+    distance = np.where(scored, np.abs(prediction - labelled["band_gap_target"].to_numpy(float)), np.inf)
+    total = max(len(frame), 1)
+    rows = [{"tolerance": tolerance, "hit_rate": np.sum(distance <= tolerance) / total,
+             "certain_hit_rate": np.sum(distance + spread <= tolerance) / total,
+             "possible_hit_rate": np.sum(distance - spread <= tolerance) / total} for tolerance in tolerances]
+    return pd.DataFrame(rows, columns=["tolerance", "hit_rate", "certain_hit_rate", "possible_hit_rate"])
 
 
 def sweep_summary(frame: pd.DataFrame, swept: str = "band_gap", tolerance: float | None = None) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Offline band-gap surrogates: a crystal graph network and a gradient-boosted descriptor model.
+"""Offline band-gap surrogates: a gap head on CHGNet's crystal features, a crystal graph network
+and a gradient-boosted descriptor model, with a calibrated ensemble (`ensemble.py`).
 
 `BandGapSurrogate` and `GapPrediction` are imported lazily so that `train_gnn` (which must run
 on a machine without pymatgen) can import this package without pulling in pymatgen.

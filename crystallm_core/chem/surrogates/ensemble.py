@@ -1,27 +1,29 @@
-"""Two independent band-gap readings (graph network, LightGBM) and their ensemble.
+"""Band-gap readings and their calibrated ensemble.
 
-    surrogate = BandGapSurrogate.load()            # shipped weights, offline
-    [p] = surrogate.predict([structure])           # p.gnn, p.gbm, p.mean, p.std, p.p_metal
+    surrogate = BandGapSurrogate.load()              # shipped weights, offline
+    [p] = surrogate.predict([structure])             # p.mean ± p.std, p.p_metal; p.head, p.gnn, p.gbm
+    surrogate.predict(structures, chgnet=features)   # reuse the CHGNet forward of the stability estimate
 
-The spread between the readings is the uncertainty shown to users. A structure that cannot be
-featurised gets NaNs and a `reason`; it never breaks the batch.
-
-    python -m crystallm_core.chem.surrogates.ensemble   # score the shipped models on the val / test split
-        [--predictions test_predictions.csv]       # + per-structure test readings (Model page parity plot)
+Three readings can take part, each a metal classifier plus a non-metal gap regressor: "head"
+(a deep ensemble of MLPs on CHGNet's pretrained crystal features, `head.py`), "gnn" (the
+crystal graph network) and "gbm" (LightGBM on the descriptors of `features.py`).
+`ensemble_config.json` names the members and the calibration of the spread (chosen on the
+validation split by `train_head`). A structure that cannot be featurised gets NaNs and a
+`reason`; it never breaks the batch.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import torch
 from pymatgen.core import Structure
 
+from crystallm_core.chem.stability import static_readings
+from crystallm_core.chem.surrogates.calibration import mixture_spread
 from crystallm_core.chem.surrogates.cgcnn import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -33,141 +35,176 @@ from crystallm_core.chem.surrogates.cgcnn import (
 from crystallm_core.chem.surrogates.features import feature_names, structure_features
 from crystallm_core.chem.surrogates.gbm import CLASSIFIER_FILE, REGRESSOR_FILE, GBMModel
 from crystallm_core.chem.surrogates.graphs import (
-    CrystalGraph,
     GraphConfig,
     pack_graphs,
     structure_to_graph,
 )
-from crystallm_core.chem.surrogates.scoring import gated_gap, report_splits
-from crystallm_core.paths import SURROGATE_DIR, cache_dir
+from crystallm_core.chem.surrogates.head import (
+    HEAD_CONFIG_FILE,
+    HEAD_WEIGHTS_FILE,
+    GapHead,
+    load_head,
+)
+from crystallm_core.chem.surrogates.scoring import gated_gap
+from crystallm_core.paths import SURROGATE_DIR
 
 NAN = float("nan")
+ENSEMBLE_CONFIG_FILE = "ensemble_config.json"
+
+
+@dataclass
+class EnsembleConfig:
+    """Which readings are averaged and how their spread becomes the "±" (see calibration.py)."""
+
+    members: list[str] = field(default_factory=lambda: ["gnn", "gbm"])
+    spread: str = "disagreement"  # "disagreement": half the gap between two readings (v1); "mixture"
+    sigma_relative: float = 0.0  # mixture: the regressor's error, sigma = hypot(readings' std, rel·g, floor)
+    sigma_floor: float = 0.0  # eV
+    scale: float = 1.0  # k, fitted on val so that ±1 spread covers 68 % of the rows read as non-metals
+
+    @classmethod
+    def load(cls, directory: Path) -> EnsembleConfig:
+        path = Path(directory) / ENSEMBLE_CONFIG_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / ENSEMBLE_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+
+V1_CONFIG = EnsembleConfig()  # the ensemble shipped before the CHGNet head (model card: "v1")
 
 
 @dataclass
 class GapPrediction:
-    gnn: float  # graph-network reading, eV
-    gbm: float  # LightGBM reading, eV
     mean: float  # ensemble band gap, eV
-    std: float  # half the gap between the readings: disagreement as uncertainty, eV
-    p_metal: float  # mean of the two classifiers' P(metal)
+    std: float  # calibrated ± (one spread), eV
+    p_metal: float  # mean of the members' P(metal)
+    head: float = NAN  # each member's own gated reading, eV (NaN when it is not a member)
+    gnn: float = NAN
+    gbm: float = NAN
     reason: str | None = None  # why the readings are NaN, if they are
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def combine(p_metal: np.ndarray, gap: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ensemble of per-model (P(metal), gap if non-metal) columns (n, 2): (band gap, P(metal), readings)."""
+def combine(p_metal: np.ndarray, gap: np.ndarray, config: EnsembleConfig, gap_var: np.ndarray | None = None,
+            ) -> tuple[np.ndarray, ...]:
+    """Members' (P(metal), gap if non-metal) columns (n, m), and the variance of each member's own
+    gap among its models (n, m; the head's MLPs) -> (band gap, ±, P(metal), readings (n, m))."""
     readings = gated_gap(p_metal, gap)
     # Gate once with the averaged probability: averaging two gated readings would turn a
     # split vote (0 eV vs 3 eV) into 1.5 eV, which is wrong for both outcomes.
-    mean_p = p_metal.mean(axis=1)
-    return gated_gap(mean_p, gap.mean(axis=1)), mean_p, readings
+    mean_p, mean_gap = p_metal.mean(axis=1), gap.mean(axis=1)
+    mean = gated_gap(mean_p, mean_gap)
+    if config.spread == "disagreement":
+        spread = np.abs(readings[:, 0] - readings[:, -1]) / 2
+    else:
+        within = 0.0 if gap_var is None else gap_var.mean(axis=1)
+        sigma = np.sqrt(gap.var(axis=1) + within + (config.sigma_relative * mean_gap) ** 2 + config.sigma_floor**2)
+        spread = mixture_spread(mean_p, mean_gap, mean, sigma)
+    return mean, config.scale * spread, mean_p, readings
 
 
 class BandGapSurrogate:
-    def __init__(self, gnn: CrystalGNN, gbm: GBMModel):
-        self.gnn, self.gbm = gnn, gbm
-        self.graph_config = GraphConfig(gnn.config.cutoff, gnn.config.max_neighbors)
+    def __init__(self, config: EnsembleConfig, models: dict[str, CrystalGNN | GBMModel | GapHead]):
+        missing = set(config.members) - set(models)
+        if missing or not config.members:
+            raise ValueError(f"ensemble members without a model: {sorted(missing) or 'none listed'}")
+        self.config, self.models = config, models
+        gnn = models.get("gnn")
+        self.graph_config = GraphConfig(gnn.config.cutoff, gnn.config.max_neighbors) if gnn else None
+        head = models.get("head")
+        self.needs_descriptors = "gbm" in models or (head is not None and head.config.descriptors)
 
     @classmethod
-    def load(cls, dir: Path = SURROGATE_DIR) -> BandGapSurrogate:
-        """Load both readings from `dir` (FileNotFoundError naming the missing file)."""
+    def load(cls, dir: Path = SURROGATE_DIR, config: EnsembleConfig | None = None) -> BandGapSurrogate:
+        """The members named in ensemble_config.json (or `config`) from `dir`; FileNotFoundError names a
+        missing file."""
         dir = Path(dir)
-        for name in (CONFIG_FILE, WEIGHTS_FILE, CLASSIFIER_FILE, REGRESSOR_FILE):
+        config = config or EnsembleConfig.load(dir)
+        files = {"gnn": (CONFIG_FILE, WEIGHTS_FILE), "gbm": (CLASSIFIER_FILE, REGRESSOR_FILE),
+                 "head": (HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE)}
+        for name in (f for member in config.members for f in files[member]):
             if not (dir / name).is_file():
                 raise FileNotFoundError(f"band-gap surrogate file missing: {dir / name}")
-        return cls(load_gnn(dir), GBMModel.load(dir, feature_names()))
+        loaders = {"gnn": lambda: load_gnn(dir), "gbm": lambda: GBMModel.load(dir, feature_names()),
+                   "head": lambda: load_head(dir)}
+        return cls(config, {member: loaders[member]() for member in config.members})
 
-    def featurise(self, structure: Structure) -> tuple[CrystalGraph, np.ndarray]:
-        """(graph, feature vector) for one structure; ValueError with a readable reason otherwise."""
+    def featurise(self, structure: Structure) -> tuple[object, np.ndarray | None]:
+        """(graph, descriptors), each None when no member needs it; ValueError with a readable reason."""
         if not isinstance(structure, Structure):
             raise ValueError(f"expected a pymatgen Structure, got {type(structure).__name__}")
+        if not structure.is_ordered:
+            raise ValueError("disordered structure (partial occupancies) is not supported")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph, features = structure_to_graph(structure, self.graph_config), structure_features(structure)
-        if not np.isfinite(features).all() or not np.isfinite(graph.distances).all():
+            features = structure_features(structure) if self.needs_descriptors else None
+            graph = structure_to_graph(structure, self.graph_config) if self.graph_config else None
+        if (features is not None and not np.isfinite(features).all()) or (
+                graph is not None and not np.isfinite(graph.distances).all()):
             raise ValueError("non-finite geometry (overlapping atoms or a degenerate lattice?)")
         return graph, features
 
-    def predict(self, structures: list[Structure]) -> list[GapPrediction]:
-        """One GapPrediction per structure, in order."""
-        graphs, features, reasons = [], [], []
+    def readings(self, structures: Sequence[Structure], chgnet: Sequence[np.ndarray | None] | None = None,
+                 ) -> tuple[list[str | None], dict[str, tuple[np.ndarray, ...]]]:
+        """Per-structure failure reasons, and each member's (P(metal), gap, variance of the gap among its
+        models) over the structures without one.
+
+        `chgnet` holds each structure's `stability.crystal_features` where already computed; the
+        rest are computed here (one CHGNet forward each)."""
+        chgnet = list(chgnet) if chgnet is not None else [None] * len(structures)
+        graphs, descriptors, reasons = [], [], []
         for structure in structures:
             try:
                 graph, vector = self.featurise(structure)
                 graphs.append(graph)
-                features.append(vector)
+                descriptors.append(vector)
                 reasons.append(None)
             except Exception as error:  # one bad structure must not spoil the batch
                 reasons.append(f"could not featurise: {error}" if str(error) else type(error).__name__)
-        if not graphs:
-            return [GapPrediction(NAN, NAN, NAN, NAN, NAN, reason) for reason in reasons]
-        store = GraphStore(pack_graphs(graphs))
-        gnn_p, gnn_gap = predict_gap(self.gnn, store, np.arange(len(graphs)))
-        gbm_p, gbm_gap = self.gbm.predict(np.stack(features))
-        mean, p_metal, readings = combine(np.stack([gnn_p, gbm_p], 1), np.stack([gnn_gap, gbm_gap], 1))
-        ok = iter(range(len(graphs)))
+        ok = [i for i, reason in enumerate(reasons) if reason is None]
+        if "head" in self.models:
+            todo = [i for i in ok if chgnet[i] is None]
+            for i, reading in zip(todo, static_readings([structures[i] for i in todo]) if todo else []):
+                if isinstance(reading, str):
+                    reasons[i] = reading
+                else:
+                    chgnet[i] = reading.features
+        keep = [k for k, i in enumerate(ok) if reasons[i] is None]
+        if not keep:
+            return reasons, {}
+        out = {}
+        descriptors = np.stack([descriptors[k] for k in keep]) if self.needs_descriptors else None
+        for member, model in self.models.items():
+            if member == "gnn":
+                store = GraphStore(pack_graphs([graphs[k] for k in keep]))
+                out[member] = (*predict_gap(model, store, np.arange(len(keep))), np.zeros(len(keep)))
+            elif member == "gbm":
+                out[member] = (*model.predict(descriptors), np.zeros(len(keep)))
+            else:
+                inputs = np.stack([chgnet[ok[k]] for k in keep])
+                p, gap = model.predict(np.hstack([inputs, descriptors]) if model.config.descriptors else inputs)
+                out[member] = (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))
+        return reasons, out
+
+    def predict(self, structures: Sequence[Structure], chgnet: Sequence[np.ndarray | None] | None = None,
+                ) -> list[GapPrediction]:
+        """One GapPrediction per structure, in order (see `readings` for `chgnet`)."""
+        reasons, readings = self.readings(structures, chgnet)
+        if not readings:
+            return [GapPrediction(NAN, NAN, NAN, reason=reason) for reason in reasons]
+        members = self.config.members
+        mean, spread, p_metal, gated = combine(*(np.stack([readings[m][i] for m in members], 1) for i in range(2)),
+                                               self.config, np.stack([readings[m][2] for m in members], 1))
+        ok = iter(range(len(mean)))
         out = []
         for reason in reasons:
             if reason is not None:
-                out.append(GapPrediction(NAN, NAN, NAN, NAN, NAN, reason))
+                out.append(GapPrediction(NAN, NAN, NAN, reason=reason))
                 continue
             i = next(ok)
-            out.append(GapPrediction(float(readings[i, 0]), float(readings[i, 1]), float(mean[i]),
-                                     float(abs(readings[i, 0] - readings[i, 1]) / 2), float(p_metal[i])))
+            own = {member: float(gated[i, j]) for j, member in enumerate(members)}
+            out.append(GapPrediction(float(mean[i]), float(spread[i]), float(p_metal[i]), **own))
         return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    import pandas as pd  # evaluation only
-
-    parser = argparse.ArgumentParser(description="Score the band-gap surrogates on the val / test split.")
-    parser.add_argument("--dataset", type=Path, default=cache_dir() / "dataset.parquet")
-    parser.add_argument("--models", type=Path, default=SURROGATE_DIR)
-    parser.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
-    parser.add_argument("--predictions", type=Path, default=None,
-                        help="write the test rows' readings here (CSV: id, source, split, true, pred, std, gnn, gbm, "
-                             "p_metal)")
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    start = time.time()
-    surrogate = BandGapSurrogate.load(args.models)
-    load_seconds = time.time() - start
-    table = pd.read_parquet(args.dataset, columns=["id", "source", "band_gap", "split", "cif"])
-    table = table[table.band_gap.notna() & table.split.isin(["val", "test"])].reset_index(drop=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        structures = [Structure.from_str(cif, fmt="cif") for cif in table.cif]
-    start = time.time()
-    predictions = [p for first in range(0, len(structures), 64)
-                   for p in surrogate.predict(structures[first:first + 64])]
-    ms_per_structure = 1000 * (time.time() - start) / len(structures)
-
-    y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
-    ok = np.array([p.reason is None for p in predictions])
-    readings = {name: np.array([getattr(p, name) for p in predictions])
-                for name in ("gnn", "gbm", "mean", "std", "p_metal")}
-    # A gated reading is exactly 0 iff its classifier said metal, so that is the class it predicted.
-    metrics = {name: report_splits(y[ok], pred[ok], (pred[ok] <= 0).astype(float), split[ok], source[ok])
-               for name, pred in readings.items() if name in ("gnn", "gbm", "mean")}
-    error = np.abs(readings["mean"][ok] - y[ok])
-    summary = {"metrics": metrics, "failed": int((~ok).sum()), "load_seconds": round(load_seconds, 2),
-               "ms_per_structure": round(ms_per_structure, 2), "torch_threads": torch.get_num_threads(),
-               "std_error_spearman": float(pd.Series(readings["std"][ok]).corr(pd.Series(error), method="spearman"))}
-    print(json.dumps(summary, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=1))
-    if args.predictions:
-        # Rounded to 0.1 meV: far below the error, and keeps the shipped file small.
-        rows = pd.DataFrame({"id": table.id, "source": source, "split": split, "true": y, "pred": readings["mean"],
-                             **{name: readings[name] for name in ("std", "gnn", "gbm", "p_metal")}})
-        rows[ok & (split == "test")].round(4).to_csv(args.predictions, index=False)
-
-
-if __name__ == "__main__":
-    main()
