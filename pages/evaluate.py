@@ -28,6 +28,7 @@ from crystallm_core.ui.components import (
     run_tolerance,
     start_job,
 )
+from crystallm_core.ui.open_results import filtered_download, open_results_form
 
 CATEGORY_COLOURS = {"valid, stable": "#2f855a", "valid, not stable": "#dd6b20", "valid, E_hull n/a": "#718096"}
 
@@ -126,6 +127,7 @@ def sweep_form() -> None:
 
 
 st.title("Evaluate")
+open_results_form()
 run = current_run()
 if run is None:
     st.info("No run yet: generate structures, run a sweep below, or reopen one from History.")
@@ -151,6 +153,8 @@ else:
         gap_column.info("Surrogate band gaps: not available for this run (no valid structure, no surrogate model, or "
                 "no band-gap target), so there is no scatter or hit rate to show.")
     st.plotly_chart(funnel_figure(frame), key="funnel")
+    if run.kind in ("campaign", "evaluate"):
+        filtered_download(run, frame)
     st.caption("Rates divide by all samples, as in the CrystaLLM-π paper. " + HULL_BIAS_NOTE)
     if run.kind == "sweep":
         swept = run.settings.get("swept", "band_gap")

@@ -67,6 +67,11 @@ def wait_for_job(at: AppTest, timeout: float = 120) -> AppTest:
     return at
 
 
+def button(at: AppTest, label: str):
+    [found] = [b for b in at.button if b.label == label]
+    return found
+
+
 def messages(elements) -> str:
     return " | ".join(str(e.value) for e in elements)
 
@@ -281,7 +286,7 @@ def test_evaluate_target_sweep_runs_k_samples_at_m_targets(app_env):
     at = new_app("pages/evaluate.py")
     at.number_input(key="sweep_m").set_value(2)
     at.number_input(key="sweep_k").set_value(2)
-    at.button[0].click().run()  # "Run sweep"
+    button(at, "Run sweep").click().run()
     assert not at.error, messages(at.error)
     wait_for_job(at)
     run = at.session_state["run"]
@@ -290,13 +295,50 @@ def test_evaluate_target_sweep_runs_k_samples_at_m_targets(app_env):
     assert [r["band_gap"] for r in run.requests] == [0.5, 4.0] and len(run.generation) == 2
 
 
+def test_evaluate_sweeps_e_hull_at_a_fixed_band_gap(app_env):
+    at = new_app("pages/evaluate.py")
+    at.radio(key="sweep_property").set_value("e_hull")
+    at.number_input(key="sweep_low").set_value(0.0)
+    at.number_input(key="sweep_high").set_value(0.5)
+    at.number_input(key="sweep_m").set_value(2)
+    at.number_input(key="sweep_k").set_value(1)
+    at.number_input(key="sweep_fixed").set_value(1.5)
+    button(at, "Run sweep").click().run()
+    wait_for_job(at)
+    run = at.session_state["run"]
+    assert run.settings["swept"] == "e_hull" and [r["e_hull"] for r in run.requests] == [0.0, 0.5]
+    assert all(r["band_gap"] == 1.5 for r in run.requests)
+    assert any("Hit rate vs target" in chart.proto.spec for chart in at.get("plotly_chart"))
+
+
+def test_evaluate_opens_a_campaign_inside_the_data_roots_and_refuses_one_outside(app_env, tiny_model_dir):
+    from crystallm_core.product.campaign import run_campaign
+    from crystallm_core.product.campaign_spec import parse_spec
+
+    spec = parse_spec({"samples_per_target": 2, "chunk_size": 2, "seed": 5, "model": str(tiny_model_dir),
+                       "targets": {"band_gap": [0.5, 1.5], "e_hull": [0.0]},
+                       "sampling": {"batch_size": 2, "max_tokens": 48},
+                       "scores": {"surrogate": False, "stability": False, "novelty": False}})
+    run_campaign(spec, app_env / "data" / "campaign", backend="local", progress=False)
+    at = new_app("pages/evaluate.py")
+    at.text_input(key="open_results_path").set_value(str(app_env / "data" / "campaign"))
+    button(at, "Open").click().run()
+    assert not at.exception and not at.error, messages(at.error)
+    run = at.session_state["run"]
+    assert run.kind == "campaign" and len(run.candidates) == 4
+    assert any("of 4 structures chosen" in str(c.value) for c in at.caption)  # the filter over the campaign's rows
+    at.text_input(key="open_results_path").set_value(str(app_env))
+    button(at, "Open").click().run()
+    assert "outside the folders" in messages(at.error) and at.session_state["run"] is run  # nothing lost
+
+
 def test_evaluate_sweep_rejects_bad_settings_before_queueing(app_env):
     from crystallm_core.lm.sampler import SamplingSettings
     from crystallm_core.product.generation import GenerationRequest
 
     at = new_app("pages/evaluate.py")
     at.session_state["last_request"] = GenerationRequest(band_gap=2.0, settings=SamplingSettings(temperature=-1.0))
-    at.button[0].click().run()  # "Run sweep"
+    button(at, "Run sweep").click().run()
     assert not at.exception and at.error and "job" not in at.session_state
 
 

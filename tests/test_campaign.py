@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from crystallm_core.product.campaign import campaign_status, run_campaign
+from crystallm_core.product.campaign import campaign_run, campaign_status, run_campaign
 from crystallm_core.product.campaign_spec import chunk_seed, load_spec, parse_spec
 from crystallm_core.product.cli import main
 
@@ -98,3 +98,17 @@ def test_a_killed_driver_resumes_with_every_chunk_exactly_once(tiny_model_dir, t
     reference = tmp_path / "reference"
     run_campaign(load_spec(spec_path), reference, backend="local", progress=False)
     pd.testing.assert_frame_equal(resumed, rows(reference))  # as if it had never stopped
+
+
+def test_a_campaign_opens_as_one_run_with_its_stored_checks(tiny_model_dir, tmp_path):
+    spec = parse_spec(spec_data(tiny_model_dir))
+    run_campaign(spec, tmp_path / "c", backend="local", progress=False)
+    stored = rows(tmp_path / "c")
+    run = campaign_run(tmp_path / "c")
+    frame = run.to_frame(unique=False)
+    assert run.kind == "campaign" and len(run.candidates) == len(stored) == 8
+    assert frame["valid"].tolist() == stored["valid"].tolist()
+    assert frame["band_gap_target"].tolist() == stored["band_gap_target"].tolist()
+    assert [r for r in frame["reason"] if r] == [r for r in stored["reason"] if r]  # reasons as stored
+    with pytest.raises(ValueError, match="holds no campaign"):
+        campaign_run(tmp_path)

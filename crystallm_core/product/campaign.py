@@ -263,3 +263,35 @@ def campaign_status(out_dir: str | Path) -> str:
     valid = int(rows["valid"].sum()) if len(rows) else 0
     return (f"{manifest.get('status', '?')}: {len(rows)}/{total} samples in {len(directory.done())} chunks, "
             f"{valid} valid, {hits} hits ({n_targets} targets)")
+
+
+def campaign_run(out_dir: str | Path) -> Run:
+    """A campaign's rows as one Run (kind "campaign"), for the app's Evaluate page: the checks and
+    scores as stored (nothing is sampled or scored again), valid structures parsed for matching."""
+    from crystallm_core.chem.structure_info import parse_cif
+    from crystallm_core.chem.validity import CheckResult, ValidityReport
+    from crystallm_core.product.run import Scores
+
+    directory = CampaignDir(Path(out_dir))
+    manifest = directory.manifest()
+    if not manifest:
+        raise ValueError(f"{out_dir} holds no campaign ({MANIFEST} missing or unreadable)")
+    rows = directory.rows()
+    run = Run(kind="campaign", model=manifest.get("model"), requests=[], settings={"campaign": str(out_dir)},
+              status=manifest.get("status", "done"))
+    for index, row in enumerate(rows.to_dict("records")):
+        valid = bool(row["valid"])
+        failed = [part.partition(": ") for part in (row.get("reason") or "").split("; ") if part]
+        checks = [CheckResult(name, False, reason) for name, _, reason in failed] or [CheckResult("stored", valid, "")]
+        report = ValidityReport(checks, formula=row.get("formula"), spacegroup=row.get("space_group"))
+        structure = None
+        if valid and row.get("cif"):
+            try:
+                structure = parse_cif(row["cif"])
+            except ValueError:
+                pass  # stays unmatched: counted as not unique, never fatal
+        run.candidates.append(Candidate(index, Path(row["file"]).stem, row.get("cif"), report, structure,
+                                        band_gap_target=row.get("band_gap_target"),
+                                        e_hull_target=row.get("e_hull_target"), scores=Scores.from_dict(row),
+                                        seconds=row.get("seconds"), stop_reason=row.get("stop_reason")))
+    return run

@@ -182,3 +182,26 @@ def response_table(curves: dict) -> pd.DataFrame:
                          f"within ±{curves['tolerance']['e_hull']:g}": point["within_tolerance"],
                          "Spearman ρ (sweep)": sweep["spearman"]})
     return pd.DataFrame(rows)
+
+
+def open_results(path: str) -> Run:
+    """A campaign directory, a run directory or zip, or a folder of CIFs inside the server's data
+    roots, as a Run for the Evaluate page (a campaign's stored checks and scores are reused; other
+    files are checked and scored here). ValueError with the reason otherwise."""
+    from crystallm_core.product.campaign import MANIFEST as CAMPAIGN_MANIFEST
+    from crystallm_core.product.campaign import campaign_run
+    from crystallm_core.product.evaluate import evaluate_run
+    from crystallm_core.product.run_files import read_run
+    from crystallm_core.product.server_settings import server_settings, within_roots
+
+    folder = within_roots(path, server_settings().data_roots, "results")
+    if not folder.exists():
+        raise ValueError(f"{path} does not exist")
+    if (folder / CAMPAIGN_MANIFEST).is_file():
+        return campaign_run(folder)
+    return evaluate_run(read_run(folder))
+
+
+def run_subset(run: Run, keep: Sequence[bool]) -> Run:
+    """The same run with only the chosen candidates (a filtered download)."""
+    return replace(run, candidates=[c for c, chosen in zip(run.candidates, keep) if chosen])
