@@ -12,7 +12,6 @@ import logging
 import re
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from crystallm_core.product.finetune import (
     finetune,
     prepare_user_data,
 )
-from crystallm_core.product.jobs import GENERATION_QUEUE, GenerationQueue
+from crystallm_core.product.jobs import GENERATION_QUEUE, GenerationQueue, QueuedJob
 from crystallm_core.product.server_settings import (
     check_upload_size,
     server_settings,
@@ -56,38 +55,18 @@ class FineTuneProgress:
         return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
 
 
-class FineTuneJob:
+class FineTuneJob(QueuedJob):
     """Fine-tunes `base` on the data at `source` into `out`, in a background thread."""
 
     def __init__(self, source: Path, out: Path, base: str | None, columns: ColumnMap, labels: Path | None,
                  settings: FineTuneSettings, owns_source: bool = False, queue: GenerationQueue = GENERATION_QUEUE):
+        super().__init__(queue, f"finetune-{out.name}")
         self.source, self.out, self.base, self.columns, self.labels = source, out, base, columns, labels
-        self.settings, self.owns_source, self.queue = settings, owns_source, queue
-        self.status = "queued"
+        self.settings, self.owns_source = settings, owns_source
         self.error: str | None = None
         self.data: UserData | None = None
         self.result: FineTuneResult | None = None
-        self.ticket: int | None = None
         self.latest: dict = {}
-        self.started_at: float | None = None
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._work, name=f"finetune-{out.name}", daemon=True)
-
-    def start(self) -> FineTuneJob:
-        self.ticket = self.queue.join()
-        self._thread.start()
-        return self
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("done", "cancelled", "failed")
 
     def progress(self) -> FineTuneProgress:
         latest = dict(self.latest)

@@ -83,39 +83,28 @@ class Progress:
     position: int | None  # place in the generation queue while queued
 
 
-class GenerationJob:
-    """Generates `requests` into `run` in a background thread; the run is stored in `store` as it grows."""
+class QueuedJob:
+    """A background thread that waits its turn in a queue (`_work` does the job): start, cancel,
+    join, finished. Generation and fine-tuning share it."""
 
-    def __init__(self, loaded_model, requests: Sequence[GenerationRequest], run: Run, store: HistoryStore | None = None,
-                 queue: GenerationQueue = GENERATION_QUEUE, scorer: Callable[[], StructureScorer] = default_scorer):
-        self.loaded_model, self.requests, self.run = loaded_model, list(requests), run
-        self.store, self.queue, self.scorer = store, queue, scorer
-        self.total = sum(r.n for r in self.requests)
-        targets = [r.stop_after_valid for r in self.requests]
-        self.valid_target = sum(targets) if all(targets) else None
-        self.requests_done = 0
-        self.request_start = 0  # index of the first candidate of the request being sampled
+    def __init__(self, queue: GenerationQueue, name: str):
+        self.queue = queue
         self.status = "queued"
         self.ticket: int | None = None
         self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.last_polled = time.monotonic()  # progress() is the page's heartbeat
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._work, name=f"generation-{run.run_id}", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
 
-    def start(self) -> GenerationJob:
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
         self.ticket = self.queue.join()
         self._thread.start()
         return self
 
     def cancel(self) -> None:
         self._cancel.set()
-
-    def should_cancel(self) -> bool:
-        """Cancel was pressed, or the page stopped polling (tab closed): either way, stop."""
-        if time.monotonic() - self.last_polled > ABANDON_SECONDS:
-            self._cancel.set()
-        return self._cancel.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
@@ -124,6 +113,29 @@ class GenerationJob:
     @property
     def finished(self) -> bool:
         return self.status in ("done", "cancelled", "failed")
+
+
+class GenerationJob(QueuedJob):
+    """Generates `requests` into `run` in a background thread; the run is stored in `store` as it grows."""
+
+    def __init__(self, loaded_model, requests: Sequence[GenerationRequest], run: Run, store: HistoryStore | None = None,
+                 queue: GenerationQueue = GENERATION_QUEUE, scorer: Callable[[], StructureScorer] = default_scorer):
+        super().__init__(queue, f"generation-{run.run_id}")
+        self.loaded_model, self.requests, self.run = loaded_model, list(requests), run
+        self.store, self.scorer = store, scorer
+        self.total = sum(r.n for r in self.requests)
+        targets = [r.stop_after_valid for r in self.requests]
+        self.valid_target = sum(targets) if all(targets) else None
+        self.requests_done = 0
+        self.request_start = 0  # index of the first candidate of the request being sampled
+        self.finished_at: float | None = None
+        self.last_polled = time.monotonic()  # progress() is the page's heartbeat
+
+    def should_cancel(self) -> bool:
+        """Cancel was pressed, or the page stopped polling (tab closed): either way, stop."""
+        if time.monotonic() - self.last_polled > ABANDON_SECONDS:
+            self._cancel.set()
+        return self._cancel.is_set()
 
     def candidates(self) -> list[Candidate]:
         return list(self.run.candidates)
