@@ -170,8 +170,11 @@ def main() -> None:
     prompt_ids = get_tokenizer().encode(PROMPT)
     loaded = load_model()
     model, dtype = loaded.model, next(loaded.model.parameters()).dtype
+    warmed = warm_up(model)  # compiles the kernel; picks the faster of 1 thread and all cores …
+    torch.set_num_threads(args.threads)  # … but every path here runs at the same thread count
     print(f"torch {torch.__version__}, {args.threads} threads, model {loaded.info.name}, our dtype {dtype}; "
-          f"compiling the attention kernel took {warm_up(model):.1f} s")
+          f"warm-up (kernel compile, thread choice) {warmed['seconds']:.1f} s; decode step at 16 rows by "
+          f"threads {warmed['step_ms']} ms: the app would use {warmed['threads']}")
     print(app_defaults(loaded, args.seed))
     old = run_old(args.baseline_commit, args.slots, args.threads, args.seed) if args.baseline_commit else {}
     reference = load_model(dtype=torch.float32).model

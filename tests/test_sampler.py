@@ -3,7 +3,7 @@ import torch
 from conftest import tiny_config
 
 from crystallm_core.lm.model import CrystaLLMPKV
-from crystallm_core.lm.sampler import SamplingSettings, filter_logits, sample
+from crystallm_core.lm.sampler import SamplingSettings, filter_logits, sample, warm_up
 
 
 def tiny_model(seed=0):
@@ -102,3 +102,14 @@ def test_top_k_and_top_p_filtering():
     assert torch.isinf(top2[0, 2:]).all() and torch.isfinite(top2[0, :2]).all()
     nucleus = filter_logits(logits, SamplingSettings(top_k=None, top_p=0.5))
     assert torch.isfinite(nucleus[0, 0]) and torch.isinf(nucleus[0, 1:]).all()
+
+
+def test_warm_up_keeps_the_faster_thread_count():
+    model = tiny_model()
+    before = torch.get_num_threads()
+    try:
+        result = warm_up(model)
+        assert set(result["step_ms"]) >= {1} and result["threads"] == min(result["step_ms"], key=result["step_ms"].get)
+        assert torch.get_num_threads() == result["threads"]
+    finally:
+        torch.set_num_threads(before)

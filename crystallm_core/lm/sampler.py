@@ -19,6 +19,7 @@ batch until the longest one ends, and knows nothing about prefix keys. Here:
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -198,10 +199,12 @@ class SlotBatch:
 
 
 @torch.inference_mode()
-def warm_up(model: CrystaLLMPKV) -> float:
-    """Run the step shapes sampling meets (one or several rows; one or a few new tokens each) so
-    that compiling the attention kernel happens here, not while a user waits for a structure.
-    Returns the seconds taken (a few the first time on a machine, then from inductor's cache)."""
+def warm_up(model: CrystaLLMPKV) -> dict:
+    """Prepare a process for sampling before a user waits on it: run the step shapes sampling
+    meets (one or several rows; one or a few new tokens each), so that compiling the attention
+    kernel happens here, then time decode steps at 1 thread and at every core and keep the faster
+    (on a busy or shared machine one thread often wins: OpenMP threads wait on each other).
+    Returns {"seconds": …, "threads": …, "step_ms": {threads: ms}}."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     for rows in (1, 2):
@@ -209,7 +212,31 @@ def warm_up(model: CrystaLLMPKV) -> float:
             cache = model.setup_cache(rows, 16)
             counts = torch.full((rows,), width, dtype=torch.long, device=device)
             model.forward_cached(torch.zeros(rows * width, dtype=torch.long, device=device), counts, cache)
-    return time.perf_counter() - started
+    timings = {}
+    if device.type == "cpu":
+        cores = os.cpu_count() or 1
+        for threads in sorted({1, cores}):
+            torch.set_num_threads(threads)
+            timings[threads] = step_milliseconds(model, rows=16, cached=120)
+        torch.set_num_threads(min(timings, key=timings.get))
+    return {"seconds": round(time.perf_counter() - started, 2), "threads": torch.get_num_threads(),
+            "step_ms": {k: round(v, 2) for k, v in timings.items()}}
+
+
+def step_milliseconds(model: CrystaLLMPKV, rows: int, cached: int, repeats: int = 6) -> float:
+    """Median milliseconds of a decode step (one token per row) over `cached` tokens per row."""
+    device = next(model.parameters()).device
+    cache = model.setup_cache(rows, cached + 2)
+    model.forward_cached(torch.zeros(rows * cached, dtype=torch.long, device=device),
+                         torch.full((rows,), cached, dtype=torch.long, device=device), cache)
+    ones = torch.ones(rows, dtype=torch.long, device=device)
+    times = []
+    for _ in range(repeats):
+        cache.lengths -= 1
+        started = time.perf_counter()
+        model.forward_cached(torch.zeros(rows, dtype=torch.long, device=device), ones, cache)
+        times.append((time.perf_counter() - started) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 @torch.inference_mode()

@@ -56,6 +56,7 @@ def continuation_seed(seed: int, done: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from crystallm_core.chem.scoring import StructureScorer
     from crystallm_core.lm.checkpoints import load_model
+    from crystallm_core.lm.sampler import warm_up
     from crystallm_core.product.evaluate import check_candidate, score_candidates
     from crystallm_core.product.generation import (
         GenerationRequest,
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
                                 settings=settings, seed=args.seed, rescale=args.rescale, relax=args.relax)
     request.validate()
     loaded = load_model(args.model)
+    warm_up(loaded.model)  # compile the attention kernel; pick the faster thread count on this machine
     run = new_run(loaded, [request])
     previous = resumable(args.out, run.requests)  # before sampling, not after
     if previous is not None:
