@@ -25,6 +25,8 @@ from pymatgen.core import Composition, Element, Structure
 from pymatgen.io.cif import CifParser
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
+from crystallm_core.chem.cif_limits import cif_size_problem
+
 
 @dataclass(frozen=True)
 class ValidityConfig:
@@ -230,6 +232,9 @@ class CifChecker:
     def check_parses(self) -> str:
         if not isinstance(self.cif, str) or "data_" not in self.cif:
             raise CheckFailed("no CIF text (no data_ block)")
+        too_big = cif_size_problem(self.cif)
+        if too_big:
+            raise CheckFailed(too_big)
         # Sites within 1e-3 (fractional) are one atom: 4-decimal coordinates such as
         # (0.1629, 0.3259) put symmetry images ~1e-4 apart, beyond pymatgen's default 1e-4.
         parser = CifParser.from_str(self.cif, site_tolerance=self.config.site_tolerance)
@@ -339,8 +344,10 @@ class CifChecker:
                 f"{low:.2f}–{high:.2f}× of the expected lengths")
 
 
-class CheckTimeout(Exception):
-    """Raised by the alarm when a check overruns its time limit."""
+class CheckTimeout(BaseException):
+    """Raised by the alarm when a check overruns its time limit. A BaseException, like
+    KeyboardInterrupt: pymatgen's `except Exception` blocks (CrystalNN has several) swallowed it,
+    and a check that overran its limit then ran on to the end."""
 
 
 @contextmanager
@@ -363,6 +370,16 @@ def time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
+MAX_REASON_CHARS = 200
+
+
+def error_text(error: Exception) -> str:
+    """An unexpected error as a reason: one line, at most MAX_REASON_CHARS (pymatgen can quote
+    a whole loop of numbers in its message)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split()).rstrip(":")
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
+
+
 def run_check(name: str, check: Callable[[], str], seconds: float | None = None) -> CheckResult:
     try:
         with time_limit(seconds):
@@ -372,8 +389,7 @@ def run_check(name: str, check: Callable[[], str], seconds: float | None = None)
     except CheckTimeout:
         return CheckResult(name, False, f"timed out after {seconds:g} s")
     except Exception as error:  # any crash is a failed check, never a failed batch
-        text = " ".join(f"{type(error).__name__}: {error}".split())  # one line, even for multi-line errors
-        return CheckResult(name, False, text.rstrip(":"))
+        return CheckResult(name, False, error_text(error))
 
 
 def check_cif(cif_text: str, config: ValidityConfig = ValidityConfig(), time_limit: float | None = None) -> ValidityReport:

@@ -33,7 +33,7 @@ from crystallm_core.product.generation import GenerationRequest, new_run, prepar
 from crystallm_core.product.history import HistoryStore
 from crystallm_core.product.jobs import GenerationJob
 from crystallm_core.product.run import Run
-from crystallm_core.product.run_files import run_zip
+from crystallm_core.product.run_files import run_zip, uploaded_cif_text  # noqa: F401 (for the pages)
 
 NAN = float("nan")
 DEFAULT_SAMPLING = SamplingSettings()  # the one place the app, CLI and scripts take defaults from
