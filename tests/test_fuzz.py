@@ -4,6 +4,7 @@ scripts/fuzz_inputs.py; here a couple of thousand, and the fixes it led to."""
 from __future__ import annotations
 
 import random
+import re
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prototypes import all_prototypes, rocksalt_nacl
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifWriter
 
 from crystallm_core.chem.cif_limits import cif_size_problem
 from crystallm_core.chem.fuzz_corpus import (
@@ -146,3 +149,67 @@ def test_placeholder_species_get_a_description_without_a_density():
     summary = describe_structure(parse_cif(cif))
     assert summary["density (g/cm³)"] == "unknown (no mass for the placeholder species E, G)"
     assert summary["space group"].startswith("Pm-3m") and summary["sites"] == 2
+
+
+def test_a_flat_cell_is_described_without_a_density():
+    """β = 0°: no volume, so no density (was a bare ZeroDivisionError in the Explore summary)."""
+    structure = Structure(Lattice([[5, 0, 0], [0, 5, 0], [5, 0, 0]]), ["Na"], [[0, 0, 0]])  # c along a
+    summary = describe_structure(structure)
+    assert summary["density (g/cm³)"].startswith("unknown (the cell volume is")
+    assert summary["space group"] == "not detected (cell angle beta = 0° is outside 10–170°)"
+
+
+NACL = str(CifWriter(rocksalt_nacl(), symprec=0.1))
+SITE_TAGS = "".join(f" _atom_site_{tag}\n" for tag in ("type_symbol", "label", "symmetry_multiplicity", "fract_x",
+                                                        "fract_y", "fract_z", "occupancy"))
+
+
+@pytest.mark.parametrize("broken, reason", [
+    (NACL.replace(SITE_TAGS, ""), "a loop_ has no column names (ZeroDivisionError"),
+    (NACL.replace("0.00000000  0.00000000  0.00000000  1", "0.00000000  0.00000000"),
+     "a loop_'s values do not fill its columns (ValueError: zip()"),
+    (NACL.replace("_cell_length_a   5.64000000", "_cell_length_a   5.6x"), "a number cannot be read: '5.6x' ("),
+    (NACL.replace(" _atom_site_label\n", "").replace("Na0  ", "").replace("Cl1  ", ""),
+     "the tag _atom_site_label is missing (KeyError"),
+])
+def test_common_parser_failures_say_what_is_wrong(broken, reason):
+    """The commonest bare parser errors of the 100,000-input run, put in words."""
+    assert check_cif(broken).check("parses").reason.startswith(reason)
+    with pytest.raises(ValueError) as raised:  # the Explore page's parser: words first too
+        parse_cif(broken)
+    assert re.match(r"this CIF could not be read: [a-z]", str(raised.value)), str(raised.value)
+
+
+def test_a_disordered_structure_is_described():
+    """Partial occupancies (e.g. two atoms merged into one site): `species` raises for them."""
+    structure = Structure(Lattice.cubic(4), [{"Na": 0.5, "K": 0.5}, "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert describe_structure(structure)["density (g/cm³)"] > 0
+
+
+def test_a_time_limit_survives_a_bare_except():
+    """Bare `except:` (pymatgen has some) swallows the first interruption; the next one stops it."""
+    def swallows_half() -> str:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.01)
+            except:  # noqa: E722 (the point of the test)
+                pass
+            time.sleep(0.01)
+        return "ran to the end"
+
+    started = time.perf_counter()
+    assert run_check("bare", swallows_half, 0.2).reason == "timed out after 0.2 s"
+    assert time.perf_counter() - started < 5
+
+
+def test_a_long_sparse_cell_is_not_handed_to_the_neighbour_search():
+    """A 225 × 5.6 × 5.6 Å NaCl cell (a swapped tag): CrystalNN widened its Voronoi search to the
+    cell diagonal, one native call that ran past every time limit (60 s in the worker)."""
+    structure = rocksalt_nacl()
+    structure.lattice = Lattice.from_parameters(225, 5.64, 5.64, 90, 90, 90)
+    started = time.perf_counter()
+    report = check_cif(str(CifWriter(structure)), time_limit=10)
+    assert report.check("bond_lengths").reason == ("skipped: a 225.0 × 5.6 × 5.6 Å cell with 895 Å³ per atom is "
+                                                   "too sparse and long for the neighbour search")
+    assert time.perf_counter() - started < 5

@@ -86,3 +86,13 @@ def test_top_k_and_top_p_filtering():
     assert torch.isinf(top2[0, 2:]).all() and torch.isfinite(top2[0, :2]).all()
     nucleus = filter_logits(logits, SamplingSettings(top_k=None, top_p=0.5))
     assert torch.isfinite(nucleus[0, 0]) and torch.isinf(nucleus[0, 1:]).all()
+
+
+def test_padding_queries_never_look_past_their_row():
+    """A row one token from the end of the cache, batched with a row feeding six: its padding
+    must not ask for positions past the capacity (a shape error failed whole runs, issue 9)."""
+    from crystallm_core.lm.kv_cache import RowQueries
+
+    queries = RowQueries.padded(torch.tensor([0, 1]), torch.tensor([1, 6]), torch.tensor([65, 10]), 0, 6, None)
+    assert queries.span == 66  # row 0 sees positions 0…65, its padding no further; row 1 sees 0…15
+    assert queries.real.tolist() == [[True] + [False] * 5, [True] * 6]

@@ -2,13 +2,14 @@
 powder XRD pattern (the Explore page). Readable `ValueError`s, never tracebacks, for bad CIFs."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pandas as pd
 from pymatgen.core import DummySpecies, Structure
 
 from crystallm_core.chem.cif_limits import cif_size_problem
-from crystallm_core.chem.validity import error_text, structure_problem
+from crystallm_core.chem.validity import parse_error_text, structure_problem
 
 
 def parse_cif(text: str) -> Structure:
@@ -23,7 +24,7 @@ def parse_cif(text: str) -> Structure:
             warnings.simplefilter("ignore")
             return Structure.from_str(text, fmt="cif")
     except Exception as error:
-        raise ValueError(f"this CIF could not be read ({error_text(error)})") from None
+        raise ValueError(f"this CIF could not be read: {parse_error_text(error)}") from None
 
 
 def describe_structure(structure: Structure, symprec: float = 0.1) -> dict:
@@ -54,10 +55,14 @@ def describe_structure(structure: Structure, symprec: float = 0.1) -> dict:
 
 
 def density(structure: Structure) -> float | str:
-    """g/cm³, or why there is none: a placeholder species (an unknown symbol) has no mass."""
-    placeholders = sorted({sp.symbol for sp in structure.species if isinstance(sp, DummySpecies)})
+    """g/cm³, or why there is none: a placeholder species (an unknown symbol) has no mass, a flat
+    cell no volume."""
+    placeholders = sorted({sp.symbol for sp in structure.composition if isinstance(sp, DummySpecies)})
     if placeholders:
         return f"unknown (no mass for the placeholder species {', '.join(placeholders)})"
+    volume = structure.volume
+    if not (math.isfinite(volume) and volume > 0):
+        return f"unknown (the cell volume is {volume:.3g} Å³)"
     return round(float(structure.density), 3)
 
 
