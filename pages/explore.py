@@ -15,6 +15,7 @@ from crystallm_core.product.service import (
     describe_structure,
     parse_cif,
     relax_and_check,
+    uploaded_cif_text,
     xrd_pattern,
 )
 from crystallm_core.ui.components import current_run
@@ -33,10 +34,10 @@ def pick_cif() -> tuple[str, str, object] | None:
             return None
         try:
             check_upload_size(upload.size)
+            return upload.name, uploaded_cif_text(upload.getvalue()), None
         except ValueError as error:
-            st.error(str(error))
+            st.error(f"{upload.name}: {error}")
             return None
-        return upload.name, upload.getvalue().decode("utf-8", errors="replace"), None
     readable = {c.index: c for c in run.candidates if c.cif}
     if not readable:
         st.info("No structure of the current run could be turned into a CIF; nothing to show.")

@@ -32,3 +32,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_model")
     save_model(CrystaLLMPKV(tiny_config()), out, metadata={"name": "tiny-test-model", "trained_on": "nothing (random)"})
     return out
+
+
+@pytest.fixture(scope="session")
+def short_model_dir(tmp_path_factory) -> Path:
+    """The tiny random model with a 64-token context: every sample ends fast, so runs take seconds."""
+    from crystallm_core.lm.checkpoints import save_model
+    from crystallm_core.lm.model import CrystaLLMPKV
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("short_model")
+    save_model(CrystaLLMPKV(tiny_config(n_positions=66)), out, metadata={"name": "tiny-test-model"})
+    return out
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch, short_model_dir):
+    """The short tiny model as the default model; a fresh history database per test."""
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(short_model_dir))
+    monkeypatch.setenv("CRYSTALLM_HISTORY_DB", str(tmp_path / "history.sqlite"))
+    monkeypatch.setenv("CRYSTALLM_MODEL_ROOTS", str(tmp_path))  # models may be loaded from this test's folder
+    monkeypatch.setenv("CRYSTALLM_FINETUNE_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("CRYSTALLM_DATA_ROOTS", str(tmp_path / "data"))
+    return tmp_path

@@ -22,32 +22,6 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PARITY_FILE = SURROGATE_DIR / "test_predictions.csv"  # shipped with the surrogates, drawn on the Model page
 
 
-@pytest.fixture(scope="module")
-def short_model_dir(tmp_path_factory) -> Path:
-    """The tiny random model with a 64-token context: every sample ends fast, so runs take seconds."""
-    import torch
-    from conftest import tiny_config
-
-    from crystallm_core.lm.checkpoints import save_model
-    from crystallm_core.lm.model import CrystaLLMPKV
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("short_model")
-    save_model(CrystaLLMPKV(tiny_config(n_positions=66)), out, metadata={"name": "tiny-test-model"})
-    return out
-
-
-@pytest.fixture
-def app_env(tmp_path, monkeypatch, short_model_dir):
-    """The short tiny model as the default model; a fresh history database per test."""
-    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(short_model_dir))
-    monkeypatch.setenv("CRYSTALLM_HISTORY_DB", str(tmp_path / "history.sqlite"))
-    monkeypatch.setenv("CRYSTALLM_MODEL_ROOTS", str(tmp_path))  # models may be loaded from this test's folder
-    monkeypatch.setenv("CRYSTALLM_FINETUNE_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("CRYSTALLM_DATA_ROOTS", str(tmp_path / "data"))
-    return tmp_path
-
-
 def new_app(page: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()

@@ -13,23 +13,16 @@ import csv
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from app_server import CHROMIUM, REPO, AppServer, launch_chromium, open_page, press
 
-REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 THREEDMOL = REPO / "static" / "vendor" / "3Dmol-min.js"
 ARTIFACTS = REPO / "test-artifacts"
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TARGET_BAND_GAP = 1.5  # what the memorised CIF was trained with
 
 MISSING = [reason for present, reason in (
@@ -74,57 +67,19 @@ def train_memorised_model(out_dir: Path) -> Path:
     return save_model(model, out_dir, metadata={"name": "memorised-nacl", "trained_on": "one NaCl CIF (test fixture)"})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """`streamlit run app.py` on a free port with the memorised model and a scratch history."""
     work = tmp_path_factory.mktemp("e2e")
     model_dir = train_memorised_model(work / "model")
-    port = free_port()
-    env = {**os.environ, "CRYSTALLM_MODEL_DIR": str(model_dir), "CRYSTALLM_HISTORY_DB": str(work / "history.sqlite")}
-    log_path = work / "streamlit.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.headless", "true"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = AppServer({"CRYSTALLM_MODEL_DIR": str(model_dir), "CRYSTALLM_HISTORY_DB": str(work / "history.sqlite")},
+                       work / "streamlit.log")
     try:
-        deadline = time.time() + 120
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"streamlit exited with {server.returncode}:\n{log_path.read_text()}")
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"streamlit did not come up in 120 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield url
+        yield server.start(timeout=120)
+    except RuntimeError as error:
+        pytest.fail(str(error))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
-def open_page(page, name: str) -> None:
-    """Client-side navigation through the sidebar (a new URL would start a new session)."""
-    page.get_by_test_id("stSidebarNav").get_by_role("link", name=name, exact=True).click()
-
-
-def press(page, slider, key: str, times: int) -> None:
-    slider.focus()
-    for _ in range(times):
-        page.keyboard.press(key)
+        server.stop()
 
 
 def table_cells(page) -> list[str]:
@@ -145,7 +100,7 @@ def test_generate_view_evaluate_and_download(app_url, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     expect.set_options(timeout=60_000)  # a shared, busy CPU: be generous
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, headless=True)
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
             page.set_default_timeout(60_000)

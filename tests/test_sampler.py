@@ -113,3 +113,13 @@ def test_warm_up_keeps_the_faster_thread_count():
         assert torch.get_num_threads() == result["threads"]
     finally:
         torch.set_num_threads(before)
+
+
+def test_padding_queries_never_look_past_their_row():
+    """A row one token from the end of the cache, batched with a row feeding six: its padding
+    must not ask for positions past the capacity (a shape error failed whole runs, issue 9)."""
+    from crystallm_core.lm.kv_cache import RowQueries
+
+    queries = RowQueries.padded(torch.tensor([0, 1]), torch.tensor([1, 6]), torch.tensor([65, 10]), 0, 6, None)
+    assert queries.span == 66  # row 0 sees positions 0…65, its padding no further; row 1 sees 0…15
+    assert queries.real.tolist() == [[True] + [False] * 5, [True] * 6]

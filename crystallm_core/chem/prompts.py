@@ -18,6 +18,7 @@ from crystallm_core.lm.tokenizer import CIFTokenizer
 MAX_ATOMS = 20  # the model's context holds CIFs of about 20 atoms per cell (reference §6)
 SPACE_GROUP_TAG = "_symmetry_space_group_name_H-M"
 CENTRING_MULTIPLICITY = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "R": 3, "F": 4}  # lattice points per conventional cell
+MAX_AMOUNT = 10_000  # atoms of one element: beyond any cell (and floats lose integers past 1e16)
 FORMULA_PATTERN = re.compile(r"^\s*([A-Z][a-z]?\d*(\.\d+)?\s*)+$")
 
 
@@ -28,18 +29,34 @@ class Prompt:
     formula: str | None  # full formula of the cell, e.g. "Ti2O4"
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """A user's text quoted in a message: control characters escaped, cut short when long."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 def parse_composition(formula: str) -> Composition:
     """A user's formula → Composition, with messages a researcher can act on."""
     cleaned = formula.replace(" ", "")
     if not cleaned or not FORMULA_PATTERN.match(cleaned):
-        raise ValueError(f"'{formula}' is not a chemical formula (write it like 'TiO2' or 'Li3PS4')")
-    for symbol in re.findall(r"[A-Z][a-z]?", cleaned):
+        raise ValueError(f"{shown(formula)} is not a chemical formula (write it like 'TiO2' or 'Li3PS4')")
+    for symbol, amount in re.findall(r"([A-Z][a-z]?)([\d.]*)", cleaned):
         if not Element.is_valid_symbol(symbol):
-            raise ValueError(f"'{symbol}' in '{formula}' is not a chemical element")
+            raise ValueError(f"'{symbol}' in {shown(formula)} is not a chemical element")
+        if amount and float(amount) == 0:
+            raise ValueError(f"{symbol}{amount} in {shown(formula)}: every element needs at least one atom")
+        if amount and float(amount) > MAX_AMOUNT:
+            raise ValueError(f"{shown(symbol + amount, 12)} in {shown(formula)}: far more atoms than a cell holds")
     composition = Composition(cleaned)
     if any(not float(amount).is_integer() for amount in composition.values()):
-        raise ValueError(f"'{formula}' has fractional amounts; give integer atom counts (ordered structures only)")
+        raise ValueError(f"{shown(formula)} has fractional amounts; give integer atom counts (ordered structures only)")
     return composition
+
+
+def listed(symbols: list[str], limit: int = 8) -> str:
+    """'A, B, C' of distinct user entries, each `shown` when odd, and '… and k more' past `limit`."""
+    distinct = list(dict.fromkeys(symbols))
+    parts = [s if s.isalnum() and len(s) <= 8 else shown(s, 12) for s in distinct[:limit]]
+    return ", ".join(parts) + (f" and {len(distinct) - limit} more" if len(distinct) > limit else "")
 
 
 def element_token_ids(tokenizer: CIFTokenizer, allowed: list[str] | None) -> list[int]:
@@ -48,10 +65,10 @@ def element_token_ids(tokenizer: CIFTokenizer, allowed: list[str] | None) -> lis
         return []
     unknown = [symbol for symbol in allowed if not Element.is_valid_symbol(symbol)]
     if unknown:
-        raise ValueError(f"not chemical elements: {', '.join(unknown)}")
+        raise ValueError(f"not chemical elements: {listed(unknown)}")
     outside_vocabulary = [symbol for symbol in allowed if symbol not in tokenizer.token_to_id]
     if outside_vocabulary:
-        raise ValueError(f"the model cannot write these elements: {', '.join(outside_vocabulary)}")
+        raise ValueError(f"the model cannot write these elements: {listed(outside_vocabulary)}")
     return [i for i, token in enumerate(tokenizer.vocab) if Element.is_valid_symbol(token) and token not in allowed]
 
 
@@ -66,12 +83,14 @@ def build_prompt(tokenizer: CIFTokenizer, composition: str | None = None, z: int
         if spacegroup:
             raise ValueError("a space group can only be fixed together with a composition")
         return Prompt("<bos>\ndata_[", 1, None)
-    reduced, factor = parse_composition(composition).get_reduced_composition_and_factor()
-    if z is None:
-        z = int(factor)
-    if not (1 <= int(z) <= MAX_ATOMS):
+    parsed = parse_composition(composition)
+    unwritable = [el.symbol for el in parsed.elements if el.symbol not in tokenizer.token_to_id]
+    if unwritable:
+        raise ValueError(f"the model cannot write these elements: {listed(unwritable)}")
+    reduced, factor = parsed.get_reduced_composition_and_factor()
+    if z is not None and not (1 <= int(z) <= MAX_ATOMS):
         raise ValueError(f"Z (formula units per cell) must be between 1 and {MAX_ATOMS}, got {z}")
-    cell = reduced * int(z)
+    cell = reduced * int(factor if z is None else z)
     if cell.num_atoms > MAX_ATOMS:
         raise ValueError(
             f"{cell.formula.replace(' ', '')} has {int(cell.num_atoms)} atoms in the cell; "
@@ -83,7 +102,7 @@ def build_prompt(tokenizer: CIFTokenizer, composition: str | None = None, z: int
         return Prompt(text, 2, formula)
     symbol = spacegroup.strip()
     if symbol not in space_group_symbols(tokenizer):
-        raise ValueError(f"space group '{symbol}' is not one the model knows (use the Hermann–Mauguin symbol, e.g. 'Fm-3m')")
+        raise ValueError(f"space group {shown(symbol)} is not one the model knows (use the Hermann–Mauguin symbol, e.g. 'Fm-3m')")
     check_centring(cell, symbol)
     text += atom_type_loop(cell).rstrip("\n") + f"\n{SPACE_GROUP_TAG} [{symbol}]\n"
     return Prompt(text, 4, formula)

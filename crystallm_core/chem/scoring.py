@@ -21,6 +21,9 @@ from crystallm_core.chem.validity import structure_problem
 GAP_COLUMNS = ("band_gap_gnn", "band_gap_gbm", "band_gap_pred", "band_gap_std", "p_metal")
 STABILITY_COLUMNS = ("e_form_pred", "e_hull_pred")
 SCORE_COLUMNS = (*GAP_COLUMNS, *STABILITY_COLUMNS, "novel")
+# Training cells have at most 52 sites. Beyond ~100 the matcher (novelty) and CHGNet take minutes
+# and gigabytes per structure (256 sites: 48 s and 1.8 GB for novelty alone), so they are not run.
+MAX_SCORED_SITES = 100
 
 
 @lru_cache(maxsize=1)
@@ -39,8 +42,8 @@ class StructureScorer:
     so the metrics functions apply to both the app's tables and `evaluate`'s CSV."""
 
     def __init__(self, stability: bool = True, relax: RelaxSettings | None = None, novelty: bool = True,
-                 surrogate: bool = True):
-        self.relax = relax
+                 surrogate: bool = True, max_sites: int = MAX_SCORED_SITES):
+        self.relax, self.max_sites = relax, max_sites
         self.unavailable: dict[str, str] = {}  # score family -> why it is missing
         self.gap_model = self.novelty_index = None
         self.with_stability = stability
@@ -69,7 +72,7 @@ class StructureScorer:
         notes: list[list[str]] = [[] for _ in structures]
         present = []
         for i, structure in enumerate(structures):
-            problem = structure_problem(structure) if structure is not None else None
+            problem = self.problem(structure)
             if problem:  # native code (CHGNet, graph builders, spglib) never sees such a cell
                 notes[i].append(f"not scored: {problem}")
             elif structure is not None:
@@ -87,6 +90,14 @@ class StructureScorer:
             if row_notes:
                 row["notes"] = "; ".join(row_notes)
         return rows
+
+    def problem(self, structure: Structure | None) -> str | None:
+        """Why a structure is not scored (None: it is, or there is none)."""
+        if structure is None:
+            return None
+        if len(structure) > self.max_sites:
+            return f"{len(structure)} sites is more than the {self.max_sites} the scorers handle"
+        return structure_problem(structure)
 
     def add_gaps(self, structures: list[Structure], rows: list[dict], notes: list[list[str]],
                  chgnet: list | None = None) -> None:

@@ -2,24 +2,29 @@
 powder XRD pattern (the Explore page). Readable `ValueError`s, never tracebacks, for bad CIFs."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pandas as pd
-from pymatgen.core import Structure
+from pymatgen.core import DummySpecies, Structure
 
-from crystallm_core.chem.validity import structure_problem
+from crystallm_core.chem.cif_limits import cif_size_problem
+from crystallm_core.chem.validity import parse_error_text, structure_problem
 
 
 def parse_cif(text: str) -> Structure:
     """A CIF (generated or uploaded) → Structure; ValueError with the reason when it cannot be read."""
     if not text or not text.strip():
         raise ValueError("the CIF is empty")
+    too_big = cif_size_problem(text)
+    if too_big:
+        raise ValueError(too_big)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return Structure.from_str(text, fmt="cif")
     except Exception as error:
-        raise ValueError(f"this CIF could not be read ({type(error).__name__}: {error})") from None
+        raise ValueError(f"this CIF could not be read: {parse_error_text(error)}") from None
 
 
 def describe_structure(structure: Structure, symprec: float = 0.1) -> dict:
@@ -44,9 +49,21 @@ def describe_structure(structure: Structure, symprec: float = 0.1) -> dict:
         "a, b, c (Å)": ", ".join(f"{x:.3f}" for x in lattice.abc),
         "α, β, γ (°)": ", ".join(f"{x:.2f}" for x in lattice.angles),
         "volume (Å³)": round(lattice.volume, 3),
-        "density (g/cm³)": round(float(structure.density), 3),
+        "density (g/cm³)": density(structure),
     })
     return summary
+
+
+def density(structure: Structure) -> float | str:
+    """g/cm³, or why there is none: a placeholder species (an unknown symbol) has no mass, a flat
+    cell no volume."""
+    placeholders = sorted({sp.symbol for sp in structure.composition if isinstance(sp, DummySpecies)})
+    if placeholders:
+        return f"unknown (no mass for the placeholder species {', '.join(placeholders)})"
+    volume = structure.volume
+    if not (math.isfinite(volume) and volume > 0):
+        return f"unknown (the cell volume is {volume:.3g} Å³)"
+    return round(float(structure.density), 3)
 
 
 def xrd_pattern(structure: Structure, two_theta_range: tuple[float, float] = (5, 90)) -> pd.DataFrame:

@@ -25,6 +25,8 @@ from pymatgen.core import Composition, Element, Structure
 from pymatgen.io.cif import CifParser
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
+from crystallm_core.chem.cif_limits import cif_size_problem
+
 
 @dataclass(frozen=True)
 class ValidityConfig:
@@ -40,6 +42,10 @@ class ValidityConfig:
     min_volume_fraction: float = 0.02  # volume / (a·b·c): below this the cell is flat
     max_sites: int = 2000             # bigger cells are not handed to native code at all
     max_sites_for_bonds: int = 500    # CrystalNN cost grows fast; bigger cells are not checked
+    # CrystalNN's search may widen to the cell diagonal: in a sparse, long cell that is one native
+    # Voronoi call of minutes. Skipped when both: real MP-20 cells have ≤ 75 Å³ per atom.
+    max_neighbour_search: int = 20_000  # sites around one atom (`neighbour_search_size`)
+    sparse_volume_per_atom: float = 150.0  # Å³
 
 
 CHECK_NAMES = ["parses", "formula_consistency", "multiplicity", "sane_cell", "space_group",
@@ -130,6 +136,16 @@ def closest_pair(structure: Structure) -> tuple[float, int, int] | None:
         return None
     k = int(np.argmin(np.where(pairs, distances, np.inf)))
     return float(distances[k]), int(centres[k]), int(neighbours[k])
+
+
+def neighbour_search_size(structure: Structure) -> float:
+    """About how many sites CrystalNN gathers around one atom when its Voronoi search widens to
+    the longest cell diagonal, as it does in long thin cells (a 225 × 5.6 × 5.6 Å cell held one
+    native Voronoi call for minutes, past any time limit)."""
+    lattice = structure.lattice
+    reach = max(float(np.linalg.norm(lattice.get_cartesian_coords(corner)))
+                for corner in ([1, 1, 1], [-1, 1, 1], [1, -1, 1], [1, 1, -1]))
+    return len(structure) * (4 / 3 * math.pi * reach ** 3) / lattice.volume
 
 
 class CheckFailed(Exception):
@@ -230,10 +246,16 @@ class CifChecker:
     def check_parses(self) -> str:
         if not isinstance(self.cif, str) or "data_" not in self.cif:
             raise CheckFailed("no CIF text (no data_ block)")
+        too_big = cif_size_problem(self.cif)
+        if too_big:
+            raise CheckFailed(too_big)
         # Sites within 1e-3 (fractional) are one atom: 4-decimal coordinates such as
         # (0.1629, 0.3259) put symmetry images ~1e-4 apart, beyond pymatgen's default 1e-4.
-        parser = CifParser.from_str(self.cif, site_tolerance=self.config.site_tolerance)
-        structures = parser.parse_structures(primitive=False, on_error="raise")
+        try:
+            parser = CifParser.from_str(self.cif, site_tolerance=self.config.site_tolerance)
+            structures = parser.parse_structures(primitive=False, on_error="raise")
+        except Exception as error:
+            raise CheckFailed(parse_error_text(error)) from None
         if not structures or len(structures[0]) == 0:
             raise CheckFailed("pymatgen found no atoms")
         self.structure = structures[0]
@@ -319,6 +341,12 @@ class CifChecker:
             raise CheckFailed("skipped: cell is not sane")
         if len(self.structure) > self.config.max_sites_for_bonds:
             raise CheckFailed(f"skipped: {len(self.structure)} sites is too many for bond analysis")
+        per_atom = self.structure.volume / len(self.structure)
+        if (per_atom > self.config.sparse_volume_per_atom
+                and neighbour_search_size(self.structure) > self.config.max_neighbour_search):
+            lengths = " × ".join(f"{x:.1f}" for x in self.structure.lattice.abc)
+            raise CheckFailed(f"skipped: a {lengths} Å cell with {per_atom:.0f} Å³ per atom is too sparse "
+                              "and long for the neighbour search")
         low, high = 1 - self.config.bond_tolerance, 1 + self.config.bond_tolerance
         # Symmetry-equivalent sites have the same bonds, so one site per orbit is enough
         # (CrystalNN dominates the cost of check_cif).
@@ -339,28 +367,72 @@ class CifChecker:
                 f"{low:.2f}–{high:.2f}× of the expected lengths")
 
 
-class CheckTimeout(Exception):
-    """Raised by the alarm when a check overruns its time limit."""
+class CheckTimeout(BaseException):
+    """Raised by the alarm when a check overruns its time limit. A BaseException, like
+    KeyboardInterrupt: pymatgen's `except Exception` blocks (CrystalNN has several) swallowed it,
+    and a check that overran its limit then ran on to the end."""
 
 
 @contextmanager
-def time_limit(seconds: float | None):
-    """Interrupt the block with CheckTimeout after `seconds` (only on the main thread, where
-    signals are delivered; elsewhere, e.g. in the checker process's caller, it is a no-op)."""
+def time_limit(seconds: float | None, repeat: float = 0.25):
+    """Interrupt the block with CheckTimeout after `seconds`, and again every `repeat` seconds
+    until it ends: pymatgen has bare `except:` clauses that swallow one interruption. Only on
+    the main thread, where signals are delivered; elsewhere (e.g. in the checker process's
+    caller) it is a no-op."""
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
+    armed = [True]
 
     def alarm(signum, frame):
-        raise CheckTimeout()
+        if armed[0]:
+            raise CheckTimeout()
 
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, repeat)
     try:
         yield
     finally:
+        while armed[0]:  # an alarm may land here too: disarm until it sticks
+            try:
+                armed[0] = False
+            except CheckTimeout:
+                continue
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+MAX_REASON_CHARS = 200
+
+
+def error_text(error: Exception) -> str:
+    """An unexpected error as a reason: one line, at most MAX_REASON_CHARS (pymatgen can quote
+    a whole loop of numbers in its message)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split()).rstrip(":")
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
+
+
+# What pymatgen's CIF parser means by its commonest errors (seen in 100,000 fuzzed inputs).
+PARSE_ERRORS = [
+    (r"ZeroDivisionError", "a loop_ has no column names"),
+    (r"zip\(\) argument \d is (?:longer|shorter)", "a loop_'s values do not fill its columns"),
+    (r"no structures!", "no structure could be built: cell or atom-site data missing or unreadable"),
+    (r"could not convert string to float: ('[^']*')", "a number cannot be read: {0}"),
+    (r"(?:KeyError: |in CIF\. )'(_[\w-]+)'$", "the tag {0} is missing"),
+    (r"cannot reshape array", "a row or symmetry operator has the wrong number of values"),
+    (r"[Ss]ingular matrix", "the cell vectors are not independent (a flat cell)"),
+    (r"Occupancy ([\d.]+) exceeded", "atoms overlap: occupancy {0} at one site"),
+]
+
+
+def parse_error_text(error: Exception) -> str:
+    """A parser failure as a reason: what it means, then pymatgen's own words (cut short)."""
+    raw = error_text(error)
+    for pattern, meaning in PARSE_ERRORS:
+        found = re.search(pattern, raw)
+        if found:
+            return f"{meaning.format(*found.groups())} ({raw[:80]}{'…' if len(raw) > 80 else ''})"
+    return raw
 
 
 def run_check(name: str, check: Callable[[], str], seconds: float | None = None) -> CheckResult:
@@ -372,8 +444,7 @@ def run_check(name: str, check: Callable[[], str], seconds: float | None = None)
     except CheckTimeout:
         return CheckResult(name, False, f"timed out after {seconds:g} s")
     except Exception as error:  # any crash is a failed check, never a failed batch
-        text = " ".join(f"{type(error).__name__}: {error}".split())  # one line, even for multi-line errors
-        return CheckResult(name, False, text.rstrip(":"))
+        return CheckResult(name, False, error_text(error))
 
 
 def check_cif(cif_text: str, config: ValidityConfig = ValidityConfig(), time_limit: float | None = None) -> ValidityReport:

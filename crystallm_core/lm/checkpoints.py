@@ -24,6 +24,10 @@ MAX_SHARD_BYTES = 15 * 2**20 - 2**16  # 15 MiB files, leaving room for the safet
 PART_MARK = "::part"  # suffix of row-chunks of a tensor larger than one shard
 VOCAB_SIZE = 377  # the CrystaLLM-pi CIF vocabulary (tokenizer.build_vocabulary)
 HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
+# A model directory is untrusted input: a config can ask for any size, and building it would
+# take the server's memory before any check. CrystaLLM-pi models have 25–200 M parameters.
+MAX_PARAMETERS = 1_000_000_000
+MAX_WEIGHTS_BYTES = 4 * MAX_PARAMETERS + 2**20  # fp32, plus headers
 
 
 @dataclass
@@ -117,8 +121,10 @@ def read_config(model_dir: Path) -> tuple[PKVConfig, bool]:
         raise ValueError(f"{model_dir} has no config.json: not a model directory")
     try:
         raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_path} is not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} is not a model config (a JSON {type(raw).__name__}, not an object)")
     if "n_prefix_tokens" not in raw or "n_input_vector" not in raw:
         raise ValueError(f"{config_path} is not a PKV (prefix-attention) model config: no n_prefix_tokens/n_input_vector")
     published = raw.get("model_type") != PKVConfig.model_type
@@ -133,6 +139,28 @@ def read_config(model_dir: Path) -> tuple[PKVConfig, bool]:
     if config.vocab_size != VOCAB_SIZE:
         raise ValueError(f"{config_path} declares {config.vocab_size} tokens; the CIF tokenizer has {VOCAB_SIZE}")
     return config, published
+
+
+def parameter_estimate(config: PKVConfig) -> int:
+    """Parameters the config asks for (embeddings, blocks, property encoder), before building it."""
+    embd, layers = int(config.n_embd), int(config.n_layer)
+    encoder = 2 * int(config.n_hidden_cond) * layers * 2 * int(config.n_prefix_tokens) * embd
+    return embd * (int(config.vocab_size) + int(config.n_positions)) + layers * 12 * embd * embd + encoder
+
+
+def check_size(config: PKVConfig, model_dir: Path) -> None:
+    """ValueError when the config or the weight files are too big to load on this server."""
+    try:
+        wanted = parameter_estimate(config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{model_dir / 'config.json'} has invalid sizes ({error})") from None
+    if wanted > MAX_PARAMETERS:
+        raise ValueError(f"{model_dir / 'config.json'} asks for ~{wanted / 1e9:.1f} billion parameters; "
+                         f"at most {MAX_PARAMETERS / 1e9:g} billion are loaded")
+    size = sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
+    if size > MAX_WEIGHTS_BYTES:
+        raise ValueError(f"the weights in {model_dir} take {size / 2**30:.1f} GiB; "
+                         f"at most {MAX_WEIGHTS_BYTES / 2**30:.1f} GiB are loaded")
 
 
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -179,6 +207,7 @@ def load_model_weights(model_dir: str | Path, device: str = "cpu", dtype: torch.
     """The model alone (eval mode), from a local directory; needs only torch + safetensors."""
     model_dir = Path(model_dir)
     config, _ = read_config(model_dir)
+    check_size(config, model_dir)
     state = read_state_dict(model_dir)
     try:
         model = CrystaLLMPKV(config)
@@ -200,6 +229,19 @@ def load_model_weights(model_dir: str | Path, device: str = "cpu", dtype: torch.
     return model.to(device=device, dtype=dtype or inference_dtype(device)).eval()
 
 
+def read_metadata(path: Path) -> dict:
+    """metadata.json (optional: {} when absent); ValueError when it is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return metadata
+
+
 def load_model(source: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
     """Model + tokenizer + description, for inference. Raises ValueError with a clear reason."""
     from crystallm_core.lm.tokenizer import (
@@ -209,8 +251,7 @@ def load_model(source: str | Path | None = None, device: str = "cpu", dtype: tor
     model_dir = resolve_model_dir(source)
     _, published = read_config(model_dir)
     model = load_model_weights(model_dir, device, dtype)
-    metadata_path = model_dir / "metadata.json"
-    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+    metadata = read_metadata(model_dir / "metadata.json")
     info = ModelInfo(
         name=metadata.get("name", model_dir.name),
         source=str(model_dir),

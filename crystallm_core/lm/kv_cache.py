@@ -103,7 +103,10 @@ class RowQueries:
         steps = torch.arange(first, width, device=starts.device)
         real = steps[None, :] < counts[:, None]
         index = torch.where(real, starts[:, None] + steps[None, :], starts[:, None])
-        return cls(index, lengths[:, None] + steps[None, :], rows, None if bool(real.all()) else real)
+        # Padding sees no further than its row's last real token: a row near the end of the cache
+        # would otherwise ask for positions past its capacity (a shape error that failed the run).
+        seen = torch.minimum(steps[None, :], (counts[:, None] - 1).clamp(min=first))
+        return cls(index, lengths[:, None] + seen, rows, None if bool(real.all()) else real)
 
     def attend(self, cache: StaticKVCache, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
         """out[token] = attention of q[token] (packed (N, H, D)) over its row's visible cache."""

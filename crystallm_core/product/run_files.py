@@ -165,6 +165,33 @@ def read_bytes(reader, size: int) -> str | None:
     return reader().decode("utf-8", errors="replace")
 
 
+BINARY_SIGNATURES = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file", b"%PDF": "a PDF",
+                     b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image"}
+
+
+def uploaded_cif_text(data: bytes) -> str:
+    """The text of an uploaded CIF; ValueError saying what it is when it is not one (too big,
+    an archive or other binary file, no data_ block). Non-UTF-8 text is read as Latin-1."""
+    if len(data) > MAX_CIF_BYTES:
+        raise ValueError(f"the file is {len(data) / 1e6:.1f} MB; CIFs over {MAX_CIF_BYTES / 1e6:g} MB are not read "
+                         "(the model writes ~2 kB)")
+    for signature, kind in BINARY_SIGNATURES.items():
+        if data.startswith(signature):
+            hint = " Unpack it and upload one .cif from it." if kind.endswith(("zip archive", "gzip file")) else ""
+            raise ValueError(f"this is {kind}, not a CIF.{hint}")
+    if b"\x00" in data:
+        raise ValueError("this is a binary file, not a CIF (a CIF is plain text)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    if not text.strip():
+        raise ValueError("the file is empty")
+    if "data_" not in text:
+        raise ValueError("this is not a CIF: it has no data_ block")
+    return text
+
+
 def read_json(text: str | None) -> dict:
     try:
         value = json.loads(text or "{}")

@@ -32,7 +32,7 @@ from crystallm_core.product.generation import GenerationRequest, new_run, prepar
 from crystallm_core.product.history import HistoryStore
 from crystallm_core.product.jobs import GENERATION_QUEUE, GenerationJob
 from crystallm_core.product.run import Run
-from crystallm_core.product.run_files import run_zip
+from crystallm_core.product.run_files import run_zip, uploaded_cif_text  # noqa: F401 (for the pages)
 from crystallm_core.product.server_settings import server_settings
 
 NAN = float("nan")
