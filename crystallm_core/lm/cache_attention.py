@@ -40,22 +40,28 @@ def matmul_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 
 class AttentionKernels:
-    """Chooses and holds the compiled kernel; falls back to matmuls for good if compiling fails."""
+    """Chooses and holds the compiled kernel. If its first call fails (no C++ compiler, an
+    unsupported platform) the matmul form is used for good; once it has worked, an error in it
+    is a real error and is raised, never hidden behind the fallback."""
 
     def __init__(self) -> None:
         self.compiled = None
         self.failed = False
+        self.proven = False
 
     def compiling(self) -> bool:
         return not self.failed and os.environ.get("CRYSTALLM_COMPILE", "1") != "0"
 
     def __call__(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         if keys.device.type == "cpu" and queries.shape[2] <= SHORT_SPAN and self.compiling():
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(fused_attention, dynamic=True)
+            if self.proven:
                 return self.compiled(queries, keys, values, bias)
-            except Exception as error:  # no C++ compiler, an unsupported platform: stay correct
+            try:
+                self.compiled = self.compiled or torch.compile(fused_attention, dynamic=True)
+                out = self.compiled(queries, keys, values, bias)
+                self.proven = True
+                return out
+            except Exception as error:  # compiling itself failed: stay correct with matmuls
                 log.warning("compiled attention unavailable (%s): using matmuls", error)
                 self.failed = True
         return matmul_attention(queries, keys, values, bias)

@@ -110,8 +110,11 @@ class RowQueries:
 
     def attend(self, cache: StaticKVCache, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
         """out[token] = attention of q[token] (packed (N, H, D)) over its row's visible cache."""
-        keys, values = cache.read(layer, self.index.shape[0] if self.rows is None else self.rows, self.span)
-        attended = attend(q[self.index].transpose(1, 2), keys, values, self.bias)  # (B, H, T, D), fp32
+        # A padded query never needs positions past the cache (its own row's are written there); the
+        # cap keeps one odd row from failing the whole batch's shapes.
+        span = min(self.span, cache.capacity)
+        keys, values = cache.read(layer, self.index.shape[0] if self.rows is None else self.rows, span)
+        attended = attend(q[self.index].transpose(1, 2), keys, values, self.bias[..., :span])  # (B, H, T, D), fp32
         attended = attended.transpose(1, 2).to(out.dtype)
         if self.real is None:
             out[self.index] = attended

@@ -226,7 +226,8 @@ def warm_up(model: CrystaLLMPKV) -> dict:
 def step_milliseconds(model: CrystaLLMPKV, rows: int, cached: int, repeats: int = 6) -> float:
     """Median milliseconds of a decode step (one token per row) over `cached` tokens per row."""
     device = next(model.parameters()).device
-    cache = model.setup_cache(rows, cached + 2)
+    cached = min(cached, model.config.max_cif_tokens - 1)  # a short-context model: what it holds
+    cache = model.setup_cache(rows, cached + 1)
     model.forward_cached(torch.zeros(rows * cached, dtype=torch.long, device=device),
                          torch.full((rows,), cached, dtype=torch.long, device=device), cache)
     ones = torch.ones(rows, dtype=torch.long, device=device)
