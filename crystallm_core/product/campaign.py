@@ -53,7 +53,11 @@ class Sampler:
 
         if threads:
             torch.set_num_threads(threads)
+        from crystallm_core.lm.sampler import warm_up
+
         self.spec, self.loaded = spec, load_model(spec.model)
+        if not threads:
+            warm_up(self.loaded.model)  # compile the kernel now and keep the faster thread count
 
     def model_record(self) -> dict:
         return model_record(self.loaded)
