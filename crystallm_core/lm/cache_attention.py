@@ -57,7 +57,12 @@ class AttentionKernels:
             if self.proven:
                 return self.compiled(queries, keys, values, bias)
             try:
-                self.compiled = self.compiled or torch.compile(fused_attention, dynamic=True)
+                if self.compiled is None:
+                    # Strides differ between a view of the first rows and a gathered copy, and
+                    # size 1 is specialised: a run meets about a dozen variants, more than
+                    # dynamo's default of 8 (past it, the unfused eager form would run).
+                    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                    self.compiled = torch.compile(fused_attention, dynamic=True)
                 out = self.compiled(queries, keys, values, bias)
                 self.proven = True
                 return out

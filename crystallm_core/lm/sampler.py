@@ -199,11 +199,12 @@ class SlotBatch:
 
 
 @torch.inference_mode()
-def warm_up(model: CrystaLLMPKV) -> dict:
+def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
     """Prepare a process for sampling before a user waits on it: run the step shapes sampling
     meets (one or several rows; one or a few new tokens each), so that compiling the attention
-    kernel happens here, then time decode steps at 1 thread and at every core and keep the faster
-    (on a busy or shared machine one thread often wins: OpenMP threads wait on each other).
+    kernel happens here, then time decode steps at 1 thread and at every core (or `max_threads`,
+    a worker's share) and keep the faster (on a busy or shared machine one thread often wins:
+    OpenMP threads wait on each other).
     Returns {"seconds": …, "threads": …, "step_ms": {threads: ms}}."""
     started = time.perf_counter()
     device = next(model.parameters()).device
@@ -214,7 +215,7 @@ def warm_up(model: CrystaLLMPKV) -> dict:
             model.forward_cached(torch.zeros(rows * width, dtype=torch.long, device=device), counts, cache)
     timings = {}
     if device.type == "cpu":
-        cores = os.cpu_count() or 1
+        cores = max_threads or os.cpu_count() or 1
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
             timings[threads] = step_milliseconds(model, rows=16, cached=120)
