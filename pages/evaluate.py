@@ -19,7 +19,12 @@ from crystallm_core.product.service import (
     sweep_requests,
     sweep_summary,
 )
-from crystallm_core.ui.charts import e_hull_scatter_figure, hit_rate_figure
+from crystallm_core.ui.charts import (
+    e_hull_scatter_figure,
+    hit_rate_figure,
+    spread,
+    target_band_figure,
+)
 from crystallm_core.ui.components import (
     active_job,
     current_model,
@@ -44,17 +49,9 @@ def scatter_figure(frame, tolerance: float) -> go.Figure:
     shown["category"] = [("valid, E_hull n/a" if pd.isna(stable) else "valid, stable" if stable else "valid, not stable")
                          for stable in shown["stable"]]
     targets = shown["band_gap_target"].astype(float)
-    # Every point of a target shares one x: spread each target's points a little, deterministically.
-    group = shown.groupby("band_gap_target")
-    jitter = ((group.cumcount() + 0.5) / group["index"].transform("count") - 0.5) * 0.3
+    jitter = spread(shown, "band_gap_target", 0.3)
     top = max(float(targets.max()), float(shown["band_gap_pred"].max())) + tolerance + 0.5
-    line = np.array([0.0, top])
-    figure = go.Figure()
-    figure.add_trace(go.Scatter(x=np.r_[line, line[::-1]], y=np.r_[line + tolerance, (line - tolerance)[::-1]],
-                                mode="lines", fill="toself", fillcolor="rgba(43,108,176,0.12)", line_width=0,
-                                name=f"target ± {tolerance:g} eV", hoverinfo="skip"))
-    figure.add_trace(go.Scatter(x=line, y=line, mode="lines", line=dict(dash="dash", color="#2b6cb0"),
-                                name="predicted = target"))
+    figure = target_band_figure(top, tolerance, "eV", "#2b6cb0", "rgba(43,108,176,0.12)", "predicted = target")
     for category, colour in CATEGORY_COLOURS.items():
         part = shown["category"] == category
         if part.any():

@@ -27,7 +27,12 @@ from transformers import DynamicCache
 
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.lm.model import CrystaLLMPKV
-from crystallm_core.lm.sampler import SamplingSettings, sample, warm_up
+from crystallm_core.lm.sampler import (
+    SamplingSettings,
+    sample,
+    step_milliseconds,
+    warm_up,
+)
 from crystallm_core.lm.tokenizer import get_tokenizer
 from crystallm_core.paths import DEFAULT_MODEL_DIR
 
@@ -115,21 +120,6 @@ def read_bandwidth() -> float:
     return data.numel() * 4 / best
 
 
-@torch.inference_mode()
-def step_time(model: CrystaLLMPKV, rows: int, repeats: int = 10) -> float:
-    """Seconds per decode step (one token per row) with CACHED tokens in every row."""
-    cache = model.setup_cache(rows)
-    model.forward_cached(torch.randint(0, 360, (rows * CACHED,)), torch.full((rows,), CACHED), cache)
-    ones = torch.ones(rows, dtype=torch.long)
-    times = []
-    for _ in range(repeats + 2):
-        cache.lengths -= 1
-        started = time.perf_counter()
-        model.forward_cached(torch.randint(0, 360, (rows,)), ones, cache)
-        times.append(time.perf_counter() - started)
-    return sorted(times[2:])[len(times[2:]) // 2]
-
-
 def step_bytes(model: CrystaLLMPKV, rows: int) -> int:
     """What a decode step must read: every weight once, and every row's cached keys and values."""
     cfg = model.config
@@ -187,7 +177,7 @@ def main() -> None:
         ratios = f"ours / generate {ours / base:.1f}x"
         if n in old:
             ratios += f", ours / old sampler {ours / line(f'old sampler ({args.baseline_commit})', *old[n]):.1f}x"
-        seconds, needed = step_time(model, n), step_bytes(model, n)
+        seconds, needed = step_milliseconds(model, n, CACHED, repeats=10) / 1e3, step_bytes(model, n)
         print(f"  {ratios}\n  decode step over {CACHED} cached tokens: {seconds * 1e3:.1f} ms; it must read "
               f"{needed / 1e6:.0f} MB = {needed / bandwidth * 1e3:.1f} ms at the measured bandwidth: "
               f"{needed / bandwidth / seconds:.0%} of the roofline")

@@ -218,17 +218,20 @@ def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
         cores = max_threads or os.cpu_count() or 1
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
-            timings[threads] = step_milliseconds(model, rows=16, cached=120)
+            timings[threads] = step_milliseconds(model, rows=16, cached=120, capacity=121)
         torch.set_num_threads(min(timings, key=timings.get))
     return {"seconds": round(time.perf_counter() - started, 2), "threads": torch.get_num_threads(),
             "step_ms": {k: round(v, 2) for k, v in timings.items()}}
 
 
-def step_milliseconds(model: CrystaLLMPKV, rows: int, cached: int, repeats: int = 6) -> float:
-    """Median milliseconds of a decode step (one token per row) over `cached` tokens per row."""
+@torch.inference_mode()
+def step_milliseconds(model: CrystaLLMPKV, rows: int, cached: int, repeats: int = 6,
+                      capacity: int | None = None) -> float:
+    """Median milliseconds of a decode step (one token per row) over `cached` tokens per row, in a
+    cache of `capacity` CIF tokens per row (None: the model's context, as sampling allocates)."""
     device = next(model.parameters()).device
     cached = min(cached, model.config.max_cif_tokens - 1)  # a short-context model: what it holds
-    cache = model.setup_cache(rows, cached + 1)
+    cache = model.setup_cache(rows, capacity)
     model.forward_cached(torch.zeros(rows * cached, dtype=torch.long, device=device),
                          torch.full((rows,), cached, dtype=torch.long, device=device), cache)
     ones = torch.ones(rows, dtype=torch.long, device=device)

@@ -27,23 +27,34 @@ def histogram_figure(hist: dict, x_title: str, marker: float | None = None, x_ra
     return figure
 
 
+def spread(frame: pd.DataFrame, target_column: str, width: float) -> pd.Series:
+    """Every point of a target shares one x: offsets that spread each target's points over
+    `width`, deterministically."""
+    group = frame.groupby(target_column)
+    return ((group.cumcount() + 0.5) / group["index"].transform("count") - 0.5) * width
+
+
+def target_band_figure(top: float, tolerance: float, unit: str, colour: str, fill: str, ideal: str) -> go.Figure:
+    """A figure with the band target ± tolerance shaded and the line outcome = target, from 0 to top."""
+    line = np.array([0.0, top])
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=np.r_[line, line[::-1]], y=np.r_[line + tolerance, (line - tolerance)[::-1]],
+                                mode="lines", fill="toself", fillcolor=fill, line_width=0,
+                                name=f"target ± {tolerance:g} {unit}", hoverinfo="skip"))
+    figure.add_trace(go.Scatter(x=line, y=line, mode="lines", line=dict(dash="dash", color=colour), name=ideal))
+    return figure
+
+
 def e_hull_scatter_figure(frame: pd.DataFrame, tolerance: float = 0.1) -> go.Figure | None:
     """Target vs CHGNet E_hull estimate of the valid structures, the ±tolerance band shaded
     (None when no row has both)."""
     shown = frame[frame["valid"] & frame["e_hull_pred"].notna() & frame["e_hull_target"].notna()]
     if shown.empty:
         return None
-    group = shown.groupby("e_hull_target")
     width = max(float(shown["e_hull_target"].max()), 0.05)
-    jitter = ((group.cumcount() + 0.5) / group["index"].transform("count") - 0.5) * 0.06 * width
+    jitter = spread(shown, "e_hull_target", 0.06 * width)
     top = max(width, float(shown["e_hull_pred"].max())) + tolerance
-    line = np.array([0.0, top])
-    figure = go.Figure()
-    figure.add_trace(go.Scatter(x=np.r_[line, line[::-1]], y=np.r_[line + tolerance, (line - tolerance)[::-1]],
-                                mode="lines", fill="toself", fillcolor="rgba(221,107,32,0.12)", line_width=0,
-                                name=f"target ± {tolerance:g} eV/atom", hoverinfo="skip"))
-    figure.add_trace(go.Scatter(x=line, y=line, mode="lines", line=dict(dash="dash", color="#dd6b20"),
-                                name="estimate = target"))
+    figure = target_band_figure(top, tolerance, "eV/atom", "#dd6b20", "rgba(221,107,32,0.12)", "estimate = target")
     figure.add_trace(go.Scatter(x=shown["e_hull_target"] + jitter, y=shown["e_hull_pred"], mode="markers",
                                 marker=dict(color="#dd6b20", size=9), text=shown["formula"], name="valid structures",
                                 hovertemplate="%{text}<br>target %{x:.3f}<br>estimate %{y:.3f} eV/atom<extra></extra>"))
