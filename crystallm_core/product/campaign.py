@@ -33,10 +33,12 @@ from tqdm import tqdm
 
 from crystallm_core.chem.scoring import StructureScorer
 from crystallm_core.chem.stability import RelaxSettings
+from crystallm_core.chem.structure_info import parse_cif
+from crystallm_core.chem.validity import CheckResult, ValidityReport
 from crystallm_core.product.campaign_spec import CampaignSpec, WorkItem
 from crystallm_core.product.evaluate import score_candidates
 from crystallm_core.product.generation import generate, model_record
-from crystallm_core.product.run import Candidate, Run
+from crystallm_core.product.run import Candidate, Run, Scores
 from crystallm_core.product.versions import package_versions
 
 ROWS, CIFS, MANIFEST = "rows", "cifs", "campaign.json"
@@ -268,10 +270,6 @@ def campaign_status(out_dir: str | Path) -> str:
 def campaign_run(out_dir: str | Path) -> Run:
     """A campaign's rows as one Run (kind "campaign"), for the app's Evaluate page: the checks and
     scores as stored (nothing is sampled or scored again), valid structures parsed for matching."""
-    from crystallm_core.chem.structure_info import parse_cif
-    from crystallm_core.chem.validity import CheckResult, ValidityReport
-    from crystallm_core.product.run import Scores
-
     directory = CampaignDir(Path(out_dir))
     manifest = directory.manifest()
     if not manifest:

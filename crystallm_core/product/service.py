@@ -28,12 +28,15 @@ from crystallm_core.chem.structure_info import (  # noqa: F401
 )
 from crystallm_core.lm.checkpoints import LoadedModel
 from crystallm_core.lm.sampler import DECODINGS, GUIDES, SamplingSettings  # noqa: F401 (the pages take them from here)
+from crystallm_core.product.campaign import MANIFEST as CAMPAIGN_MANIFEST
+from crystallm_core.product.campaign import campaign_run
+from crystallm_core.product.evaluate import evaluate_run
 from crystallm_core.product.generation import GenerationRequest, new_run, prepare
 from crystallm_core.product.history import HistoryStore
 from crystallm_core.product.jobs import GENERATION_QUEUE, GenerationJob
 from crystallm_core.product.run import Run
-from crystallm_core.product.run_files import run_zip, uploaded_cif_text  # noqa: F401 (for the pages)
-from crystallm_core.product.server_settings import server_settings
+from crystallm_core.product.run_files import read_run, run_zip, uploaded_cif_text  # noqa: F401 (for the pages)
+from crystallm_core.product.server_settings import server_settings, within_roots
 
 NAN = float("nan")
 DEFAULT_SAMPLING = SamplingSettings()  # the one place the app, CLI and scripts take defaults from
@@ -188,12 +191,6 @@ def open_results(path: str) -> Run:
     """A campaign directory, a run directory or zip, or a folder of CIFs inside the server's data
     roots, as a Run for the Evaluate page (a campaign's stored checks and scores are reused; other
     files are checked and scored here). ValueError with the reason otherwise."""
-    from crystallm_core.product.campaign import MANIFEST as CAMPAIGN_MANIFEST
-    from crystallm_core.product.campaign import campaign_run
-    from crystallm_core.product.evaluate import evaluate_run
-    from crystallm_core.product.run_files import read_run
-    from crystallm_core.product.server_settings import server_settings, within_roots
-
     folder = within_roots(path, server_settings().data_roots, "results")
     if not folder.exists():
         raise ValueError(f"{path} does not exist")
