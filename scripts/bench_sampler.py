@@ -31,9 +31,9 @@ from crystallm_core.lm.sampler import (
     SamplingSettings,
     sample,
     step_milliseconds,
-    warm_up,
 )
 from crystallm_core.lm.tokenizer import get_tokenizer
+from crystallm_core.product.generation import prepare_for_requests
 from crystallm_core.paths import DEFAULT_MODEL_DIR
 
 PROMPT = "<bos>\ndata_["
@@ -160,11 +160,13 @@ def main() -> None:
     prompt_ids = get_tokenizer().encode(PROMPT)
     loaded = load_model()
     model, dtype = loaded.model, next(loaded.model.parameters()).dtype
-    warmed = warm_up(model)  # compiles the kernel; picks the faster of 1 thread and all cores …
+    # as the app prepares a model: kernels compiled, checker started, threads and batch size measured …
+    warmed = prepare_for_requests(loaded)
     torch.set_num_threads(args.threads)  # … but every path here runs at the same thread count
     print(f"torch {torch.__version__}, {args.threads} threads, model {loaded.info.name}, our dtype {dtype}; "
-          f"warm-up (kernel compile, thread choice) {warmed['seconds']:.1f} s; decode step at 16 rows by "
-          f"threads {warmed['step_ms']} ms: the app would use {warmed['threads']}")
+          f"prepared in {warmed['seconds']:.1f} s; decode step at 16 rows by threads {warmed['step_ms']} ms: "
+          f"the app would use {warmed['threads']}; step by rows {warmed['batch_ms']} ms: default batch size "
+          f"{warmed['batch_size']}")
     print(app_defaults(loaded, args.seed))
     old = run_old(args.baseline_commit, args.slots, args.threads, args.seed) if args.baseline_commit else {}
     reference = load_model(dtype=torch.float32).model

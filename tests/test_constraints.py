@@ -143,9 +143,15 @@ def test_the_site_loop_cannot_close_early_and_closes_itself():
 def test_a_row_whose_orbit_disagrees_with_its_multiplicity_is_rewound():
     constraint, _ = level4("NaCl", 1, "Pm-3m")
     feed(constraint, "5.6400Na1 010000000")
-    # (0.1, 0, z) is never a single point: the scan of z finds nothing, so the row is rewritten
+    # (0.1, 0, z) is never a single point: the scan of z finds nothing. First only y is written
+    # again, with the y that failed masked; when Y_RETRIES values of y failed, the whole row.
     step = constraint.advance(TOKENIZER.token_to_id["0"])
     assert step.rewind_to is not None and constraint.retries.row == 1 and constraint.retries.reasons == {"blocked": 1}
+    assert text_of(constraint.history).endswith("Na0 1 0.1000 ") and "-" not in allowed_texts(constraint)
+    feed(constraint, "0000")
+    assert "0" not in allowed_texts(constraint)  # y = 0.0000 failed on this x
+    step = constraint.advance(TOKENIZER.token_to_id["1"])  # y = 0.0001: blocked again
+    assert step.rewind_to is not None and constraint.retries.row == 2
     assert text_of(constraint.history).endswith("[\n ") and allowed_texts(constraint) == {"Na", "Cl"}
     assert text_of(step.forced) == ""  # the re-fed ' ' gets fresh logits for the element
 

@@ -222,3 +222,14 @@ def test_cli_bad_arguments_one_line_exit_2(argv, message, capsys):
         code = exit_.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_prepare_for_requests_leaves_the_checker_running(tiny):
+    """The app prepares a model before its first request: kernels, thread count, the checker."""
+    from crystallm_core.chem.isolation import CHECKER
+    from crystallm_core.product.generation import prepare_for_requests
+
+    CHECKER.stop()
+    figures = prepare_for_requests(tiny)
+    assert figures["threads"] >= 1 and figures["seconds"] > 0
+    assert CHECKER.process is not None and CHECKER.process.poll() is None

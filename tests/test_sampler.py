@@ -2,8 +2,15 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from crystallm_core.lm import sampler as sampler_module
 from crystallm_core.lm.model import CrystaLLMPKV
-from crystallm_core.lm.sampler import SamplingSettings, filter_logits, sample, warm_up
+from crystallm_core.lm.sampler import (
+    SamplingSettings,
+    draw,
+    filter_logits,
+    sample,
+    warm_up,
+)
 
 
 def tiny_model(seed=0):
@@ -13,16 +20,17 @@ def tiny_model(seed=0):
 
 def test_ragged_cached_forward_matches_the_full_forward():
     """Prefill, decode steps and jump-forward spans of different lengths per row, in one call
-    each, give the logits of the reference (uncached) forward."""
+    each, give the logits of the reference (uncached) forward: every way `query_groups` splits
+    a step (all rows padded; one token each plus a few short spans; spans past SHARED_WIDTH)."""
     model = tiny_model()
-    ids = torch.randint(0, 370, (3, 20))
+    ids = torch.randint(0, 370, (3, 40))
     cond = torch.tensor([[0.3, 0.1], [0.5, 0.0], [0.1, 0.9]])
     with torch.no_grad():
         full = model.prefix_attention_forward(ids, cond)
         cache = model.setup_cache(3, 64)
         cache.write_prefix(torch.arange(3), model.conditioning(cond))
         fed = [0, 0, 0]
-        for counts in ([5, 1, 8], [1, 1, 1], [3, 7, 2], [4, 4, 1]):
+        for counts in ([5, 1, 8], [1, 1, 1], [3, 7, 2], [4, 4, 1], [12, 1, 2], [1, 10, 1], [1, 3, 1]):
             tokens = torch.cat([ids[row, fed[row]:fed[row] + n] for row, n in enumerate(counts)])
             logits = model.forward_cached(tokens, torch.tensor(counts), cache)
             for row, n in enumerate(counts):
@@ -37,6 +45,33 @@ def test_same_seed_same_samples_and_different_seed_differs():
     run = lambda seed: [s.token_ids for s in sample(model, [372, 142], [0.3, 0.0], [True, True], 7, settings, seed)]
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_a_sample_does_not_depend_on_the_batch_size(constrained):
+    """Each sample draws from its own stream: 1, 3 or 6 slots give the same samples (so a batch
+    size measured per machine changes no result)."""
+    from crystallm_core.chem.constraints import CifConstraint, CifTokens
+    from crystallm_core.lm.tokenizer import get_tokenizer
+
+    model = tiny_model()
+    tokens = CifTokens(get_tokenizer())
+    factory = (lambda: CifConstraint(tokens)) if constrained else None
+    prompt = get_tokenizer().encode("<bos>\ndata_[")
+
+    def run(batch_size):
+        settings = SamplingSettings(batch_size=batch_size, max_tokens=60)
+        return [s.token_ids for s in sample(model, prompt, [0.3, 0.0], [True, True], 6, settings, 5,
+                                            constraint_factory=factory)]
+    assert run(1) == run(3) == run(6)
+
+
+def test_draw_lands_only_on_tokens_with_probability():
+    probabilities = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0]])
+    for u in (0.0, 0.2999, 0.3, 0.5, 0.999999, 1.0 - 2 ** -24):
+        tokens = draw(probabilities, torch.full((3,), u))
+        assert all(probabilities[row, token] > 0 for row, token in enumerate(tokens.tolist()))
+    assert draw(probabilities, torch.tensor([0.1, 0.5, 0.9])).tolist() == [1, 2, 1]
 
 
 def test_slots_are_recycled_and_every_sample_is_streamed():
@@ -111,8 +146,15 @@ def test_warm_up_keeps_the_faster_thread_count():
         result = warm_up(model)
         assert set(result["step_ms"]) >= {1} and result["threads"] == min(result["step_ms"], key=result["step_ms"].get)
         assert torch.get_num_threads() == result["threads"]
+        # the default batch size: the smallest within BATCH_TOLERANCE of the best rows per second
+        speed = {rows: rows / ms for rows, ms in result["batch_ms"].items()}
+        assert result["batch_size"] == sampler_module.measured_batch_size
+        assert speed[result["batch_size"]] >= sampler_module.BATCH_TOLERANCE * max(speed.values())
+        assert all(speed[rows] < sampler_module.BATCH_TOLERANCE * max(speed.values()) for rows in speed
+                   if rows < result["batch_size"])
     finally:
         torch.set_num_threads(before)
+        sampler_module.measured_batch_size = sampler_module.DEFAULT_BATCH_SIZE
 
 
 def test_padding_queries_never_look_past_their_row():

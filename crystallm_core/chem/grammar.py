@@ -107,12 +107,15 @@ class TokenGrammar:
         yield from self.expect(f"{value:.{DECIMALS}f}")
         return value
 
-    def coordinate(self, feasible: np.ndarray | None = None) -> Program:
+    def coordinate(self, feasible: np.ndarray | None = None, banned: Iterable[str] = ()) -> Program:
         """A fractional coordinate '0.dddd' ('-0.0000' too, as CifWriter sometimes prints).
 
         feasible: per 1/len(feasible) step, whether the value may be written; digits whose whole
-        range (with its end point) holds no feasible value are masked."""
-        starts = self.t.ids("0", "-") if feasible is None or feasible[0] else self.t.ids("0")
+        range (with its end point) holds no feasible value are masked. banned: digit strings
+        ('5000' for 0.5) that may not be written (fewer than ten per prefix, so never all)."""
+        banned = set(banned)
+        zero_ok = (feasible is None or feasible[0]) and "0" * DECIMALS not in banned
+        starts = self.t.ids("0", "-") if zero_ok else self.t.ids("0")
         first = yield from self.choose(starts)
         if first == self.t.id["-"]:
             yield from self.expect("0.0000")
@@ -120,8 +123,9 @@ class TokenGrammar:
         yield from self.expect(".")
         digits = ""
         for position in range(DECIMALS):
-            allowed = self.t.digit.values() if feasible is None else \
-                [self.t.digit[d] for d in DIGITS if window_feasible(feasible, digits + d)]
+            allowed = [self.t.digit[d] for d in DIGITS
+                       if (feasible is None or window_feasible(feasible, digits + d))
+                       and (position < DECIMALS - 1 or digits + d not in banned)]
             digits += self.t.digit_of[(yield from self.choose(allowed))]
         return float("0." + digits)
 

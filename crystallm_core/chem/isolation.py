@@ -149,6 +149,12 @@ class IsolatedWorker:
         with self.lock:
             self.stop()
 
+    def ensure_started(self) -> None:
+        """Start the worker now if it is not running (its start takes about a second)."""
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                self.start()
+
     def call(self, argument: Any, time_limit: float | None = None) -> Outcome:
         limit = self.time_limit if time_limit is None else time_limit
         with self.lock:

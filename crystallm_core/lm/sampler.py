@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from crystallm_core.lm.conditions import PROPERTIES
@@ -40,7 +41,7 @@ class SamplingSettings:
     top_k: int | None = 15
     top_p: float | None = 0.95
     guidance_scale: float = 1.0
-    batch_size: int = 32
+    batch_size: int | None = None  # slots; None = what `warm_up` measured best here (results do not depend on it)
     max_tokens: int | None = None  # CIF tokens incl. prompt; None = the model's context
     decoding: str = "constrained"  # "constrained": consistent CIFs by construction; "free": as trained
     guide: str = "all"  # guidance contrasts with this target (or all) unknown; the others stay given
@@ -56,7 +57,7 @@ class SamplingSettings:
             raise ValueError(f"guidance scale must be in [0, 10], got {self.guidance_scale}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ValueError(f"max tokens must be ≥ 2, got {self.max_tokens}")
-        if not (1 <= self.batch_size <= 512):
+        if self.batch_size is not None and not (1 <= self.batch_size <= 512):
             raise ValueError(f"batch size must be in [1, 512], got {self.batch_size}")
         if self.guide not in GUIDES:
             raise ValueError(f"guide must be one of {', '.join(GUIDES)}, got {self.guide!r}")
@@ -94,6 +95,21 @@ class FinishedSample:
     note: str | None = None  # e.g. why a constrained sample was given up
 
 
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of sample `index` of a call with `seed`: each sample draws from its own,
+    so what it writes does not depend on the batch size, the slot it ran in, or its neighbours
+    (a batch size measured per machine, or a campaign split across workers, changes nothing)."""
+    state = np.random.SeedSequence([int(seed) % 2 ** 64, int(index)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+def draw(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverting the row's cumulative distribution at uniforms[row] in [0, 1).
+    Scaled by the row's total, the draw always lands on a token of positive probability."""
+    cumulative = probabilities.cumsum(dim=-1)
+    return torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:], right=True)[:, 0]
+
+
 def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus), as Hugging Face applies them."""
     logits = logits / settings.temperature
@@ -117,6 +133,7 @@ class Slot:
     tokens: list[int]
     pending: list[int]
     constraint: DecodingConstraint | None
+    generator: torch.Generator  # this sample's own random stream (sample_generator)
     started_at: float = field(default_factory=time.perf_counter)
 
 
@@ -198,14 +215,27 @@ class SlotBatch:
         self.slots = [self.slots[i] for i in slots]
 
 
+DEFAULT_BATCH_SIZE = 32
+BATCH_SIZES = (8, 16, 32, 64)  # tried by warm_up
+BATCH_TOLERANCE = 0.9  # the smallest batch size within this share of the best throughput is kept
+measured_batch_size = DEFAULT_BATCH_SIZE  # set by warm_up; used where settings.batch_size is None
+
+
+def batch_size_of(settings: SamplingSettings) -> int:
+    return settings.batch_size or measured_batch_size
+
+
 @torch.inference_mode()
 def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
     """Prepare a process for sampling before a user waits on it: run the step shapes sampling
     meets (one or several rows; one or a few new tokens each), so that compiling the attention
     kernel happens here, then time decode steps at 1 thread and at every core (or `max_threads`,
     a worker's share) and keep the faster (on a busy or shared machine one thread often wins:
-    OpenMP threads wait on each other).
-    Returns {"seconds": …, "threads": …, "step_ms": {threads: ms}}."""
+    OpenMP threads wait on each other), and time them at each of BATCH_SIZES rows to set the
+    default batch size: the smallest within BATCH_TOLERANCE of the best rows per second (more
+    slots than that only delay every structure).
+    Returns {"seconds", "threads", "step_ms": {threads: ms}, "batch_size", "batch_ms": {rows: ms}}."""
+    global measured_batch_size
     started = time.perf_counter()
     device = next(model.parameters()).device
     for rows in (1, 2):
@@ -220,8 +250,12 @@ def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
             torch.set_num_threads(threads)
             timings[threads] = step_milliseconds(model, rows=16, cached=120, capacity=121)
         torch.set_num_threads(min(timings, key=timings.get))
+    batch_ms = {rows: step_milliseconds(model, rows=rows, cached=200, repeats=4, capacity=201) for rows in BATCH_SIZES}
+    best = max(rows / ms for rows, ms in batch_ms.items())
+    measured_batch_size = min(rows for rows, ms in batch_ms.items() if rows / ms >= BATCH_TOLERANCE * best)
     return {"seconds": round(time.perf_counter() - started, 2), "threads": torch.get_num_threads(),
-            "step_ms": {k: round(v, 2) for k, v in timings.items()}}
+            "step_ms": {k: round(v, 2) for k, v in timings.items()}, "batch_size": measured_batch_size,
+            "batch_ms": {k: round(v, 2) for k, v in batch_ms.items()}}
 
 
 @torch.inference_mode()
@@ -276,7 +310,6 @@ def sample(
     if not prompt_ids or len(prompt_ids) >= capacity:
         raise ValueError(f"prompt must have 1…{capacity - 1} tokens, got {len(prompt_ids)}")
     guided = settings.guidance_scale != 1.0
-    generator = torch.Generator(device=device).manual_seed(int(seed))
 
     cond = torch.tensor([conditions], dtype=torch.float32, device=device)
     present = torch.tensor([condition_present], dtype=torch.bool, device=device)
@@ -286,7 +319,7 @@ def sample(
         cond, present = torch.cat([cond, cond * twin]), torch.cat([present, twin])
     prefix = model.conditioning(cond.to(param.dtype), present)  # computed once, reused for every slot
 
-    batch = SlotBatch(model, min(n, settings.batch_size), guided, capacity, prefix)
+    batch = SlotBatch(model, min(n, batch_size_of(settings)), guided, capacity, prefix)
     masks = MaskCache(cfg.vocab_size, banned_ids, device)
     finished: list[FinishedSample] = []
     next_index = 0
@@ -297,7 +330,7 @@ def sample(
         forced = constraint.start(list(prompt_ids)).forced if constraint is not None else []
         tokens = list(prompt_ids) + forced
         next_index += 1
-        return Slot(next_index - 1, tokens, list(tokens), constraint)
+        return Slot(next_index - 1, tokens, list(tokens), constraint, sample_generator(seed, next_index - 1))
 
     def finish(slot: int, stop_reason: str, note: str | None = None) -> None:
         sample_ = batch.slots[slot]
@@ -332,7 +365,9 @@ def sample(
         empty = ~allowed.any(dim=1)
         allowed[empty] = masks.free  # (a slot with nothing allowed is given up below)
         logits = logits.masked_fill(~allowed, float("-inf"))
-        tokens = torch.multinomial(filter_logits(logits, settings).softmax(dim=-1), 1, generator=generator)[:, 0]
+        uniforms = torch.tensor([float(torch.rand((), generator=s.generator)) if s is not None else 0.5
+                                 for s in batch.slots], device=device)
+        tokens = draw(filter_logits(logits, settings).softmax(dim=-1), uniforms)
 
         for slot, token in enumerate(tokens.tolist()):
             sample_ = batch.slots[slot]

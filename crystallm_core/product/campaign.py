@@ -35,6 +35,7 @@ from crystallm_core.chem.scoring import StructureScorer
 from crystallm_core.chem.stability import RelaxSettings
 from crystallm_core.chem.structure_info import parse_cif
 from crystallm_core.chem.validity import CheckResult, ValidityReport
+from crystallm_core.product.campaign_plan import ChunkPlan
 from crystallm_core.product.campaign_spec import CampaignSpec, WorkItem
 from crystallm_core.product.evaluate import score_candidates
 from crystallm_core.product.generation import generate, model_record
@@ -108,6 +109,13 @@ class CampaignDir:
         frame.to_parquet(temporary, index=False)
         temporary.replace(self.path / ROWS / f"{item.key}.parquet")  # the commit
 
+    def valid_counts(self) -> dict[str, int]:
+        """Chunk key → valid samples, of every chunk on disk."""
+        if not self.done():
+            return {}
+        rows = pd.read_parquet(self.path / ROWS, columns=["target", "chunk", "valid"])
+        return {f"t{t:04d}_c{c:05d}": int(v) for (t, c), v in rows.groupby(["target", "chunk"])["valid"].sum().items()}
+
     def rows(self) -> pd.DataFrame:
         if not self.done():
             return pd.DataFrame()
@@ -138,11 +146,11 @@ def run_campaign(spec: CampaignSpec, out_dir: str | Path, address: str | None = 
     directory = CampaignDir(Path(out_dir))
     directory.path.mkdir(parents=True, exist_ok=True)
     check_same_campaign(directory, spec)
-    items = [item for item in spec.work_items() if item.key not in directory.done()]
+    plan = ChunkPlan(spec, directory.valid_counts())
     total = spec.samples_per_target * len(spec.targets())
     started = time.time()
     counts = {"valid": 0, "hit": 0}
-    bar = tqdm(total=total, initial=total - sum(i.n for i in items), unit="sample", disable=not progress,
+    bar = tqdm(total=total, initial=total - plan.remaining_samples(), unit="sample", disable=not progress,
                desc="campaign")
     manifest = {"format": "crystallm-campaign/1", "spec": spec.to_dict(), "versions": package_versions(),
                 "status": "running"}
@@ -152,16 +160,17 @@ def run_campaign(spec: CampaignSpec, out_dir: str | Path, address: str | None = 
         directory.write_chunk(item, frame)
         counts["valid"] += int(frame["valid"].sum())
         counts["hit"] += int(frame["hit"].fillna(False).astype(bool).sum())
+        bar.total = bar.n + len(frame) + plan.remaining_samples()  # targets that reached their valid count end early
         bar.update(len(frame))
         bar.set_postfix(valid=counts["valid"], hits=counts["hit"],
                         rate=f"{bar.n / max(time.time() - started, 1e-9) * 60:.0f}/min")
         manifest["scores_unavailable"] = unavailable
 
     run = run_with_ray if backend == "ray" else run_locally
-    manifest["model"] = run(spec, items, commit, address, workers, lambda record: directory.write_manifest(
+    manifest["model"] = run(spec, plan, commit, address, workers, lambda record: directory.write_manifest(
         {**manifest, "model": record}))
     bar.close()
-    manifest.update(status="done", chunks=len(spec.work_items()))
+    manifest.update(status="done", chunks=len(directory.done()))
     directory.write_manifest(manifest)
     summary = summarise_targets(directory.rows(), spec)
     summary.to_csv(directory.path / "summary.csv", index=False)
@@ -169,16 +178,21 @@ def run_campaign(spec: CampaignSpec, out_dir: str | Path, address: str | None = 
     return summary
 
 
-def run_locally(spec, items, commit, address, workers, on_model) -> dict:
+def sampled(plan: ChunkPlan, item: WorkItem, candidates: list[Candidate]) -> list[tuple[WorkItem, list[Candidate]]]:
+    """The chunks to score and keep now that `item` was sampled (see ChunkPlan.finished)."""
+    return plan.finished(item, sum(c.valid for c in candidates), (item, candidates))
+
+
+def run_locally(spec, plan, commit, address, workers, on_model) -> dict:
     sampler, scorer = Sampler(spec), Scorer(spec.scores) if any(spec.scores.values()) else None
     on_model(sampler.model_record())
-    for item in items:
-        _, candidates = sampler.run(item)
-        commit(*(scorer.run(item, candidates) if scorer else (item, candidates, {})))
+    while (item := plan.next_item()) is not None:
+        for kept, candidates in sampled(plan, *sampler.run(item)):
+            commit(*(scorer.run(kept, candidates) if scorer else (kept, candidates, {})))
     return sampler.model_record()
 
 
-def run_with_ray(spec, items, commit, address, workers, on_model) -> dict:
+def run_with_ray(spec, plan, commit, address, workers, on_model) -> dict:
     import ray
 
     if not ray.is_initialized():
@@ -194,24 +208,30 @@ def run_with_ray(spec, items, commit, address, workers, on_model) -> dict:
         if any(spec.scores.values()) else []
     record = ray.get(samplers[0].model_record.remote())
     on_model(record)
-    queue, sampling, scoring = list(items), {}, {}
-    for sampler in samplers * IN_FLIGHT:
-        if queue:
-            sampling[sampler.run.remote(queue.pop(0))] = sampler
-    turn = 0
+    sampling, scoring, turn = {}, {}, 0
+
+    def fill() -> None:
+        """Keep IN_FLIGHT chunks queued per sampler while the plan has work."""
+        for sampler in samplers:
+            while sum(s is sampler for s in sampling.values()) < IN_FLIGHT:
+                item = plan.next_item()
+                if item is None:
+                    return
+                sampling[sampler.run.remote(item)] = sampler
+
+    fill()
     while sampling or scoring:
         done, _ = ray.wait(list(sampling) + list(scoring), num_returns=1)
         future = done[0]
         if future in sampling:
-            sampler = sampling.pop(future)
-            item, candidates = ray.get(future)
-            if queue:
-                sampling[sampler.run.remote(queue.pop(0))] = sampler
-            if scorers:
-                scoring[scorers[turn % len(scorers)].run.remote(item, candidates)] = True
-                turn += 1
-            else:
-                commit(item, candidates, {})
+            sampling.pop(future)
+            for item, candidates in sampled(plan, *ray.get(future)):
+                if scorers:
+                    scoring[scorers[turn % len(scorers)].run.remote(item, candidates)] = True
+                    turn += 1
+                else:
+                    commit(item, candidates, {})
+            fill()
         else:
             scoring.pop(future)
             commit(*ray.get(future))
@@ -263,8 +283,9 @@ def campaign_status(out_dir: str | Path) -> str:
     total = spec["samples_per_target"] * n_targets
     hits = int(rows["hit"].fillna(False).astype(bool).sum()) if len(rows) else 0
     valid = int(rows["valid"].sum()) if len(rows) else 0
+    stop = f"; each target stops at {spec['valid_per_target']} valid" if spec.get("valid_per_target") else ""
     return (f"{manifest.get('status', '?')}: {len(rows)}/{total} samples in {len(directory.done())} chunks, "
-            f"{valid} valid, {hits} hits ({n_targets} targets)")
+            f"{valid} valid, {hits} hits ({n_targets} targets{stop})")
 
 
 def campaign_run(out_dir: str | Path) -> Run:

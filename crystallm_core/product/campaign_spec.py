@@ -12,7 +12,8 @@
     stability = true
     relax = false
     novelty = true
-    samples_per_target = 10000
+    samples_per_target = 10000                            # or, with valid_per_target, the cap
+    valid_per_target = 500                                # optional: stop a target at this many valid
     chunk_size = 64
     seed = 1
     model = "path/to/model"                               # optional: the shipped model by default
@@ -34,7 +35,7 @@ from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.sampler import SamplingSettings
 from crystallm_core.product.generation import GenerationRequest
 
-TOP_KEYS = {"targets", "sampling", "scores", "samples_per_target", "chunk_size", "seed", "model"}
+TOP_KEYS = {"targets", "sampling", "scores", "samples_per_target", "valid_per_target", "chunk_size", "seed", "model"}
 TARGET_KEYS = {"band_gap", "e_hull", "composition", "z", "spacegroup", "elements"}
 SCORE_KEYS = {"surrogate", "stability", "relax", "novelty"}
 MAX_GRID = 10_000  # targets in one campaign
@@ -71,6 +72,7 @@ class CampaignSpec:
                                                   "novelty": True})
     prompt: dict = field(default_factory=dict)  # composition, z, spacegroup, elements
     model: str | None = None
+    valid_per_target: int | None = None  # stop a target at this many valid samples (campaign_plan)
 
     def targets(self) -> list[Target]:
         grid = [(g, e) for g in self.band_gaps for e in self.e_hulls]
@@ -89,10 +91,11 @@ class CampaignSpec:
         return items
 
     def to_dict(self) -> dict:
+        stop = {} if self.valid_per_target is None else {"valid_per_target": self.valid_per_target}
         return {"targets": {"band_gap": self.band_gaps, "e_hull": self.e_hulls, **self.prompt},
                 "sampling": asdict(self.sampling), "scores": dict(self.scores),
-                "samples_per_target": self.samples_per_target, "chunk_size": self.chunk_size, "seed": self.seed,
-                "model": self.model}
+                "samples_per_target": self.samples_per_target, **stop, "chunk_size": self.chunk_size,
+                "seed": self.seed, "model": self.model}
 
 
 def chunk_seed(seed: int, target: int, chunk: int) -> int:
@@ -143,9 +146,13 @@ def parse_spec(data: dict) -> CampaignSpec:
         samples_per_target=int(data["samples_per_target"]), chunk_size=int(data.get("chunk_size", 64)),
         seed=int(data.get("seed", 0)), sampling=SamplingSettings(**sampling), scores=scores,
         prompt={k: targets[k] for k in ("composition", "z", "spacegroup", "elements") if k in targets},
-        model=data.get("model"))
+        model=data.get("model"),
+        valid_per_target=int(data["valid_per_target"]) if data.get("valid_per_target") is not None else None)
     if not 1 <= spec.samples_per_target <= 10_000_000:
         raise ValueError(f"samples_per_target must be between 1 and 10,000,000, got {spec.samples_per_target}")
+    if spec.valid_per_target is not None and not 1 <= spec.valid_per_target <= spec.samples_per_target:
+        raise ValueError(f"valid_per_target must be between 1 and samples_per_target ({spec.samples_per_target}), "
+                         f"got {spec.valid_per_target}")
     if not 1 <= spec.chunk_size <= 256:
         raise ValueError(f"chunk_size must be between 1 and 256, got {spec.chunk_size}")
     if len(spec.band_gaps) * len(spec.e_hulls) > MAX_GRID:

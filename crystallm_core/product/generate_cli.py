@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance (1 = off)")
     parser.add_argument("--guide", choices=GUIDES, default=DEFAULTS.guide,
                         help="the target guidance amplifies: all, or one (contrasted with it unknown)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                        help="slots sampled together (default: the fastest measured here; samples do not depend on it)")
     parser.add_argument("--rescale", action="store_true",
                         help="repair: rescale the cell of a structure that fails only on bond lengths (kept apart)")
     parser.add_argument("--relax", action="store_true",

@@ -15,8 +15,7 @@ import streamlit as st
 
 from crystallm_core.chem.stability import HULL_BIAS_NOTE
 from crystallm_core.lm.checkpoints import load_model, resolve_model_dir
-from crystallm_core.lm.sampler import warm_up
-from crystallm_core.product.generation import GenerationRequest
+from crystallm_core.product.generation import GenerationRequest, prepare_for_requests
 from crystallm_core.product.history import HistoryStore, default_db_path
 from crystallm_core.product.jobs import GenerationJob
 from crystallm_core.product.run import Run
@@ -28,10 +27,10 @@ POLL_SECONDS = 1.0  # progress refresh while a job runs
 
 @st.cache_resource(max_entries=2, show_spinner="Loading model…")
 def cached_model(source: str):
-    """One LoadedModel per source per process (a failed load raises and is not cached), its
-    sampling kernels compiled before the first request."""
+    """One LoadedModel per source per process (a failed load raises and is not cached), ready
+    for the first request (`generation.prepare_for_requests`)."""
     loaded = load_model(source)
-    warm_up(loaded.model)
+    prepare_for_requests(loaded)
     return loaded
 
 
