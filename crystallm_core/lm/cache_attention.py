@@ -8,7 +8,7 @@ one loop nest per layer that reads each bf16 key and value once and does every p
 and the softmax in fp32: 2-3x less time per step than fp32 matmuls on this CPU, with half the
 cache memory.
 
-`attend(queries, keys, values, bias)` picks that compiled kernel for short query spans on a CPU
+`attend(queries, keys, values, bias, rows)` (keys and values: a layer's whole cache) picks that compiled kernel for short query spans on a CPU
 where compiling works (a C++ compiler is needed; CRYSTALLM_COMPILE=0 turns it off) and the
 matmul form otherwise (long spans such as a prefill, GPUs, no compiler). Both return fp32.
 """
@@ -24,16 +24,29 @@ log = logging.getLogger(__name__)
 SHORT_SPAN = 8  # query tokens per row up to which the fused kernel is used (decode steps, forced spans)
 
 
-def fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d + bias)·v, products and sums in fp32; (B, H, T, D) queries over (B, H, S, D)."""
+def visible(cache: torch.Tensor, rows: torch.Tensor | None, batch: int, span: int) -> torch.Tensor:
+    """Positions 0…span-1 of the cache rows queried: the first `batch` rows (rows None) or `rows`."""
+    return cache[:batch, :, :span] if rows is None else cache[rows, :, :span]
+
+
+def fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + bias)·v, products and sums in fp32; (B, H, T, D) queries over the rows'
+    first S cached positions (S = bias.shape[-1]) of a (R, H, C, D) cache. Compiled, the row
+    gather is a load inside the loop, not a copy of the rows."""
+    batch, span = queries.shape[0], bias.shape[-1]
+    keys, values = visible(keys, rows, batch, span), visible(values, rows, batch, span)
     scale = queries.shape[-1] ** -0.5
     scores = (queries[:, :, :, None, :].float() * keys[:, :, None].float()).sum(-1) * scale + bias
     weights = scores.softmax(-1)
     return (weights[..., None] * values[:, :, None].float()).sum(-2)
 
 
-def matmul_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The same with two fp32 matmuls (copies a bf16 cache slice to fp32: for long spans and GPUs)."""
+def matmul_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The same with two fp32 matmuls (copies the rows' bf16 cache to fp32: for long spans and GPUs)."""
+    batch, span = queries.shape[0], bias.shape[-1]
+    keys, values = visible(keys, rows, batch, span), visible(values, rows, batch, span)
     scale = queries.shape[-1] ** -0.5
     scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scale + bias
     return torch.matmul(scores.softmax(-1), values.float())
@@ -52,10 +65,11 @@ class AttentionKernels:
     def compiling(self) -> bool:
         return not self.failed and os.environ.get("CRYSTALLM_COMPILE", "1") != "0"
 
-    def __call__(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def __call__(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
         if keys.device.type == "cpu" and queries.shape[2] <= SHORT_SPAN and self.compiling():
             if self.proven:
-                return self.compiled(queries, keys, values, bias)
+                return self.compiled(queries, keys, values, bias, rows)
             try:
                 if self.compiled is None:
                     # Strides differ between a view of the first rows and a gathered copy, and
@@ -63,13 +77,13 @@ class AttentionKernels:
                     # dynamo's default of 8 (past it, the unfused eager form would run).
                     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                     self.compiled = torch.compile(fused_attention, dynamic=True)
-                out = self.compiled(queries, keys, values, bias)
+                out = self.compiled(queries, keys, values, bias, rows)
                 self.proven = True
                 return out
             except Exception as error:  # compiling itself failed: stay correct with matmuls
                 log.warning("compiled attention unavailable (%s): using matmuls", error)
                 self.failed = True
-        return matmul_attention(queries, keys, values, bias)
+        return matmul_attention(queries, keys, values, bias, rows)
 
 
 attend = AttentionKernels()

@@ -44,13 +44,6 @@ class StaticKVCache:
         self.keys[layer][rows, :, positions] = k.to(self.keys[layer].dtype)
         self.values[layer][rows, :, positions] = v.to(self.values[layer].dtype)
 
-    def read(self, layer: int, rows: torch.Tensor | int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions 0…span-1: a view of the first `rows` rows (an int), or a
-        copy of the listed rows (a tensor)."""
-        if isinstance(rows, int):
-            return self.keys[layer][:rows, :, :span], self.values[layer][:rows, :, :span]
-        return self.keys[layer][rows, :, :span], self.values[layer][rows, :, :span]
-
     def rewind(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Forget everything after `lengths` positions of the given rows (no copy)."""
         self.lengths[rows] = lengths
@@ -127,8 +120,8 @@ class RowQueries:
         # A padded query never needs positions past the cache (its own row's are written there); the
         # cap keeps one odd row from failing the whole batch's shapes.
         span = min(self.span, cache.capacity)
-        keys, values = cache.read(layer, self.index.shape[0] if self.rows is None else self.rows, span)
-        attended = attend(q[self.index].transpose(1, 2), keys, values, self.bias[..., :span])  # (B, H, T, D), fp32
+        attended = attend(q[self.index].transpose(1, 2), cache.keys[layer], cache.values[layer], self.bias[..., :span],
+                          self.rows)  # (B, H, T, D), fp32
         attended = attended.transpose(1, 2).to(out.dtype)
         if self.real is None:
             out[self.index] = attended

@@ -9,7 +9,9 @@ loaded once per actor), running while the samplers go on → the driver writes e
 arrives: its valid CIFs under cifs/, then rows/KEY.parquet (atomically). A chunk is done when
 its Parquet file exists; running the command again on DIR skips those, so nothing is drawn
 twice or lost, and every chunk has its own seed, so the rows do not depend on the number of
-workers or their order. rows/ is one Parquet dataset: `pandas.read_parquet(DIR / "rows")`.
+workers or their order. With `valid_per_target`, `campaign_plan.ChunkPlan` decides which chunks
+are needed and kept, in a way that keeps that true. rows/ is one Parquet dataset:
+`pandas.read_parquet(DIR / "rows")`.
 
 Why Ray core actors rather than Ray Data's `map_batches`: the unit of work, of commit and of
 resumption is a chunk with its own seed, and each stage holds a heavy model per process.

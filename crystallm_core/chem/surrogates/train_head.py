@@ -47,11 +47,15 @@ SIGMA_FLOOR = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 def train_head(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, config: HeadConfig,
-               epochs: int = 60, batch_size: int = 256) -> GapHead:
+               epochs: int = 60, batch_size: int = 256, weight: np.ndarray | None = None,
+               select: np.ndarray | None = None) -> GapHead:
     """Fit each MLP (its own seed) on the train rows: BCE on metal / non-metal plus Huber on the gap of
-    non-metals; keep each model's weights from the epoch with the lowest val MAE of the gated reading."""
+    non-metals, each row's terms times weight[row] (default 1); keep each model's weights from the
+    epoch with the lowest MAE of the gated reading on the val rows where `select` holds (default: all)."""
     head = GapHead(config)
-    train, val = np.nonzero(split == "train")[0], np.nonzero(split == "val")[0]
+    train = np.nonzero(split == "train")[0]
+    val = np.nonzero((split == "val") & (True if select is None else select))[0]
+    row_weight = torch.as_tensor(np.ones(len(split)) if weight is None else weight, dtype=torch.float32)
     head.mean.copy_(torch.as_tensor(np.nanmean(features[train], axis=0), dtype=torch.float32))
     head.scale.copy_(torch.as_tensor(np.nanstd(features[train], axis=0) + 1e-6, dtype=torch.float32))
     x, y = head.standardise(features), torch.tensor(band_gap, dtype=torch.float32)
@@ -67,10 +71,12 @@ def train_head(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, co
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
                 logit, gap = model(x[rows])
-                loss = nn.functional.binary_cross_entropy_with_logits(logit, metal[rows])
+                w = row_weight[rows]
+                loss = (nn.functional.binary_cross_entropy_with_logits(logit, metal[rows], reduction="none") * w).mean()
                 nonmetal = metal[rows] == 0
                 if nonmetal.any():
-                    loss = loss + nn.functional.huber_loss(gap[nonmetal], y[rows][nonmetal])
+                    huber = nn.functional.huber_loss(gap[nonmetal], y[rows][nonmetal], reduction="none")
+                    loss = loss + (huber * w[nonmetal]).sum() / w[nonmetal].sum()
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -132,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chgnet-cache", type=Path, default=cache_dir() / CACHE_FILE)
     parser.add_argument("--features-cache", type=Path, default=cache_dir() / "surrogate_features.npz")
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--wbm-weight", type=float, default=1.0, help="loss weight of WBM (hypothetical) train rows")
+    parser.add_argument("--select-on", choices=["val", "val_wbm"], default="val",
+                        help="val rows that choose each model's epoch")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     table, chgnet, descriptors = table[ok].reset_index(drop=True), chgnet[ok], descriptors[ok]
     y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
     log: dict = {"dataset": str(args.dataset), "rows": int(ok.sum()), "failed_rows": int((~ok).sum()),
+                 "wbm_weight": args.wbm_weight, "select_on": args.select_on,
                  "featurise_seconds": round(time.time() - start)}
     val = split == "val"
     wbm = source[val] == "wbm"
@@ -150,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, matrix in (("chgnet", chgnet), ("chgnet+descriptors", np.hstack([chgnet, descriptors]))):
         start = time.time()
         trained[name] = train_head(matrix, y, split, HeadConfig(matrix.shape[1], descriptors=name != "chgnet"),
-                                   args.epochs)
+                                   args.epochs, weight=np.where(source == "wbm", args.wbm_weight, 1.0),
+                                   select=source == "wbm" if args.select_on == "val_wbm" else None)
         p, gap = trained[name].predict(matrix[val])
         heads[name] = (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))
         reading = gated_gap(heads[name][0], heads[name][1])
