@@ -17,6 +17,7 @@ from crystallm_core.chem.cif_format import (
 from crystallm_core.chem.grammar import (
     DECIMALS,
     DIGITS,
+    Check,
     CifTokens,
     GiveUp,
     Program,
@@ -114,7 +115,8 @@ class CifProgram(TokenGrammar):
             + "".join(f" {tag}\n" for tag in ATOM_SITE_TAGS) + "[\n")
         yield from self.sites(Placement(group, lattice, bounds), dict(counts))
         if self.config.final_check:
-            problem = self.final_problem()
+            text = self.t.tokenizer.decode(self.history, skip_special_tokens=False) + "]\n<eos>"
+            self.final_report, problem = yield Check(text)  # final_problem(text), maybe in the background
             if problem:
                 yield from self.fail("final", problem)
                 return
@@ -219,20 +221,6 @@ class CifProgram(TokenGrammar):
             yield from self.expect(" 1\n")
             row += 1
 
-    def final_problem(self) -> Problem | None:
-        """Every validity check on the finished CIF (in the isolated checker): bond lengths that are
-        too long can only be judged once every atom is placed."""
-        text = self.t.tokenizer.decode(self.history, skip_special_tokens=False) + "]\n<eos>"
-        repaired = repair_generated_cif(text)
-        report = check_cif_isolated(repaired.cif) if repaired.cif else None
-        self.final_report = report
-        if report is not None and report.valid:
-            return None
-        failed = report.failed_reasons if report is not None else [repaired.reason]
-        kind = "bonds" if report is not None and [c.name for c in report.checks if not c.passed] == ["bond_lengths"] \
-            else "checks"
-        return Problem(kind, "; ".join(failed))
-
     def fail(self, level: str, problem: Problem, row_start: int = 0, row: int = 0) -> Program:
         """Rewind a row, the cell, or the sample, escalating as retries run out; or give up."""
         retries, config = self.retries, self.config
@@ -256,6 +244,19 @@ class CifProgram(TokenGrammar):
             yield Rewind(self.sample_start, "restart", problem.text)
             return
         yield GiveUp(f"gave up after {retries.total()} rewinds (last: {problem.text})")
+
+
+def final_problem(text: str) -> tuple[object, Problem | None]:
+    """(report, why the finished text fails) from every validity check, in the isolated checker:
+    bond lengths that are too long can only be judged once every atom is placed."""
+    repaired = repair_generated_cif(text)
+    report = check_cif_isolated(repaired.cif) if repaired.cif else None
+    if report is not None and report.valid:
+        return report, None
+    failed = report.failed_reasons if report is not None else [repaired.reason]
+    kind = "bonds" if report is not None and [c.name for c in report.checks if not c.passed] == ["bond_lengths"] \
+        else "checks"
+    return report, Problem(kind, "; ".join(failed))
 
 
 @functools.lru_cache(maxsize=4096)

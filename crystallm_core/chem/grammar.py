@@ -1,7 +1,8 @@
 """Token-level building blocks of a constrained decoding grammar.
 
 A grammar is a generator that yields what it needs next, `Force(token)` or `Choose(allowed
-tokens)`, receives the token written, and may yield `Rewind` or `GiveUp`. `TokenGrammar` holds
+tokens)`, receives the token written, and may yield `Rewind`, `GiveUp` or `Check` (a slow
+judgement its driver may run in the background, sending back the outcome). `TokenGrammar` holds
 the pieces every field is made of: fixed text, a choice, a decimal number within bounds, a
 fractional coordinate (optionally restricted to feasible values), one of a few digit strings.
 """
@@ -42,7 +43,14 @@ class GiveUp:
     reason: str
 
 
-Program = Generator["Force | Choose | Rewind | GiveUp", int, None]
+@dataclass(frozen=True)
+class Check:
+    """Judge this finished text; the program is sent the outcome (`cif_program.final_problem`)."""
+
+    text: str
+
+
+Program = Generator["Force | Choose | Rewind | GiveUp | Check", "int | object", None]
 
 
 class CifTokens:

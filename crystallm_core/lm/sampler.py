@@ -41,7 +41,7 @@ class SamplingSettings:
     top_k: int | None = 15
     top_p: float | None = 0.95
     guidance_scale: float = 1.0
-    batch_size: int | None = None  # slots; None = what `warm_up` measured best here (results do not depend on it)
+    batch_size: int | None = None  # slots; None = what `warm_up` measured best here (sample_generator: why it is safe)
     max_tokens: int | None = None  # CIF tokens incl. prompt; None = the model's context
     decoding: str = "constrained"  # "constrained": consistent CIFs by construction; "free": as trained
     guide: str = "all"  # guidance contrasts with this target (or all) unknown; the others stay given
@@ -73,6 +73,7 @@ class ConstraintStep:
     rewind_to: int | None = None  # keep this many tokens, then `forced` follows them
     finished: bool = False  # <eos> written
     gave_up: str | None = None  # why the sample cannot be finished
+    waiting: bool = False  # a judgement runs in the background: ask `poll()` until it is in
 
 
 class DecodingConstraint(Protocol):
@@ -81,6 +82,7 @@ class DecodingConstraint(Protocol):
     def start(self, prompt_ids: list[int]) -> ConstraintStep: ...
     def allowed(self) -> frozenset[int]: ...
     def advance(self, token: int) -> ConstraintStep: ...
+    def poll(self) -> ConstraintStep | None: ...
     def retry_counts(self) -> dict: ...
 
 
@@ -98,7 +100,9 @@ class FinishedSample:
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The random stream of sample `index` of a call with `seed`: each sample draws from its own,
     so what it writes does not depend on the batch size, the slot it ran in, or its neighbours
-    (a batch size measured per machine, or a campaign split across workers, changes nothing)."""
+    (a batch size measured per machine, or a campaign split across workers, changes nothing) —
+    up to the rounding of batched kernels: exact in the fp32 tests; in bf16 a draw that falls
+    within rounding of a token boundary can flip."""
     state = np.random.SeedSequence([int(seed) % 2 ** 64, int(index)]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) >> 1)
 
@@ -135,6 +139,7 @@ class Slot:
     constraint: DecodingConstraint | None
     generator: torch.Generator  # this sample's own random stream (sample_generator)
     started_at: float = field(default_factory=time.perf_counter)
+    waiting: bool = False  # its constraint is judging it in the background: nothing is sampled
 
 
 class MaskCache:
@@ -194,12 +199,16 @@ class SlotBatch:
         idle = [i for i, s in enumerate(self.slots) if s is None]
         if idle:  # idle slots scribble harmlessly just after their prefix
             self.rewind_many(idle)
-        pending = [s.pending if s is not None else [pad_id] for s in self.slots]
+        # a waiting slot with nothing left to feed scribbles one pad past its end, then forgets it
+        parked = self.rows([i for i, s in enumerate(self.slots) if s is not None and not s.pending])
+        parked_lengths = self.cache.lengths[parked].clone()
+        pending = [s.pending or [pad_id] if s is not None else [pad_id] for s in self.slots]
         if self.guided:
             pending = pending + pending
         tokens = torch.tensor([t for p in pending for t in p], dtype=torch.long, device=device)
         counts = torch.tensor([len(p) for p in pending], dtype=torch.long, device=device)
         logits = self.model.forward_cached(tokens, counts, self.cache)
+        self.cache.rewind(parked, parked_lengths)
         for s in self.slots:
             if s is not None:
                 s.pending = []
@@ -346,6 +355,26 @@ def sample(
         else:
             batch.slots[slot] = None
 
+    def follow(slot: int, sample_: Slot, step: ConstraintStep, written: list[int]) -> None:
+        """Apply what the constraint said after `written` (the sampled token, or none after a wait)."""
+        sample_.waiting = step.waiting
+        if step.gave_up:
+            sample_.tokens += written
+            finish(slot, "gave up", step.gave_up)
+            return
+        if step.rewind_to is not None:
+            keep = step.rewind_to
+            batch.rewind(slot, keep - 1)  # the last kept token is fed again for fresh logits
+            sample_.tokens = sample_.tokens[:keep] + step.forced
+            sample_.pending = sample_.tokens[keep - 1:]
+            return
+        sample_.tokens += [*written, *step.forced]
+        sample_.pending = [*written, *step.forced]
+        if step.finished:
+            finish(slot, "eos")
+        elif len(sample_.tokens) >= capacity:
+            finish(slot, "length")
+
     for slot in range(batch.n_slots):
         batch.place(slot, new_sample())
 
@@ -356,50 +385,47 @@ def sample(
             while sample_ is not None and len(sample_.tokens) >= capacity:  # forced tokens filled the context
                 finish(slot, "length")
                 sample_ = batch.slots[slot]
+        if all(s is None or (s.waiting and not s.pending) for s in batch.slots):
+            time.sleep(0.001)  # every slot waits on its check: nothing to compute meanwhile
+            for slot, sample_ in enumerate(batch.slots):
+                step = sample_.constraint.poll() if sample_ is not None else None
+                if step is not None:
+                    follow(slot, sample_, step, [])
+            continue
         logits = batch.step(pad_id)
         if guided:
             uncond, logits = logits[batch.n_slots:], logits[: batch.n_slots]
             logits = uncond + settings.guidance_scale * (logits - uncond)
         allowed = torch.stack([masks.mask(s.constraint.allowed() if s is not None and s.constraint is not None
-                                          else None) for s in batch.slots])
+                                          and not s.waiting else None) for s in batch.slots])
         empty = ~allowed.any(dim=1)
         allowed[empty] = masks.free  # (a slot with nothing allowed is given up below)
         logits = logits.masked_fill(~allowed, float("-inf"))
-        uniforms = torch.tensor([float(torch.rand((), generator=s.generator)) if s is not None else 0.5
-                                 for s in batch.slots], device=device)
+        # a waiting slot draws nothing: how long its check takes must not shift its random stream
+        uniforms = torch.tensor([float(torch.rand((), generator=s.generator)) if s is not None and not s.waiting
+                                 else 0.5 for s in batch.slots], device=device)
         tokens = draw(filter_logits(logits, settings).softmax(dim=-1), uniforms)
 
         for slot, token in enumerate(tokens.tolist()):
             sample_ = batch.slots[slot]
             if sample_ is None:
                 continue
+            if sample_.waiting:
+                step = sample_.constraint.poll()
+                if step is not None:
+                    follow(slot, sample_, step, [])
+                continue
             if bool(empty[slot]):
                 finish(slot, "gave up", "no token is allowed here (element set too narrow?)")
                 continue
-            if sample_.constraint is None:
-                sample_.tokens.append(token)
-                sample_.pending = [token]
-                if token == eos_id:
-                    finish(slot, "eos")
-                    continue
-            else:
-                step = sample_.constraint.advance(token)
-                if step.gave_up:
-                    sample_.tokens.append(token)
-                    finish(slot, "gave up", step.gave_up)
-                    continue
-                if step.rewind_to is not None:
-                    keep = step.rewind_to
-                    batch.rewind(slot, keep - 1)  # the last kept token is fed again for fresh logits
-                    sample_.tokens = sample_.tokens[:keep] + step.forced
-                    sample_.pending = sample_.tokens[keep - 1:]
-                    continue
-                sample_.tokens += [token, *step.forced]
-                sample_.pending = [token, *step.forced]
-                if step.finished:
-                    finish(slot, "eos")
-                    continue
-            if len(sample_.tokens) >= capacity:
+            if sample_.constraint is not None:
+                follow(slot, sample_, sample_.constraint.advance(token), [token])
+                continue
+            sample_.tokens.append(token)
+            sample_.pending = [token]
+            if token == eos_id:
+                finish(slot, "eos")
+            elif len(sample_.tokens) >= capacity:
                 finish(slot, "length")
 
         idle = [i for i, s in enumerate(batch.slots) if s is None]

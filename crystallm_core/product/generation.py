@@ -106,7 +106,7 @@ def prepare(loaded: LoadedModel, request: GenerationRequest) -> PreparedRequest:
     factory = None
     if request.settings.decoding == "constrained":
         tokens = CifTokens(loaded.tokenizer, request.elements)
-        factory = lambda: CifConstraint(tokens)  # noqa: E731
+        factory = lambda: CifConstraint(tokens, background=True)  # noqa: E731
         try:
             factory().start(prompt_ids)  # a prompt the grammar refuses is the user's to fix, before sampling
         except PromptMismatch as error:
