@@ -22,7 +22,7 @@ from crystallm_core.product.run import Run
 from crystallm_core.product.run_files import run_zip
 from crystallm_core.product.service import run_table, submit
 
-POLL_SECONDS = 1.0  # progress refresh while a job runs
+POLL_SECONDS = 0.5  # progress refresh while a job runs: a finished structure is on screen within this
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading model…")
