@@ -269,13 +269,33 @@ def test_train_head_fits_each_model_and_round_trips(tmp_path):
     band_gap = np.where(features[:, 0] > 0, 0.0, 1.0 + features[:, 1] ** 2)  # metal iff feature 0 > 0
     features[::7, 2] = np.nan  # a missing input (no formation energy) is read as the training mean
     split = np.where(np.arange(200) < 160, "train", "val")
-    head = train_head(features, band_gap, split, HeadConfig(6, hidden=16, n_models=2), epochs=30, batch_size=32)
+    head = train_head(features, band_gap, split, HeadConfig(6, hidden=16, n_models=2), epochs=80, batch_size=32)
     p_metal, gap = head.predict(features[160:])
     assert p_metal.shape == gap.shape == (40, 2) and np.isfinite(p_metal).all() and (gap >= 0).all()
     assert np.mean((p_metal.mean(axis=1) >= 0.5) == (band_gap[160:] == 0)) >= 0.75  # learned the classes (chance: 0.5)
     save_head(head, tmp_path)
     again = load_head(tmp_path).predict(features[160:])
     assert np.allclose(again[0], p_metal) and np.allclose(again[1], gap)
+
+
+def test_train_head_row_weights_and_selection_rows():
+    """A zero weight removes a row from the loss; the epoch is chosen on the selected val rows only."""
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(120, 4))
+    band_gap = np.where(features[:, 0] > 0, 0.0, 2.0)
+    split = np.where(np.arange(120) < 100, "train", "val")
+    poisoned = band_gap.copy()
+    poisoned[:50] = 9.0  # nonsense labels on half the train rows …
+    weight = np.where(np.arange(120) < 50, 0.0, 1.0)  # … that weigh nothing
+    select = np.arange(120) >= 110  # half of val chooses the epochs
+    config = HeadConfig(4, hidden=16, n_models=1)
+    weighted = train_head(features, poisoned, split, config, epochs=20, batch_size=25, weight=weight, select=select)
+    clean = train_head(features[50:], band_gap[50:], split[50:], config, epochs=20, batch_size=25,
+                       select=select[50:])
+    _, gap_weighted = weighted.predict(features[100:])
+    _, gap_clean = clean.predict(features[100:])
+    assert np.abs(gap_weighted[band_gap[100:] > 0] - 2.0).mean() < 1.5  # not pulled towards 9 eV
+    assert gap_weighted.shape == gap_clean.shape
 
 
 def test_calibrate_fits_the_spread_on_rows_read_as_non_metals():

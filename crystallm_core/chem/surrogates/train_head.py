@@ -52,6 +52,7 @@ def train_head(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, co
     """Fit each MLP (its own seed) on the train rows: BCE on metal / non-metal plus Huber on the gap of
     non-metals, each row's terms times weight[row] (default 1); keep each model's weights from the
     epoch with the lowest MAE of the gated reading on the val rows where `select` holds (default: all)."""
+    torch.manual_seed(0)  # the initial weights too: a run is reproducible whatever ran before it
     head = GapHead(config)
     train = np.nonzero(split == "train")[0]
     val = np.nonzero((split == "val") & (True if select is None else select))[0]
