@@ -5,7 +5,8 @@
 The same work four ways — every target's samples with the shipped model, constrained decoding,
 validity checks, no scoring (scoring is the same code on every path): `generate` per target in
 this process; the campaign without Ray (`--local`); the campaign on a local Ray with 1 and with
-2 sampler actors. Prints samples/min and the ratio to plain `generate`, and an estimate for N
+2 sampler actors. Prints samples/min and the ratio to plain `generate`, end to end and in steady
+state (from the first finished chunk to the last: what a long campaign sees), and an estimate for N
 GPU workers from the measured per-worker rate (assumes work items far outnumber workers, one
 model per GPU, and a CPU pool that keeps up with validity checks).
 """
@@ -29,6 +30,16 @@ def spec(targets: list[float], samples: int, chunk: int, batch: int):
                        "scores": {"surrogate": False, "stability": False, "novelty": False}})
 
 
+def steady(finished: list[float], chunk: int) -> float:
+    """Samples per minute from the first finished chunk to the last (start-up left out)."""
+    return (len(finished) - 1) * chunk / (max(finished) - min(finished)) * 60
+
+
+def committed(directory: Path, chunk: int) -> float:
+    """The same from a campaign folder: when each chunk's rows were committed."""
+    return steady([p.stat().st_mtime for p in (directory / "rows").glob("*.parquet")], chunk)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32, help="per target")
@@ -43,22 +54,28 @@ def main() -> None:
     loaded = load_model()
     warm_up(loaded.model)  # as every sampler actor does when it starts (their start is timed below)
     started = time.perf_counter()
+    finished = []  # when each chunk was done
     for item in campaign.work_items():  # the same chunks and seeds as the campaign, one after another
         generate(loaded, campaign.request(item))
-    rates["plain generate (this process)"] = total / (time.perf_counter() - started) * 60
+        finished.append(time.time())
+    rates["plain generate (this process)"] = (total / (time.perf_counter() - started) * 60, steady(finished, args.chunk))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         run_campaign(campaign, Path(tmp) / "local", backend="local", progress=False)
-        rates["campaign, no Ray"] = total / (time.perf_counter() - started) * 60
+        rates["campaign, no Ray"] = (total / (time.perf_counter() - started) * 60, committed(Path(tmp) / "local", args.chunk))
         for workers in args.workers:
             started = time.perf_counter()
             run_campaign(campaign, Path(tmp) / f"ray{workers}", workers=workers, progress=False)
-            rates[f"campaign on local Ray, {workers} worker(s)"] = total / (time.perf_counter() - started) * 60
-    base = rates["plain generate (this process)"]
+            rates[f"campaign on local Ray, {workers} worker(s)"] = (
+                total / (time.perf_counter() - started) * 60, committed(Path(tmp) / f"ray{workers}", args.chunk))
+    base, base_steady = rates["plain generate (this process)"]
     print(f"{total} samples ({len(args.targets)} targets × {args.samples}), chunks of {args.chunk}, no scoring")
-    for name, rate in rates.items():
-        print(f"  {name:<40} {rate:7.1f} samples/min   {rate / base:5.2f}× plain generate")
-    one = rates.get("campaign on local Ray, 1 worker(s)")
+    print("  (end to end includes each path's start: Ray, actors, their warm-up; steady state is the rate from the "
+          "first finished chunk to the last)")
+    for name, (rate, steady_rate) in rates.items():
+        print(f"  {name:<40} end to end {rate:7.1f} samples/min ({rate / base:4.2f}×)   "
+              f"steady state {steady_rate:7.1f} samples/min ({steady_rate / base_steady:4.2f}× plain generate)")
+    one = rates.get("campaign on local Ray, 1 worker(s)", (None, None))[1]
     if one:
         print(f"estimate on N GPU workers: about N × (one worker's rate on its GPU); on CPU actors here one worker "
               f"gives {one:.0f}/min, so N CPU-bound workers ≈ N × {one:.0f}/min while cores last")
