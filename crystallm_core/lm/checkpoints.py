@@ -119,12 +119,7 @@ def read_config(model_dir: Path) -> tuple[PKVConfig, bool]:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{model_dir} has no config.json: not a model directory")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_path} is not a model config (a JSON {type(raw).__name__}, not an object)")
+    raw = read_json_object(config_path, "a model config")
     if "n_prefix_tokens" not in raw or "n_input_vector" not in raw:
         raise ValueError(f"{config_path} is not a PKV (prefix-attention) model config: no n_prefix_tokens/n_input_vector")
     published = raw.get("model_type") != PKVConfig.model_type
@@ -233,13 +228,18 @@ def read_metadata(path: Path) -> dict:
     """metadata.json (optional: {} when absent); ValueError when it is not a JSON object."""
     if not path.is_file():
         return {}
+    return read_json_object(path, "metadata")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from `path`; ValueError (with the path) when it is not JSON or not an object."""
     try:
-        metadata = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return metadata
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not {what} (a JSON {type(value).__name__}, not an object)")
+    return value
 
 
 def load_model(source: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
