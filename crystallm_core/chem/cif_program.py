@@ -198,8 +198,7 @@ class CifProgram(TokenGrammar):
             x = yield from self.coordinate()
             yield from self.expect(" ")
             y_start = self.count
-            blocked_y = self.retries.blocked_y.setdefault((row, x), set())
-            y = yield from self.coordinate(banned=blocked_y)
+            y = yield from self.coordinate(banned=self.retries.blocked_y.get((row, x), ()))
             yield from self.expect(" ")
             feasible = placement.feasible_last(element, multiplicity, x, y)
             if feasible.any():
@@ -210,6 +209,7 @@ class CifProgram(TokenGrammar):
                                              f"multiplicity {multiplicity}")
                 # Only y is written again (with this y masked) until Y_RETRIES values failed on
                 # this x: a blocked row costs 5 tokens instead of 13. Then x may be what blocks.
+                blocked_y = self.retries.blocked_y.setdefault((row, x), set())
                 blocked_y.add(f"{y:.{DECIMALS}f}"[2:])
                 if len(blocked_y) < Y_RETRIES:
                     row_start = y_start
