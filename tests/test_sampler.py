@@ -18,10 +18,13 @@ def tiny_model(seed=0):
     return CrystaLLMPKV(tiny_config()).eval()
 
 
-def test_ragged_cached_forward_matches_the_full_forward():
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_ragged_cached_forward_matches_the_full_forward(native, monkeypatch):
     """Prefill, decode steps and jump-forward spans of different lengths per row, in one call
-    each, give the logits of the reference (uncached) forward: every way `query_groups` splits
-    a step (all rows padded; one token each plus a few short spans; spans past SHARED_WIDTH)."""
+    each, give the logits of the reference (uncached) forward, through the native kernel and
+    through every way the fallback's `query_groups` splits a step (all rows padded; one token
+    each plus a few short spans; spans past SHARED_WIDTH)."""
+    monkeypatch.setenv("CRYSTALLM_NATIVE", native)
     model = tiny_model()
     ids = torch.randint(0, 370, (3, 40))
     cond = torch.tensor([[0.3, 0.1], [0.5, 0.0], [0.1, 0.9]])
@@ -165,3 +168,13 @@ def test_padding_queries_never_look_past_their_row():
     queries = RowQueries.padded(torch.tensor([0, 1]), torch.tensor([1, 6]), torch.tensor([65, 10]), 0, 6, None)
     assert queries.span == 66  # row 0 sees positions 0…65, its padding no further; row 1 sees 0…15
     assert queries.real.tolist() == [[True] + [False] * 5, [True] * 6]
+
+
+def test_cache_memory_starts_zeroed_and_compaction_keeps_the_rows_asked_for():
+    from crystallm_core.lm.kv_cache import StaticKVCache
+
+    cache = StaticKVCache(2, 3, 2, 8, 4, torch.bfloat16, torch.device("cpu"))
+    assert all(bool((layer == 0).all()) for layer in cache.keys + cache.values)
+    cache.keys[1][1], cache.keys[1][2] = 1.0, 2.0
+    cache.keep(torch.tensor([2, 1]))
+    assert cache.keys[1][:, 0, 0, 0].tolist() == [2.0, 1.0] and cache.keys[1].shape == (2, 2, 8, 4)

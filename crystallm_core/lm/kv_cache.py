@@ -11,9 +11,28 @@ tokens they are, and how far into its row each may look.
 """
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from crystallm_core.lm.cache_attention import attend
+
+
+def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros for one layer's keys or values. On a CPU (where the OS offers it) the memory is
+    advised for 2 MB pages: a decode step streams through the cache of every row, and with 4 kB
+    pages address translation slowed that stream (a decode step at 32 rows over 325 cached
+    tokens: 12.8-13.1 ms, 11.7-12.2 ms with large pages; 4 alternating runs)."""
+    count = math.prod(shape)
+    if device.type != "cpu" or count == 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    buffer = mmap.mmap(-1, count * torch.empty((), dtype=dtype).element_size())  # anonymous: zero-filled
+    try:
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # large pages switched off: ordinary pages
+        pass
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
 
 
 class StaticKVCache:
@@ -23,8 +42,8 @@ class StaticKVCache:
                  dtype: torch.dtype, device: torch.device):
         self.capacity = capacity  # positions per row, prefix included
         shape = (rows, n_head, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.keys = [cache_zeros(shape, dtype, device) for _ in range(n_layer)]
+        self.values = [cache_zeros(shape, dtype, device) for _ in range(n_layer)]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
 
     @property
@@ -48,10 +67,15 @@ class StaticKVCache:
         """Forget everything after `lengths` positions of the given rows (no copy)."""
         self.lengths[rows] = lengths
 
+    @staticmethod
+    def gathered(layer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        kept = cache_zeros((rows.shape[0], *layer.shape[1:]), layer.dtype, layer.device)
+        return torch.index_select(layer, 0, rows, out=kept)
+
     def keep(self, rows: torch.Tensor) -> None:
         """Compact to the given rows, in that order (a copy; done rarely)."""
-        self.keys = [k[rows].contiguous() for k in self.keys]
-        self.values = [v[rows].contiguous() for v in self.values]
+        self.keys = [self.gathered(k, rows) for k in self.keys]
+        self.values = [self.gathered(v, rows) for v in self.values]
         self.lengths = self.lengths[rows].contiguous()
 
 

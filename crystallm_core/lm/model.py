@@ -28,6 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
 from crystallm_core.lm.kv_cache import StaticKVCache, query_groups
+from crystallm_core.lm.native_attention import native_attention
 
 
 class PKVConfig(GPT2Config):
@@ -184,8 +185,8 @@ class CrystaLLMPKV(GPT2LMHeadModel):
 
         `tokens` (N,) holds the rows' tokens back to back (N = counts.sum(), every count ≥ 1),
         so one call serves a decode step (one token per row), a prefill, and ragged
-        jump-forward spans, and the linear layers see no padding (see `kv_cache.query_groups`
-        for how attention is batched).
+        jump-forward spans, and the linear layers see no padding. Attention is the native
+        kernel's on CPUs (`native_attention`), else batched by `kv_cache.query_groups`.
         """
         cfg, tf = self.config, self.transformer
         device = tokens.device
@@ -197,16 +198,21 @@ class CrystaLLMPKV(GPT2LMHeadModel):
         offset = torch.arange(tokens.shape[0], device=device) - starts[row_of]
         positions = lengths[row_of] + offset
         hidden = tf.wte(tokens) + tf.wpe(positions.clamp(max=cfg.n_positions - 1))
-        groups = query_groups(starts, counts, lengths, rows, cache_rows)
         write_rows = cache_rows[row_of]
+        # Each token is written to its row and sees it up to its own position: the native kernel
+        # does exactly that; the fallback scatters the keys and batches tokens into padded groups.
+        native = native_attention.supports(hidden, cache.keys[0])
+        groups = None if native else query_groups(starts, counts, lengths, rows, cache_rows)
         for layer, block in enumerate(tf.h):
-            q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(cfg.n_embd, dim=1)
-            shape = (-1, cfg.n_head, cfg.head_dim)
-            q, k, v = q.view(shape), k.view(shape), v.view(shape)
-            cache.write(layer, write_rows, positions, k, v)
-            attended = torch.empty_like(q)
-            for queries in groups:
-                queries.attend(cache, layer, q, attended)
+            qkv = block.attn.c_attn(block.ln_1(hidden))
+            if native:
+                attended = native_attention(qkv, cache.keys[layer], cache.values[layer], write_rows, positions)
+            else:
+                q, k, v = (part.view(-1, cfg.n_head, cfg.head_dim) for part in qkv.split(cfg.n_embd, dim=1))
+                cache.write(layer, write_rows, positions, k, v)
+                attended = torch.empty_like(q)
+                for queries in groups:
+                    queries.attend(cache, layer, q, attended)
             hidden = hidden + block.attn.c_proj(attended.reshape(-1, cfg.n_embd))
             hidden = hidden + block.mlp(block.ln_2(hidden))
         cache.lengths[cache_rows] += counts
