@@ -17,7 +17,8 @@ Improvements over the original:
 Sampling goes through one forward over an explicit `kv_cache.StaticKVCache` (`forward_cached`,
 after gpt-fast): the cache owns the prefix, per-row lengths, rewinds and compaction, and the
 same call does prefill (many tokens), jump-forward spans (a few tokens per row, ragged) and
-decode steps (one token per row).
+decode steps (one token per row). On a CPU in bf16 that forward reads the cache through a native
+kernel (`native_attention`) and the weights in oneDNN's packed layout (`packed_linear`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from transformers.activations import ACT2FN
 
 from crystallm_core.lm.kv_cache import StaticKVCache, query_groups
 from crystallm_core.lm.native_attention import native_attention
+from crystallm_core.lm.packed_linear import PackedLinears, packed_linears
 
 
 class PKVConfig(GPT2Config):
@@ -203,8 +205,10 @@ class CrystaLLMPKV(GPT2LMHeadModel):
         # does exactly that; the fallback scatters the keys and batches tokens into padded groups.
         native = native_attention.supports(hidden, cache.keys[0])
         groups = None if native else query_groups(starts, counts, lengths, rows, cache_rows)
+        packed = packed_linears(self, hidden)
+        linear = packed or (lambda module, x: module(x))
         for layer, block in enumerate(tf.h):
-            qkv = block.attn.c_attn(block.ln_1(hidden))
+            qkv = linear(block.attn.c_attn, block.ln_1(hidden))
             if native:
                 attended = native_attention(qkv, cache.keys[layer], cache.values[layer], write_rows, positions)
             else:
@@ -213,11 +217,19 @@ class CrystaLLMPKV(GPT2LMHeadModel):
                 attended = torch.empty_like(q)
                 for queries in groups:
                     queries.attend(cache, layer, q, attended)
-            hidden = hidden + block.attn.c_proj(attended.reshape(-1, cfg.n_embd))
-            hidden = hidden + block.mlp(block.ln_2(hidden))
+            hidden = hidden + linear(block.attn.c_proj, attended.reshape(-1, cfg.n_embd))
+            hidden = hidden + self.mlp(block, block.ln_2(hidden), packed)
         cache.lengths[cache_rows] += counts
-        last = hidden[starts + counts - 1]
-        return self.lm_head(tf.ln_f(last)).float()
+        last = tf.ln_f(hidden[starts + counts - 1])
+        return (packed(self.lm_head, last) if packed else self.lm_head(last)).float()
+
+    def mlp(self, block: nn.Module, x: torch.Tensor, packed: PackedLinears | None) -> torch.Tensor:
+        """A block's MLP (inference): through packed weights, the tanh-GELU fused, where they serve."""
+        if packed is None:
+            return block.mlp(x)
+        if self.config.activation_function == "gelu_new":  # computed as gelu_pytorch_tanh (__init__)
+            return packed(block.mlp.c_proj, packed(block.mlp.c_fc, x, gelu_tanh=True))
+        return packed(block.mlp.c_proj, block.mlp.act(packed(block.mlp.c_fc, x)))
 
     def sequence_loss(
         self,
