@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random PKV model saved in our own format."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -9,9 +8,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/prototypes.py
-# Compiling the attention kernel costs seconds per new shape; tests use the matmul form, and
-# tests/test_cache_attention.py checks the compiled kernel against it.
-os.environ.setdefault("CRYSTALLM_COMPILE", "0")
 
 
 def tiny_config(**overrides):

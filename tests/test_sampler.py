@@ -176,5 +176,8 @@ def test_cache_memory_starts_zeroed_and_compaction_keeps_the_rows_asked_for():
     cache = StaticKVCache(2, 3, 2, 8, 4, torch.bfloat16, torch.device("cpu"))
     assert all(bool((layer == 0).all()) for layer in cache.keys + cache.values)
     cache.keys[1][1], cache.keys[1][2] = 1.0, 2.0
+    cache.lengths[:] = torch.tensor([5, 2, 3])
     cache.keep(torch.tensor([2, 1]))
-    assert cache.keys[1][:, 0, 0, 0].tolist() == [2.0, 1.0] and cache.keys[1].shape == (2, 2, 8, 4)
+    assert cache.keys[1].shape == (2, 2, 8, 4) and cache.lengths.tolist() == [3, 2]
+    # every position a kept row uses (up to the longest kept row) is carried over
+    assert cache.keys[1][:, :, :3].tolist() == torch.tensor([2.0, 1.0])[:, None, None, None].expand(2, 2, 3, 4).tolist()

@@ -16,7 +16,7 @@ import mmap
 
 import torch
 
-from crystallm_core.lm.cache_attention import attend
+from crystallm_core.lm.cache_attention import matmul_attention
 
 
 def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -68,14 +68,18 @@ class StaticKVCache:
         self.lengths[rows] = lengths
 
     @staticmethod
-    def gathered(layer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def gathered(layer: torch.Tensor, rows: torch.Tensor, used: int) -> torch.Tensor:
         kept = cache_zeros((rows.shape[0], *layer.shape[1:]), layer.dtype, layer.device)
-        return torch.index_select(layer, 0, rows, out=kept)
+        kept[:, :, :used] = layer[rows, :, :used]
+        return kept
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Compact to the given rows, in that order (a copy; done rarely)."""
-        self.keys = [self.gathered(k, rows) for k in self.keys]
-        self.values = [self.gathered(v, rows) for v in self.values]
+        """Compact to the given rows, in that order (done rarely). Only positions some kept row
+        still uses are copied: the rest is never read (a whole-capacity copy took 0.1 s per
+        compaction at 32 rows, 7 % of a 32-sample run)."""
+        used = int(self.lengths[rows].max()) if rows.numel() else 0
+        self.keys = [self.gathered(k, rows, used) for k in self.keys]
+        self.values = [self.gathered(v, rows, used) for v in self.values]
         self.lengths = self.lengths[rows].contiguous()
 
 
@@ -144,8 +148,8 @@ class RowQueries:
         # A padded query never needs positions past the cache (its own row's are written there); the
         # cap keeps one odd row from failing the whole batch's shapes.
         span = min(self.span, cache.capacity)
-        attended = attend(q[self.index].transpose(1, 2), cache.keys[layer], cache.values[layer], self.bias[..., :span],
-                          self.rows)  # (B, H, T, D), fp32
+        attended = matmul_attention(q[self.index].transpose(1, 2), cache.keys[layer], cache.values[layer],
+                                    self.bias[..., :span], self.rows)  # (B, H, T, D), fp32
         attended = attended.transpose(1, 2).to(out.dtype)
         if self.real is None:
             out[self.index] = attended

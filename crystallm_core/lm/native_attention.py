@@ -1,20 +1,20 @@
 """Cache update and attention by a small C++ kernel (`decode_attention.cpp`), built on first use.
 
 A decode step's attention reads every cached key and value once and does little arithmetic:
-it should run at memory speed. The compiled-from-Python kernels (`cache_attention`) reach
-about 18 GB/s here: inductor's loops reduce each 64-wide dot product horizontally and make
-one parallel pass per reduction, so they are bound by instructions, not memory. The C++
-kernel reads each key and value row as two 512-bit lines (bf16 dot products in hardware where
-the CPU has them) and reached 38 GB/s in scripts/bench_sampler.py's setting (32 rows, 327
-cached tokens, 8 heads: 0.56 ms per layer, the compiled kernel 1.16 ms). It also takes each
-token's row and position, writes its key and value there and attends up to it, so a step's
-ragged spans need no padding, no mask and no grouping, and the cache write is no scatter
-through advanced indexing (16 of them took 0.8 ms of a 13 ms step).
+it should run at memory speed. Compiled from Python (inductor, the kernel this replaces) it
+reached about 18 GB/s here: inductor's loops reduce each 64-wide dot product horizontally and
+make one parallel pass per reduction, so they were bound by instructions. The C++ kernel reads
+each key and value row as two 512-bit lines (bf16 dot products in hardware where the CPU has
+them), in one pass with an online softmax and prefetching; in scripts/bench_sampler.py's
+setting (32 rows, 327 cached tokens, 8 heads) it takes about 0.4 ms per layer (~50 GB/s), the
+inductor kernel 1.16 ms. It also takes each token's row and position, writes its key and value
+there and attends up to it, so a step's ragged spans need no padding, no mask and no grouping,
+and the cache write is no scatter through advanced indexing (16 of those took 0.8 ms a step).
 
 It is compiled once per machine with the system's C++ compiler (`-march=native`, OpenMP; about
 a second) into a cache folder (CRYSTALLM_KERNEL_DIR, default ~/.cache/crystallm-studio) and
 loaded with ctypes. Where that fails (no compiler, another platform) or CRYSTALLM_NATIVE=0,
-`available()` is False and `cache_attention`'s kernels are used.
+`available()` is False and attention falls back to `cache_attention`'s matmuls.
 """
 from __future__ import annotations
 

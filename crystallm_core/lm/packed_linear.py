@@ -31,20 +31,19 @@ class PackedLinears:
     """Packed weights of a GPT-2 transformer's Conv1D layers and LM head (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
-        self.model = weakref.ref(model)
+        self.layers = [m for block in model.transformer.h
+                       for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+        self.head = model.lm_head
         self.version: tuple = ()
         self.packed: dict[int, torch.Tensor] = {}
 
     def refresh(self) -> None:
         """Pack again if any weight was replaced or changed in place since the last packing."""
-        model = self.model()
-        modules = [m for block in model.transformer.h
-                   for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
-        version = tuple((m.weight.data_ptr(), version_of(m.weight)) for m in [*modules, model.lm_head])
+        version = tuple((m.weight.data_ptr(), version_of(m.weight)) for m in [*self.layers, self.head])
         if version != self.version:
             # GPT-2's Conv1D keeps its weight as (in, out); oneDNN packs the (out, in) matrix.
-            self.packed = {id(m): self.pack(m.weight.t()) for m in modules}
-            self.packed[id(model.lm_head)] = self.pack(model.lm_head.weight)
+            self.packed = {id(m): self.pack(m.weight.t()) for m in self.layers}
+            self.packed[id(self.head)] = self.pack(self.head.weight)
             self.version = version
 
     @staticmethod

@@ -237,8 +237,8 @@ def batch_size_of(settings: SamplingSettings) -> int:
 @torch.inference_mode()
 def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
     """Prepare a process for sampling before a user waits on it: run the step shapes sampling
-    meets (one or several rows; one or a few new tokens each), so that compiling the attention
-    kernel happens here, then time decode steps at 1 thread and at every core (or `max_threads`,
+    meets (one or several rows; one or a few new tokens each), so that building the native
+    attention kernel and packing the weights happen here, then time decode steps at 1 thread and at every core (or `max_threads`,
     a worker's share) and keep the faster (on a busy or shared machine one thread often wins:
     OpenMP threads wait on each other), and time them at each of BATCH_SIZES rows to set the
     default batch size: the smallest within BATCH_TOLERANCE of the best rows per second (more

@@ -199,9 +199,10 @@ def generate(
 
 def prepare_for_requests(loaded: LoadedModel) -> dict:
     """Everything a first request would otherwise wait for, done before a user asks: the sampler's
-    warm-up (kernel compile, thread choice), the isolated checker's process, and one small
-    constrained request, which compiles the step shapes jump-forward spans bring (measured: the first
-    structure of the app's default request came after 9.7 s cold, 2.0-2.5 s prepared).
+    warm-up (kernel build, weight packing, thread choice), the isolated checker's process, and one
+    small constrained request, which runs the paths jump-forward spans take (measured: the first
+    structure of the app's default request came after 9.7 s cold, 2.0-2.5 s prepared, before the
+    native kernel; scripts/bench_sampler.py prints today's figure).
     Returns the warm-up figures and the seconds it all took."""
     started = time.perf_counter()
     figures = warm_up(loaded.model)
