@@ -67,19 +67,16 @@ class StaticKVCache:
         """Forget everything after `lengths` positions of the given rows (no copy)."""
         self.lengths[rows] = lengths
 
-    @staticmethod
-    def gathered(layer: torch.Tensor, rows: torch.Tensor, used: int) -> torch.Tensor:
-        kept = cache_zeros((rows.shape[0], *layer.shape[1:]), layer.dtype, layer.device)
-        kept[:, :, :used] = layer[rows, :, :used]
-        return kept
-
     def keep(self, rows: torch.Tensor) -> None:
-        """Compact to the given rows, in that order (done rarely). Only positions some kept row
-        still uses are copied: the rest is never read (a whole-capacity copy took 0.1 s per
-        compaction at 32 rows, 7 % of a 32-sample run)."""
+        """Compact to the given rows, in that order (done rarely): in place, each layer's first
+        len(rows) rows then hold them. Only positions some kept row uses are copied; the rest is
+        never read. (A copy of whole rows into new memory took 0.1 s per compaction at 32 rows,
+        7 % of a 32-sample run; in place, no new memory is touched.)"""
         used = int(self.lengths[rows].max()) if rows.numel() else 0
-        self.keys = [self.gathered(k, rows, used) for k in self.keys]
-        self.values = [self.gathered(v, rows, used) for v in self.values]
+        for layer in self.keys + self.values:
+            layer[:rows.shape[0], :, :used] = layer[rows, :, :used]  # (the right side is a copy: any order is safe)
+        self.keys = [k[:rows.shape[0]] for k in self.keys]
+        self.values = [v[:rows.shape[0]] for v in self.values]
         self.lengths = self.lengths[rows].contiguous()
 
 

@@ -195,10 +195,13 @@ class CrystaLLMPKV(GPT2LMHeadModel):
         batch = counts.shape[0]
         cache_rows = torch.arange(batch, device=device) if rows is None else rows
         lengths = cache.lengths[cache_rows]
-        starts = torch.cumsum(counts, 0) - counts
-        row_of = torch.repeat_interleave(torch.arange(batch, device=device), counts)
-        offset = torch.arange(tokens.shape[0], device=device) - starts[row_of]
-        positions = lengths[row_of] + offset
+        if tokens.shape[0] == batch:  # a decode step: one token per row (every count is ≥ 1)
+            starts = row_of = torch.arange(batch, device=device)
+            positions = lengths
+        else:
+            starts = torch.cumsum(counts, 0) - counts
+            row_of = torch.repeat_interleave(torch.arange(batch, device=device), counts)
+            positions = lengths[row_of] + torch.arange(tokens.shape[0], device=device) - starts[row_of]
         hidden = tf.wte(tokens) + tf.wpe(positions.clamp(max=cfg.n_positions - 1))
         write_rows = cache_rows[row_of]
         # Each token is written to its row and sees it up to its own position: the native kernel

@@ -39,7 +39,8 @@ class PackedLinears:
 
     def refresh(self) -> None:
         """Pack again if any weight was replaced or changed in place since the last packing."""
-        version = tuple((m.weight.data_ptr(), version_of(m.weight)) for m in [*self.layers, self.head])
+        weights = [m._parameters["weight"] for m in [*self.layers, self.head]]  # (no Module.__getattr__: every step)
+        version = tuple((w.data_ptr(), version_of(w)) for w in weights)
         if version != self.version:
             # GPT-2's Conv1D keeps its weight as (in, out); oneDNN packs the (out, in) matrix.
             self.packed = {id(m): self.pack(m.weight.t()) for m in self.layers}

@@ -396,10 +396,14 @@ def sample(
         if guided:
             uncond, logits = logits[batch.n_slots:], logits[: batch.n_slots]
             logits = uncond + settings.guidance_scale * (logits - uncond)
-        allowed = torch.stack([masks.mask(s.constraint.allowed() if s is not None and s.constraint is not None
-                                          and not s.waiting else None) for s in batch.slots])
-        empty = ~allowed.any(dim=1)
-        allowed[empty] = masks.free  # (a slot with nothing allowed is given up below)
+        if constraint_factory is None:  # one mask for every row
+            allowed, empty = masks.free, [False] * batch.n_slots
+        else:
+            allowed = torch.stack([masks.mask(s.constraint.allowed() if s is not None and not s.waiting else None)
+                                   for s in batch.slots])
+            nothing = ~allowed.any(dim=1)
+            allowed[nothing] = masks.free  # (a slot with nothing allowed is given up below)
+            empty = nothing.tolist()
         logits = logits.masked_fill(~allowed, float("-inf"))
         # a waiting slot draws nothing: how long its check takes must not shift its random stream
         uniforms = torch.tensor([float(torch.rand((), generator=s.generator)) if s is not None and not s.waiting
@@ -415,7 +419,7 @@ def sample(
                 if step is not None:
                     follow(slot, sample_, step, [])
                 continue
-            if bool(empty[slot]):
+            if empty[slot]:
                 finish(slot, "gave up", "no token is allowed here (element set too narrow?)")
                 continue
             if sample_.constraint is not None:
