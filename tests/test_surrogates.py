@@ -34,6 +34,7 @@ from crystallm_core.chem.surrogates.ensemble import (
     BandGapSurrogate,
     EnsembleConfig,
     GapPrediction,
+    combine,
 )
 from crystallm_core.chem.surrogates.features import (
     ELEMENT_PROPERTIES,
@@ -310,6 +311,23 @@ def test_calibrate_fits_the_spread_on_rows_read_as_non_metals():
     assert config.spread == "mixture" and config.members == ["head"]
     assert log["coverage_1_read_nonmetal"] == pytest.approx(0.68, abs=0.01)
     assert log["coverage_1"] > 0.68  # metals read as 0 eV are exactly right: they lift coverage over all rows
+
+
+def test_calibrate_fits_the_scale_on_the_rows_asked_for():
+    """Half the rows (the "hypothetical" ones) have twice the error: a scale fitted on them covers
+    68 % of them, more of the easy rows, and is larger than one fitted on all rows."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    hard = np.arange(n) < n // 2
+    true = rng.uniform(0.5, 5.0, n)
+    gap = (true + np.where(hard, 0.8, 0.4) * rng.normal(size=n)).clip(0.01)[:, None]
+    args = (EnsembleConfig(["head"]), np.full((n, 1), 0.05), gap, np.zeros((n, 1)), true)
+    on_hard, _ = calibrate(*args, scale_rows=hard)
+    on_all, _ = calibrate(*args)
+    mean, spread, _, _ = combine(args[1], args[2], on_hard, args[3])
+    assert coverage(mean[hard] - true[hard], spread[hard]) == pytest.approx(0.68, abs=0.01)
+    assert coverage(mean[~hard] - true[~hard], spread[~hard]) > 0.8
+    assert on_hard.scale * on_hard.sigma_floor != pytest.approx(on_all.scale * on_all.sigma_floor)
 
 
 def test_mixture_spread_and_calibration():
