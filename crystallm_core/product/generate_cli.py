@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                                 settings=settings, seed=args.seed, rescale=args.rescale, relax=args.relax)
     request.validate()
     loaded = load_model(args.model)
-    warm_up(loaded.model)  # compile the attention kernel; pick the faster thread count on this machine
+    warm_up(loaded.model)  # build the attention kernel, pack the weights, pick threads and batch size here
     run = new_run(loaded, [request])
     previous = resumable(args.out, run.requests)  # before sampling, not after
     if previous is not None:
