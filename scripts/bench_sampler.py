@@ -27,6 +27,8 @@ from transformers import DynamicCache
 
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.lm.model import CrystaLLMPKV
+from crystallm_core.lm.native_attention import native_attention
+from crystallm_core.lm.packed_linear import packed_linears
 from crystallm_core.lm.sampler import (
     SamplingSettings,
     sample,
@@ -160,13 +162,17 @@ def main() -> None:
     prompt_ids = get_tokenizer().encode(PROMPT)
     loaded = load_model()
     model, dtype = loaded.model, next(loaded.model.parameters()).dtype
-    # as the app prepares a model: kernels compiled, checker started, threads and batch size measured …
+    # as the app prepares a model: kernel built, weights packed, checker started, threads and batch size measured …
     warmed = prepare_for_requests(loaded)
     torch.set_num_threads(args.threads)  # … but every path here runs at the same thread count
     print(f"torch {torch.__version__}, {args.threads} threads, model {loaded.info.name}, our dtype {dtype}; "
           f"prepared in {warmed['seconds']:.1f} s; decode step at 16 rows by threads {warmed['step_ms']} ms: "
           f"the app would use {warmed['threads']}; step by rows {warmed['batch_ms']} ms: default batch size "
           f"{warmed['batch_size']}")
+    with torch.inference_mode():
+        packed = packed_linears(model, torch.zeros(1, dtype=dtype)) is not None
+    print(f"attention: {'native kernel' if native_attention.available() else 'matmul fallback'}; linear layers: "
+          f"{'oneDNN-packed weights' if packed else 'plain'}")
     print(app_defaults(loaded, args.seed))
     old = run_old(args.baseline_commit, args.slots, args.threads, args.seed) if args.baseline_commit else {}
     reference = load_model(dtype=torch.float32).model
