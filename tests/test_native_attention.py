@@ -74,3 +74,16 @@ def test_without_a_compiler_it_says_so_once_and_stays_off(monkeypatch, tmp_path,
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("CRYSTALLM_NATIVE", "0")
     assert not NativeAttention().available()
+
+
+def test_the_avx512_path_without_bf16_dot_products_gives_the_same(monkeypatch, tmp_path):
+    """CPUs with AVX-512 but no AVX512-BF16 widen the rows to fp32 instead: built here with that
+    instruction set switched off, the kernel must agree with the reference too."""
+    monkeypatch.setenv("CRYSTALLM_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(native_module, "FLAGS", (*native_module.FLAGS, "-mno-avx512bf16"))
+    kernel = NativeAttention()
+    if not kernel.available():
+        pytest.skip("this compiler or CPU has no such switch")
+    keys, values, qkv, token_rows, positions = cache_and_tokens(torch.bfloat16, 64)
+    _, _, want = reference(keys, values, qkv, token_rows, positions)
+    torch.testing.assert_close(kernel(qkv, keys, values, token_rows, positions).float(), want, atol=1e-2, rtol=1e-2)
