@@ -88,6 +88,12 @@ class GapPrediction:
         return asdict(self)
 
 
+def member_columns(readings: dict[str, tuple[np.ndarray, ...]], members: list[str]) -> list[np.ndarray]:
+    """The members' (P(metal), gap, gap variance) readings side by side: three (n, m) arrays, as
+    `combine` takes them."""
+    return [np.stack([readings[m][i] for m in members], 1) for i in range(3)]
+
+
 def combine(p_metal: np.ndarray, gap: np.ndarray, config: EnsembleConfig, gap_var: np.ndarray | None = None,
             ) -> tuple[np.ndarray, ...]:
     """Members' (P(metal), gap if non-metal) columns (n, m), and the variance of each member's own
@@ -196,8 +202,8 @@ class BandGapSurrogate:
         if not readings:
             return [GapPrediction(NAN, NAN, NAN, reason=reason) for reason in reasons]
         members = self.config.members
-        mean, spread, p_metal, gated = combine(*(np.stack([readings[m][i] for m in members], 1) for i in range(2)),
-                                               self.config, np.stack([readings[m][2] for m in members], 1))
+        p_metal_in, gap_in, gap_var = member_columns(readings, members)
+        mean, spread, p_metal, gated = combine(p_metal_in, gap_in, self.config, gap_var)
         ok = iter(range(len(mean)))
         out = []
         for reason in reasons:

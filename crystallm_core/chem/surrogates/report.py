@@ -32,6 +32,7 @@ from crystallm_core.chem.surrogates.ensemble import (
     BandGapSurrogate,
     EnsembleConfig,
     combine,
+    member_columns,
 )
 from crystallm_core.chem.surrogates.scoring import gap_metrics
 from crystallm_core.paths import SURROGATE_DIR, cache_dir
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         readings = member_readings(table, args.models, config.members, chgnet)
         summary[f"{name}_ms_per_structure_beyond_chgnet"] = round(1000 * (time.perf_counter() - start) / len(table), 2)
-        columns_in = [np.stack([readings[m][i] for m in config.members], 1) for i in range(3)]
+        columns_in = member_columns(readings, config.members)
         mean, spread, p_metal, gated = combine(*columns_in[:2], config, columns_in[2])
         ok = np.isfinite(mean)
         summary["failed"] = int((~ok).sum())

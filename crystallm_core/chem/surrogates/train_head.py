@@ -38,7 +38,7 @@ from crystallm_core.chem.surrogates.chgnet_cache import (
     band_gap_rows,
     cached_chgnet_features,
 )
-from crystallm_core.chem.surrogates.ensemble import EnsembleConfig, combine
+from crystallm_core.chem.surrogates.ensemble import EnsembleConfig, combine, member_columns
 from crystallm_core.chem.surrogates.head import GapHead, HeadConfig, save_head
 from crystallm_core.chem.surrogates.report import member_readings
 from crystallm_core.chem.surrogates.scoring import gap_metrics, gated_gap, is_metal
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     (variant, members), log["candidates_val_wbm"] = select(heads, shipped, y[val], wbm)
     save_head(trained[variant], args.out)
     readings = {"head": heads[variant], **shipped}
-    columns = [np.stack([readings[m][i] for m in members], 1) for i in range(3)]
+    columns = member_columns(readings, members)
     scale_rows = wbm if args.calibrate_on == "val_wbm" else None
     config, log["calibration_val"] = calibrate(EnsembleConfig(members), *columns, y[val], scale_rows)
     config.save(args.out)
@@ -204,7 +204,7 @@ def recalibrate(table, args: argparse.Namespace) -> None:
     features = [None if np.isnan(row).all() else row for row in chgnet]
     members = EnsembleConfig.load(args.out).members
     readings = member_readings(val, args.out, members, features)
-    columns = [np.stack([readings[m][i] for m in members], 1) for i in range(3)]
+    columns = member_columns(readings, members)
     ok = np.isfinite(columns[1]).all(axis=1)
     wbm = val.source.to_numpy(str)[ok] == "wbm"
     config, calibration = calibrate(EnsembleConfig(members), *(c[ok] for c in columns),
