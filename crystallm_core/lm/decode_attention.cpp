@@ -3,9 +3,10 @@
 // Built on first use by native_attention.py (g++ -O3 -march=native -fopenmp) and called through
 // ctypes. Token n's key and value are written to cache row rows[n] at positions[n] of a layer's
 // keys and values (R, H, C, D), then its query attends to that row's positions 0…positions[n]:
-// decode steps, jump-forward spans and prefills all in one call, without padding or a mask. Each (token, head) reads its row's keys and values
-// once, as contiguous lines, and does every product, sum and the softmax in fp32; the tokens of
-// one row follow each other, so a multi-token span finds its row's keys in cache.
+// decode steps, jump-forward spans and prefills all in one call, without padding or a mask.
+// Each (token, head) reads its row's keys and values once, as contiguous lines, and does every
+// product, sum and the softmax in fp32; the tokens of one row follow each other, so a
+// multi-token span finds its row's keys in cache.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -12,7 +12,7 @@ there and attends up to it, so a step's ragged spans need no padding, no mask an
 and the cache write is no scatter through advanced indexing (16 of those took 0.8 ms a step).
 
 It is compiled once per machine with the system's C++ compiler (`-march=native`, OpenMP; about
-a second) into a cache folder (CRYSTALLM_KERNEL_DIR, default ~/.cache/crystallm-studio) and
+a second) into a cache folder (CRYSTALLM_KERNEL_DIR, default ~/.cache/crystallm-studio/kernels) and
 loaded with ctypes. Where that fails (no compiler, another platform) or CRYSTALLM_NATIVE=0,
 `available()` is False and attention falls back to `cache_attention`'s matmuls.
 """
@@ -92,7 +92,7 @@ class NativeAttention:
             self.library = library
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", "") or error
-            log.warning("native attention kernel unavailable (%s): using the compiled/matmul kernels", detail)
+            log.warning("native attention kernel unavailable (%s): using matmuls", detail)
             self.failed = True
 
     def supports(self, hidden: torch.Tensor, cache_keys: torch.Tensor) -> bool:

@@ -236,22 +236,17 @@ def batch_size_of(settings: SamplingSettings) -> int:
 
 @torch.inference_mode()
 def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
-    """Prepare a process for sampling before a user waits on it: run the step shapes sampling
-    meets (one or several rows; one or a few new tokens each), so that building the native
-    attention kernel and packing the weights happen here, then time decode steps at 1 thread and at every core (or `max_threads`,
-    a worker's share) and keep the faster (on a busy or shared machine one thread often wins:
-    OpenMP threads wait on each other), and time them at each of BATCH_SIZES rows to set the
+    """Prepare a process for sampling before a user waits on it: the first forward builds the
+    native attention kernel and packs the weights, here rather than in a request. Time decode
+    steps at 1 thread and at every core (or `max_threads`, a worker's share) and keep the faster
+    (on a busy or shared machine one thread often wins: OpenMP threads wait on each other), and
+    time them at each of BATCH_SIZES rows to set the
     default batch size: the smallest within BATCH_TOLERANCE of the best rows per second (more
     slots than that only delay every structure).
     Returns {"seconds", "threads", "step_ms": {threads: ms}, "batch_size", "batch_ms": {rows: ms}}."""
     global measured_batch_size
     started = time.perf_counter()
     device = next(model.parameters()).device
-    for rows in (1, 2):
-        for width in (1, 3):
-            cache = model.setup_cache(rows, 16)
-            counts = torch.full((rows,), width, dtype=torch.long, device=device)
-            model.forward_cached(torch.zeros(rows * width, dtype=torch.long, device=device), counts, cache)
     timings = {}
     if device.type == "cpu":
         cores = max_threads or os.cpu_count() or 1
