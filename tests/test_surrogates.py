@@ -14,6 +14,7 @@ from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 
 from crystallm_core.chem import stability
+from crystallm_core.chem.chgnet_features import chgnet_feature_names
 from crystallm_core.chem.surrogates import report
 from crystallm_core.chem.surrogates.calibration import (
     coverage,
@@ -197,7 +198,7 @@ def tiny_ensemble(directory, config: EnsembleConfig):
     save_gnn(tiny_gnn(), directory)
     tiny_gbm().save(directory)
     torch.manual_seed(0)
-    save_head(GapHead(HeadConfig(len(stability.chgnet_feature_names()), hidden=16, n_models=3)), directory)
+    save_head(GapHead(HeadConfig(len(chgnet_feature_names()), hidden=16, n_models=3)), directory)
     config.save(directory)
     return directory
 
@@ -253,7 +254,7 @@ def test_chgnet_feature_cache_computes_each_row_once(tmp_path, monkeypatch):
 
     table = pd.DataFrame({"id": ["nacl", "junk"], "cif": [rocksalt_nacl().to(fmt="cif"), "not a CIF"]})
     first = chgnet_cache.cached_chgnet_features(table, tmp_path / "cache.npz", verbose=False)
-    assert first.shape == (2, len(stability.chgnet_feature_names()))
+    assert first.shape == (2, len(chgnet_feature_names()))
     assert np.isfinite(first[0]).all() and np.isnan(first[1]).all()  # a failed row is NaN, not an error
 
     def never(cifs, batch_size=32):
@@ -361,3 +362,44 @@ def test_shipped_surrogates_know_salt_from_copper():
     nacl, cu = surrogate.predict([rocksalt_nacl(), fcc_cu()])
     assert nacl.p_metal < 0.5 and nacl.mean > 2.0 and nacl.head > 2.0 and 0 < nacl.std < 2.0
     assert cu.p_metal > 0.5 and cu.mean == 0.0 and cu.std < 0.5
+
+
+def test_out_of_fold_readings_read_each_train_row_without_its_formula(monkeypatch):
+    """Every train row is read once, by a head trained without any row of its formula; val rows
+    (which choose the epochs) and test rows are never read."""
+    from crystallm_core.chem.surrogates import train_head as module
+
+    rng = np.random.default_rng(3)
+    n = 150
+    features = rng.normal(size=(n, 4))
+    band_gap = np.where(features[:, 0] > 0, 0.0, 2.0)
+    split = np.where(np.arange(n) < 100, "train", np.where(np.arange(n) < 130, "val", "test"))
+    groups = np.array([f"formula{i // 3}" for i in range(n)])  # three polymorphs per formula
+    seen = []
+    real_train_head = module.train_head
+
+    def recording_train_head(features, band_gap, split, config, epochs):
+        seen.append(split.copy())
+        return real_train_head(features, band_gap, split, config, epochs, batch_size=25)
+
+    monkeypatch.setattr(module, "train_head", recording_train_head)
+    p, gap, var = module.out_of_fold_readings(features, band_gap, split, groups, HeadConfig(4, hidden=8, n_models=2),
+                                              epochs=2, folds=4)
+    train = split == "train"
+    assert np.isfinite(p[train]).all() and np.isfinite(gap[train]).all() and (var[train] >= 0).all()
+    assert np.isnan(p[~train]).all()
+    assert len(seen) == 4
+    held_out = np.stack([fold_split == "held_out" for fold_split in seen])
+    assert (held_out.sum(axis=0) == train).all()  # each train row held out exactly once, no other row
+    for fold in held_out:
+        assert not set(groups[fold]) & set(groups[~fold & train])  # no formula on both sides
+        assert (seen[0][split == "val"] == "val").all()
+
+
+def test_a_head_trained_on_other_chgnet_features_is_refused_with_its_reason(tmp_path):
+    """A v2 head (258 inputs: the penultimate layer only) next to this version's features: a clear
+    message at load (the scorer shows it as "band-gap surrogate unavailable"), not a shape error."""
+    save_head(GapHead(HeadConfig(258, hidden=8, n_models=1)), tmp_path)
+    EnsembleConfig(["head"]).save(tmp_path)
+    with pytest.raises(ValueError, match="reads 258 features, this version computes 1026.*train_head"):
+        BandGapSurrogate.load(tmp_path)

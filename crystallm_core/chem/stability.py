@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 from pymatgen.core import Composition, Structure
 
+from crystallm_core.chem.chgnet_features import LayerCapture, crystal_features
 from crystallm_core.paths import ASSETS_DIR, data_dir
 
 ELEMENTAL_REFERENCES_PATH = ASSETS_DIR / "elemental_references.json"
@@ -106,6 +107,14 @@ def elemental_references() -> dict[str, float]:
     return json.loads(ELEMENTAL_REFERENCES_PATH.read_text())["energy_per_atom"]
 
 
+def formation_energy_or_nan(composition: Composition, e_total_per_atom: float) -> float:
+    """`formation_energy_per_atom`, or NaN where an element has no reference (a feature, not a result)."""
+    try:
+        return formation_energy_per_atom(composition, e_total_per_atom)
+    except ValueError:
+        return float("nan")
+
+
 def formation_energy_per_atom(composition: Composition, e_total_per_atom: float) -> float:
     """(E_total - sum_i n_i mu_i) / N; raises ValueError for elements without a reference."""
     mu = elemental_references()
@@ -124,30 +133,6 @@ def load_hull():
     return HullReference.load()
 
 
-CHGNET_FEATURE_DIM = 64  # CHGNet 0.4.2 atom / crystal feature width
-
-
-def chgnet_feature_names() -> list[str]:
-    """Names of `crystal_features`: CHGNet's crystal_fea, pooled atom_fea and the energies."""
-    dims = range(CHGNET_FEATURE_DIM)
-    pooled = [f"chgnet_atom_{stat}_{d}" for stat in ("mean", "max", "std") for d in dims]
-    return [f"chgnet_crystal_{d}" for d in dims] + pooled + ["chgnet_energy_per_atom", "chgnet_e_form_per_atom"]
-
-
-def crystal_features(prediction: dict, composition: Composition) -> np.ndarray:
-    """CHGNet's pretrained representation of one structure (float32, see `chgnet_feature_names`):
-    the pooled final-layer features (crystal_fea), mean / max / std of the penultimate atom
-    features, the energy per atom and the formation energy (NaN without elemental references)."""
-    atoms = prediction["atom_fea"].reshape(-1, CHGNET_FEATURE_DIM)
-    energy = float(prediction["e"])
-    try:
-        e_form = formation_energy_per_atom(composition, energy)
-    except ValueError:
-        e_form = float("nan")
-    return np.concatenate([prediction["crystal_fea"], atoms.mean(0), atoms.max(0), atoms.std(0),
-                           [energy, e_form]]).astype(np.float32)
-
-
 @dataclass
 class ChgnetReading:
     """One CHGNet forward pass: the energy for stability and the features for the band-gap head."""
@@ -160,20 +145,26 @@ def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> li
     """CHGNet energy per atom and crystal features of each structure as given (one forward each);
     a failure becomes its message."""
     model = load_chgnet()
-    options = dict(task="e", return_atom_feas=True, return_crystal_feas=True)
+    layers = LayerCapture(model)
+    options = dict(task="e", return_crystal_feas=True)
 
-    def reading(prediction: dict, structure: Structure) -> ChgnetReading:
-        return ChgnetReading(float(prediction["e"]), crystal_features(prediction, structure.composition))
+    def readings(batch: list[Structure]) -> list[ChgnetReading]:
+        with layers.capture():
+            predictions = model.predict_structure(batch, batch_size=batch_size, **options)
+        predictions = [predictions] if isinstance(predictions, dict) else predictions  # a list of one gives a dict
+        atom_features = layers.per_structure([len(s) for s in batch])
+        return [ChgnetReading(float(p["e"]), crystal_features(p["crystal_fea"], atoms, float(p["e"]),
+                                                              formation_energy_or_nan(s.composition, float(p["e"]))))
+                for p, atoms, s in zip(predictions, atom_features, batch)]
 
     with quiet_chgnet():
         try:
-            predictions = model.predict_structure(list(structures), batch_size=batch_size, **options)
-            return [reading(p, s) for p, s in zip(predictions, structures)]
+            return readings(list(structures))
         except Exception:  # one bad structure (e.g. isolated atoms) fails the batch: redo one by one
             results: list[ChgnetReading | str] = []
             for s in structures:
                 try:
-                    results.append(reading(model.predict_structure(s, **options), s))
+                    results.extend(readings([s]))
                 except Exception as exc:
                     results.append(f"CHGNet failed: {exc}")
             return results

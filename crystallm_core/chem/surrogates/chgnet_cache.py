@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 from pymatgen.core import Structure
 
-from crystallm_core.chem.stability import chgnet_feature_names, static_readings
+from crystallm_core.chem.chgnet_features import chgnet_feature_names
+from crystallm_core.chem.stability import static_readings
 from crystallm_core.paths import cache_dir
 
 CACHE_FILE = "chgnet_features.npz"

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 from pymatgen.core import Structure
 
+from crystallm_core.chem.chgnet_features import chgnet_feature_names
 from crystallm_core.chem.stability import static_readings
 from crystallm_core.chem.surrogates.calibration import mixture_spread
 from crystallm_core.chem.surrogates.cgcnn import (
@@ -122,6 +123,11 @@ class BandGapSurrogate:
         self.graph_config = GraphConfig(gnn.config.cutoff, gnn.config.max_neighbors) if gnn else None
         head = models.get("head")
         self.needs_descriptors = "gbm" in models or (head is not None and head.config.descriptors)
+        if head is not None:
+            expected = len(chgnet_feature_names()) + (len(feature_names()) if head.config.descriptors else 0)
+            if head.config.n_inputs != expected:
+                raise ValueError(f"the band-gap head reads {head.config.n_inputs} features, this version computes "
+                                 f"{expected}: it was trained on other CHGNet features (retrain it with train_head)")
 
     @classmethod
     def load(cls, dir: Path = SURROGATE_DIR, config: EnsembleConfig | None = None) -> BandGapSurrogate:
@@ -158,7 +164,7 @@ class BandGapSurrogate:
         """Per-structure failure reasons, and each member's (P(metal), gap, variance of the gap among its
         models) over the structures without one.
 
-        `chgnet` holds each structure's `stability.crystal_features` where already computed; the
+        `chgnet` holds each structure's `chgnet_features.crystal_features` where already computed; the
         rest are computed here (one CHGNet forward each)."""
         chgnet = list(chgnet) if chgnet is not None else [None] * len(structures)
         graphs, descriptors, reasons = [], [], []

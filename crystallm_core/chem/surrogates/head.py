@@ -1,7 +1,7 @@
 """The CHGNet gap head: a small deep ensemble of MLPs on CHGNet's pretrained crystal features.
 
 CHGNet (trained on 1.5 M MPtrj structures) is run anyway for the stability estimate; its crystal
-representation (`stability.crystal_features`) is a strong input for a band gap. Each MLP has a
+representation (`chgnet_features.crystal_features`) is a strong input for a band gap. Each MLP has a
 metal logit and the gap a non-metal would have, as the other readings; the models differ only
 in their seed, and their disagreement is part of the ensemble's spread. Plain torch, no pymatgen.
 """

@@ -1,0 +1,58 @@
+"""CHGNet features for the gap head: every layer's atom features, read by hooks in one forward pass."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
+from pymatgen.core import Lattice, Structure
+
+from crystallm_core.chem import stability
+from crystallm_core.chem.chgnet_features import (
+    CHGNET_FEATURE_DIM,
+    POOLED_LAYERS,
+    LayerCapture,
+    chgnet_feature_names,
+)
+
+
+def test_a_batch_reads_as_each_structure_alone():
+    structures = list(all_prototypes().values())
+    batched = stability.static_readings(structures, batch_size=4)  # several batches, odd sizes
+    for structure, reading in zip(structures, batched):
+        [alone] = stability.static_readings([structure])
+        assert reading.features.shape == (len(chgnet_feature_names()),)
+        assert reading.features == pytest.approx(alone.features, rel=1e-4, abs=1e-5)
+        assert reading.energy_per_atom == pytest.approx(alone.energy_per_atom, abs=1e-5)
+
+
+def test_hooks_read_the_atom_features_chgnet_itself_returns():
+    model = stability.load_chgnet()
+    capture = LayerCapture(model)
+    structures = [rocksalt_nacl(), fcc_cu()]
+    with stability.quiet_chgnet(), capture.capture():
+        predictions = model.predict_structure(structures, task="e", return_atom_feas=True)
+    per_structure = capture.per_structure([len(s) for s in structures])
+    assert len(per_structure) == 2 and len(per_structure[0]) == len(POOLED_LAYERS)
+    for layers, prediction, structure in zip(per_structure, predictions, structures):
+        assert all(layer.shape == (len(structure), CHGNET_FEATURE_DIM) for layer in layers)
+        conv3 = POOLED_LAYERS.index("conv3")  # CHGNet's return_atom_feas: after the penultimate conv
+        assert layers[conv3] == pytest.approx(prediction["atom_fea"], abs=1e-5)
+    for module in capture.modules:
+        assert not module._forward_hooks  # removed after the pass
+
+
+def test_a_bad_structure_fails_alone_and_keeps_the_batch():
+    lonely = Structure(Lattice.cubic(30.0), ["Na"], [[0, 0, 0]])  # no neighbour within CHGNet's cutoff
+    readings = stability.static_readings([rocksalt_nacl(), lonely, fcc_cu()])
+    assert not isinstance(readings[0], str) and not isinstance(readings[2], str)
+    assert isinstance(readings[1], str) and readings[1].startswith("CHGNet failed")
+    assert np.isfinite(readings[0].features).all()
+
+
+def test_capture_refuses_sizes_that_do_not_add_up():
+    model = stability.load_chgnet()
+    capture = LayerCapture(model)
+    with stability.quiet_chgnet(), capture.capture():
+        model.predict_structure([rocksalt_nacl()], task="e")
+    with pytest.raises(ValueError, match="site counts"):
+        capture.per_structure([len(rocksalt_nacl()) + 1])
