@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: log[k] for k in ("candidates_val_wbm", "calibration", "chosen")}, indent=1))
 
 
-def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns: list[np.ndarray], table,
+def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns: list[np.ndarray], table: pd.DataFrame,
                       features: np.ndarray, head_config: HeadConfig) -> tuple[EnsembleConfig, dict]:
     """Step 4: the spread model and scale, fitted on the rows `--calibrate-on` names. `val_columns`:
     the members' readings of the val rows of `table`; `features`: the head's inputs for every row.
@@ -258,7 +258,7 @@ def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns:
     return config, {"rows": how, "n": int(ok.sum()), **log}
 
 
-def recalibrate(table, args: argparse.Namespace) -> None:
+def recalibrate(table: pd.DataFrame, args: argparse.Namespace) -> None:
     """Step 4 alone for the shipped members in args.out (features from the caches), saved to the
     ensemble config and head_metrics.json."""
     ok = ~np.isnan(cached_chgnet_features(table, args.chgnet_cache)).all(axis=1)
