@@ -375,16 +375,18 @@ def test_out_of_fold_readings_read_each_train_row_without_its_formula(monkeypatc
     band_gap = np.where(features[:, 0] > 0, 0.0, 2.0)
     split = np.where(np.arange(n) < 100, "train", np.where(np.arange(n) < 130, "val", "test"))
     groups = np.array([f"formula{i // 3}" for i in range(n)])  # three polymorphs per formula
+    weight = np.ones(n)
     seen = []
     real_train_head = module.train_head
 
-    def recording_train_head(features, band_gap, split, config, epochs):
+    def recording_train_head(features, band_gap, split, config, epochs, **recipe):
         seen.append(split.copy())
-        return real_train_head(features, band_gap, split, config, epochs, batch_size=25)
+        assert recipe["weight"] is weight  # the shipped head's recipe, passed on
+        return real_train_head(features, band_gap, split, config, epochs, batch_size=25, **recipe)
 
     monkeypatch.setattr(module, "train_head", recording_train_head)
     p, gap, var = module.out_of_fold_readings(features, band_gap, split, groups, HeadConfig(4, hidden=8, n_models=2),
-                                              epochs=2, folds=4)
+                                              epochs=2, folds=4, weight=weight)
     train = split == "train"
     assert np.isfinite(p[train]).all() and np.isfinite(gap[train]).all() and (var[train] >= 0).all()
     assert np.isnan(p[~train]).all()

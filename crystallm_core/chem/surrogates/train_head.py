@@ -109,10 +109,10 @@ def train_head(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, co
 
 
 def out_of_fold_readings(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, groups: np.ndarray,
-                         config: HeadConfig, epochs: int, folds: int = 5) -> tuple[np.ndarray, ...]:
+                         config: HeadConfig, epochs: int, folds: int = 5, **recipe) -> tuple[np.ndarray, ...]:
     """(P(metal), gap, gap variance among the MLPs) of every train row, each read by a head trained
     on the other train rows (folds by formula, as the splits are: no polymorph of a row's formula
-    helps read it); NaN for the other rows."""
+    helps read it); NaN for the other rows. `recipe`: train_head's weight / select, as shipped."""
     fold_of = np.full(len(split), -1)
     train_groups = np.unique(groups[split == "train"])
     order = np.random.default_rng(0).permutation(len(train_groups))
@@ -122,7 +122,7 @@ def out_of_fold_readings(features: np.ndarray, band_gap: np.ndarray, split: np.n
     out = tuple(np.full(len(split), np.nan) for _ in range(3))
     for fold in range(folds):
         held_out = fold_of == fold
-        head = train_head(features, band_gap, np.where(held_out, "held_out", split), config, epochs)
+        head = train_head(features, band_gap, np.where(held_out, "held_out", split), config, epochs, **recipe)
         p, gap = head.predict(features[held_out])
         for column, values in zip(out, (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))):
             column[held_out] = values
@@ -246,7 +246,10 @@ def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns:
         how = "val_wbm"
     if how == "oof_wbm":
         groups = pd.read_parquet(args.dataset, columns=["id", "reduced_formula"]).set_index("id").reduced_formula
-        oof = out_of_fold_readings(features, y, split, groups.loc[table.id].to_numpy(str), head_config, args.epochs)
+        recipe = {"weight": np.where(source == "wbm", args.wbm_weight, 1.0),  # the shipped head's, as given
+                  "select": source == "wbm" if args.select_on == "val_wbm" else None}
+        oof = out_of_fold_readings(features, y, split, groups.loc[table.id].to_numpy(str), head_config, args.epochs,
+                                   **recipe)
         rows = (split == "train") & (source == "wbm")
         columns = [np.concatenate([column, reading[rows][:, None]]) for column, reading in zip(columns, oof)]
         truth, on_wbm = np.concatenate([truth, y[rows]]), np.concatenate([on_wbm, np.ones(int(rows.sum()), bool)])
