@@ -405,3 +405,42 @@ def test_a_head_trained_on_other_chgnet_features_is_refused_with_its_reason(tmp_
     EnsembleConfig(["head"]).save(tmp_path)
     with pytest.raises(ValueError, match="reads 258 features, this version computes 1026.*train_head"):
         BandGapSurrogate.load(tmp_path)
+
+
+def test_calibration_rows_are_val_wbm_then_wbm_train_read_out_of_fold(tmp_path, monkeypatch):
+    """--calibrate-on oof_wbm: the spread is fitted on the WBM val rows and the WBM train rows read
+    out of fold (never MP rows, never test), with the shipped head's recipe; other members: val WBM."""
+    import argparse
+
+    import pandas as pd
+
+    from crystallm_core.chem.surrogates import train_head as module
+
+    table = pd.DataFrame({"id": [f"r{i}" for i in range(8)],
+                          "source": ["wbm", "mp20", "wbm", "mp20", "wbm", "wbm", "mp20", "wbm"],
+                          "split": ["val", "val", "val", "train", "train", "test", "train", "train"],
+                          "band_gap": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]})
+    table.assign(reduced_formula=[f"F{i}" for i in range(8)]).to_parquet(tmp_path / "dataset.parquet")
+    args = argparse.Namespace(calibrate_on="oof_wbm", dataset=tmp_path / "dataset.parquet", epochs=1,
+                              wbm_weight=2.0, select_on="val")
+    val_columns = [np.full((3, 1), 0.1), np.array([[10.0], [11.0], [12.0]]), np.zeros((3, 1))]
+    seen = {}
+
+    def fake_oof(features, y, split, groups, config, epochs, **recipe):
+        seen["recipe"] = recipe
+        return np.full(8, 0.2), np.arange(100.0, 108.0), np.zeros(8)
+
+    def fake_calibrate(config, p_metal, gap, gap_var, y, scale_rows):
+        seen.update(gap=gap[:, 0].tolist(), y=y.tolist(), scale_rows=scale_rows)
+        return config, {}
+
+    monkeypatch.setattr(module, "out_of_fold_readings", fake_oof)
+    monkeypatch.setattr(module, "calibrate", fake_calibrate)
+    _, log = module.calibrate_on_rows(args, ["head"], val_columns, table, np.zeros((8, 2)), HeadConfig(2))
+    assert seen["gap"] == [10.0, 12.0, 104.0, 107.0] and seen["y"] == [0.0, 2.0, 4.0, 7.0]
+    assert seen["scale_rows"].all() and log["rows"] == "oof_wbm" and log["n"] == 4
+    assert seen["recipe"]["weight"].tolist() == [2.0, 1.0, 2.0, 1.0, 2.0, 2.0, 1.0, 2.0]
+
+    _, log = module.calibrate_on_rows(args, ["head", "gnn"], val_columns, table, np.zeros((8, 2)), HeadConfig(2))
+    assert log["rows"] == "val_wbm" and seen["gap"] == [10.0, 11.0, 12.0]
+    assert seen["scale_rows"].tolist() == [True, False, True]

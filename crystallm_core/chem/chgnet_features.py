@@ -5,8 +5,9 @@ layers are tuned to the energy; its earlier message-passing layers still hold mo
 local chemistry (which elements, which neighbours), and a gap depends on that. So the features
 pool the atom features of every layer, not only the penultimate one. Read out of fold on 7,136
 WBM (hypothetical) rows, the head's R² went 0.829 -> 0.842 and its MAE on the 1,111 non-metals
-0.427 -> 0.419 eV; on MP non-metals 0.409 -> 0.392 (surrogate model card). Forward hooks read them during the one forward pass the stability
-estimate makes; the pass took as long with them as without (within its noise).
+0.427 -> 0.419 eV; on MP non-metals 0.409 -> 0.392 (surrogate model card). Forward hooks read
+them during the one forward pass the stability estimate makes; the pass took as long with them
+as without (within its noise).
 """
 from __future__ import annotations
 

@@ -153,9 +153,10 @@ def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> li
             predictions = model.predict_structure(batch, batch_size=batch_size, **options)
         predictions = [predictions] if isinstance(predictions, dict) else predictions  # a list of one gives a dict
         atom_features = layers.per_structure([len(s) for s in batch])
-        return [ChgnetReading(float(p["e"]), crystal_features(p["crystal_fea"], atoms, float(p["e"]),
-                                                              formation_energy_or_nan(s.composition, float(p["e"]))))
-                for p, atoms, s in zip(predictions, atom_features, batch)]
+        energies = [float(p["e"]) for p in predictions]
+        return [ChgnetReading(energy, crystal_features(p["crystal_fea"], atoms, energy,
+                                                       formation_energy_or_nan(s.composition, energy)))
+                for p, energy, atoms, s in zip(predictions, energies, atom_features, batch)]
 
     with quiet_chgnet():
         try:

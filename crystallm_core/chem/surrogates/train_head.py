@@ -13,9 +13,9 @@
    rows read as non-metals (on hypothetical structures the errors are larger: a scale fitted on
    MP-dominated rows covered only 58 % of the WBM test rows read as non-metals). By default
    (`--calibrate-on oof_wbm`) those rows are the val rows plus the train rows read out of fold:
-   5 heads, each trained without one fifth of the train formulas, read that fifth. That is ~1,000
-   WBM rows read as non-metals instead of the ~55 of val alone, whose scale moved by 15 % from one
-   head to the next; `val_wbm` / `val` fit on val rows only.
+   5 heads, each trained without one fifth of the train formulas, read that fifth. That is 1,183
+   WBM rows read as non-metals (v3) instead of the ~55 of val alone, whose scale moved by 15 % from
+   one head to the next; `val_wbm` / `val` fit on val rows only.
 `--calibrate-only` redoes step 4 for the head already in --out (no new shipped head).
 The test split is never looked at here: `python -m crystallm_core.chem.surrogates.report`.
 """
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, matrix in (("chgnet", chgnet), ("chgnet+descriptors", np.hstack([chgnet, descriptors]))):
         start = time.time()
         trained[name] = train_head(matrix, y, split, HeadConfig(matrix.shape[1], descriptors=name != "chgnet"),
-                                   args.epochs, weight=np.where(source == "wbm", args.wbm_weight, 1.0),
-                                   select=source == "wbm" if args.select_on == "val_wbm" else None)
+                                   args.epochs, **recipe(args, source))
         p, gap = trained[name].predict(matrix[val])
         heads[name] = (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))
         reading = gated_gap(heads[name][0], heads[name][1])
@@ -233,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: log[k] for k in ("candidates_val_wbm", "calibration", "chosen")}, indent=1))
 
 
+def recipe(args: argparse.Namespace, source: np.ndarray) -> dict:
+    """train_head's row weights and epoch-choosing rows from --wbm-weight / --select-on."""
+    return {"weight": np.where(source == "wbm", args.wbm_weight, 1.0),
+            "select": source == "wbm" if args.select_on == "val_wbm" else None}
+
+
 def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns: list[np.ndarray], table: pd.DataFrame,
                       features: np.ndarray, head_config: HeadConfig) -> tuple[EnsembleConfig, dict]:
     """Step 4: the spread model and scale, fitted on the rows `--calibrate-on` names. `val_columns`:
@@ -244,17 +249,14 @@ def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns:
     how = args.calibrate_on
     if how == "oof_wbm" and members != ["head"]:
         how = "val_wbm"
-    if how == "oof_wbm":
+    if how == "oof_wbm":  # WBM rows only, for the interval score too: val, then train read out of fold
         groups = pd.read_parquet(args.dataset, columns=["id", "reduced_formula"]).set_index("id").reduced_formula
-        recipe = {"weight": np.where(source == "wbm", args.wbm_weight, 1.0),  # the shipped head's, as given
-                  "select": source == "wbm" if args.select_on == "val_wbm" else None}
         oof = out_of_fold_readings(features, y, split, groups.loc[table.id].to_numpy(str), head_config, args.epochs,
-                                   **recipe)
+                                   **recipe(args, source))  # the shipped head's recipe
         rows = (split == "train") & (source == "wbm")
-        columns = [np.concatenate([column, reading[rows][:, None]]) for column, reading in zip(columns, oof)]
-        truth, on_wbm = np.concatenate([truth, y[rows]]), np.concatenate([on_wbm, np.ones(int(rows.sum()), bool)])
-        keep = on_wbm  # the interval score too: WBM rows only, val and out of fold
-        columns, truth, on_wbm = [c[keep] for c in columns], truth[keep], on_wbm[keep]
+        columns = [np.concatenate([column[on_wbm], reading[rows][:, None]]) for column, reading in zip(columns, oof)]
+        truth = np.concatenate([truth[on_wbm], y[rows]])
+        on_wbm = np.ones(len(truth), bool)
     ok = np.isfinite(columns[1]).all(axis=1)
     config, log = calibrate(EnsembleConfig(members), *(c[ok] for c in columns), truth[ok],
                             None if how == "val" else on_wbm[ok])
@@ -264,9 +266,9 @@ def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns:
 def recalibrate(table: pd.DataFrame, args: argparse.Namespace) -> None:
     """Step 4 alone for the shipped members in args.out (features from the caches), saved to the
     ensemble config and head_metrics.json."""
-    ok = ~np.isnan(cached_chgnet_features(table, args.chgnet_cache)).all(axis=1)
-    table = table[ok].reset_index(drop=True)
     features = cached_chgnet_features(table, args.chgnet_cache)
+    ok = ~np.isnan(features).all(axis=1)
+    table, features = table[ok].reset_index(drop=True), features[ok]
     head_config = load_head(args.out).config
     if head_config.descriptors:
         features = np.hstack([features, cached_features(table, args.features_cache, workers=1)])
