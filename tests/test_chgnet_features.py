@@ -8,6 +8,7 @@ from pymatgen.core import Lattice, Structure
 
 from crystallm_core.chem import stability
 from crystallm_core.chem.chgnet_features import (
+    ATOM_FEATURE_DIM,
     CHGNET_FEATURE_DIM,
     POOLED_LAYERS,
     LayerCapture,
@@ -20,8 +21,10 @@ def test_a_batch_reads_as_each_structure_alone():
     batched = stability.static_readings(structures, batch_size=4)  # several batches, odd sizes
     for structure, reading in zip(structures, batched):
         [alone] = stability.static_readings([structure])
-        assert reading.features.shape == (len(chgnet_feature_names()),)
-        assert reading.features == pytest.approx(alone.features, rel=1e-4, abs=1e-5)
+        assert reading.features.crystal.shape == (len(chgnet_feature_names()),)
+        assert reading.features.atoms.shape == (len(structure), ATOM_FEATURE_DIM)
+        assert reading.features.crystal == pytest.approx(alone.features.crystal, rel=1e-4, abs=1e-5)
+        assert reading.features.atoms == pytest.approx(alone.features.atoms, rel=1e-4, abs=1e-5)
         assert reading.energy_per_atom == pytest.approx(alone.energy_per_atom, abs=1e-5)
 
 
@@ -41,12 +44,23 @@ def test_hooks_read_the_atom_features_chgnet_itself_returns():
         assert not module._forward_hooks  # removed after the pass
 
 
+def test_atom_features_are_every_layer_side_by_side_and_pool_to_the_crystal_vector():
+    [reading] = stability.static_readings([rocksalt_nacl()])
+    names = chgnet_feature_names()
+    atoms = reading.features.atoms
+    for k, layer in enumerate(POOLED_LAYERS):
+        block = atoms[:, k * CHGNET_FEATURE_DIM:(k + 1) * CHGNET_FEATURE_DIM]
+        for stat, pooled in (("mean", block.mean(axis=0)), ("max", block.max(axis=0))):
+            first = names.index(f"chgnet_{layer}_{stat}_0")
+            assert reading.features.crystal[first:first + CHGNET_FEATURE_DIM] == pytest.approx(pooled, abs=1e-5)
+
+
 def test_a_bad_structure_fails_alone_and_keeps_the_batch():
     lonely = Structure(Lattice.cubic(30.0), ["Na"], [[0, 0, 0]])  # no neighbour within CHGNet's cutoff
     readings = stability.static_readings([rocksalt_nacl(), lonely, fcc_cu()])
     assert not isinstance(readings[0], str) and not isinstance(readings[2], str)
     assert isinstance(readings[1], str) and readings[1].startswith("CHGNet failed")
-    assert np.isfinite(readings[0].features).all()
+    assert np.isfinite(readings[0].features.crystal).all() and np.isfinite(readings[0].features.atoms).all()
 
 
 def test_capture_refuses_sizes_that_do_not_add_up():

@@ -14,7 +14,7 @@ from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 
 from crystallm_core.chem import stability
-from crystallm_core.chem.chgnet_features import chgnet_feature_names
+from crystallm_core.chem.chgnet_features import ATOM_FEATURE_DIM, chgnet_feature_names
 from crystallm_core.chem.surrogates import report
 from crystallm_core.chem.surrogates.calibration import (
     coverage,
@@ -198,7 +198,7 @@ def tiny_ensemble(directory, config: EnsembleConfig):
     save_gnn(tiny_gnn(), directory)
     tiny_gbm().save(directory)
     torch.manual_seed(0)
-    save_head(GapHead(HeadConfig(len(chgnet_feature_names()), hidden=16, n_models=3)), directory)
+    save_head(GapHead(HeadConfig(len(chgnet_feature_names()), ATOM_FEATURE_DIM, hidden=16, n_models=3)), directory)
     config.save(directory)
     return directory
 
@@ -253,49 +253,80 @@ def test_chgnet_feature_cache_computes_each_row_once(tmp_path, monkeypatch):
     from crystallm_core.chem.surrogates import chgnet_cache
 
     table = pd.DataFrame({"id": ["nacl", "junk"], "cif": [rocksalt_nacl().to(fmt="cif"), "not a CIF"]})
-    first = chgnet_cache.cached_chgnet_features(table, tmp_path / "cache.npz", verbose=False)
+    first, atoms = chgnet_cache.cached_chgnet_features(table, tmp_path / "cache.npz", verbose=False)
     assert first.shape == (2, len(chgnet_feature_names()))
     assert np.isfinite(first[0]).all() and np.isnan(first[1]).all()  # a failed row is NaN, not an error
+    assert atoms[0].shape == (len(rocksalt_nacl()), ATOM_FEATURE_DIM) and atoms[1].shape == (0, ATOM_FEATURE_DIM)
 
     def never(cifs, batch_size=32):
         raise AssertionError("cached rows must not be recomputed")
 
     monkeypatch.setattr(chgnet_cache, "features_of_cifs", never)
-    again = chgnet_cache.cached_chgnet_features(table.iloc[::-1].reset_index(drop=True), tmp_path / "cache.npz")
+    again, again_atoms = chgnet_cache.cached_chgnet_features(table.iloc[::-1].reset_index(drop=True),
+                                                             tmp_path / "cache.npz")
     assert np.array_equal(again[1], first[0]) and np.isnan(again[0]).all()
+    assert np.array_equal(again_atoms[1], atoms[0]) and len(again_atoms[0]) == 0
+
+
+def random_atoms(rng: np.random.Generator, n: int, width: int = 3) -> list[np.ndarray]:
+    """1-4 atoms per structure, `width` features each."""
+    return [rng.normal(size=(int(rng.integers(1, 5)), width)) for _ in range(n)]
 
 
 def test_train_head_fits_each_model_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     features = rng.normal(size=(200, 6))
+    atoms = random_atoms(rng, 200)
     band_gap = np.where(features[:, 0] > 0, 0.0, 1.0 + features[:, 1] ** 2)  # metal iff feature 0 > 0
     features[::7, 2] = np.nan  # a missing input (no formation energy) is read as the training mean
     split = np.where(np.arange(200) < 160, "train", "val")
-    head = train_head(features, band_gap, split, HeadConfig(6, hidden=16, n_models=2), epochs=80, batch_size=32)
-    p_metal, gap = head.predict(features[160:])
+    head = train_head(features, atoms, band_gap, split, HeadConfig(6, 3, hidden=16, n_models=2), epochs=80,
+                      batch_size=32)
+    p_metal, gap = head.predict(features[160:], atoms[160:])
     assert p_metal.shape == gap.shape == (40, 2) and np.isfinite(p_metal).all() and (gap >= 0).all()
     assert np.mean((p_metal.mean(axis=1) >= 0.5) == (band_gap[160:] == 0)) >= 0.75  # learned the classes (chance: 0.5)
     save_head(head, tmp_path)
-    again = load_head(tmp_path).predict(features[160:])
+    again = load_head(tmp_path).predict(features[160:], atoms[160:])
     assert np.allclose(again[0], p_metal) and np.allclose(again[1], gap)
+    alone = head.predict(features[160:161], atoms[160:161])  # a structure reads the same alone as in a batch
+    assert np.allclose(alone[0], p_metal[:1], atol=1e-6) and np.allclose(alone[1], gap[:1], atol=1e-5)
+    with pytest.raises(ValueError, match="atom features of every structure"):
+        head.predict(features[160:162], atoms[160:161])
+
+
+def test_attention_pooling_finds_the_one_atom_that_decides():
+    """Metal iff one of the structure's atoms (any position, any count) has feature 0 > 1: no crystal
+    feature says so, and the atoms' mean hides it in larger cells."""
+    rng = np.random.default_rng(4)
+    n = 600
+    atoms = random_atoms(rng, n)
+    band_gap = np.array([0.0 if (a[:, 0] > 1.0).any() else 2.0 for a in atoms])
+    features = rng.normal(size=(n, 2))  # noise
+    split = np.where(np.arange(n) < 500, "train", "val")
+    head = train_head(features, atoms, band_gap, split, HeadConfig(2, 3, hidden=16, n_models=1), epochs=40,
+                      batch_size=50)
+    p_metal, _ = head.predict(features[500:], atoms[500:])
+    assert np.mean((p_metal[:, 0] >= 0.5) == (band_gap[500:] == 0)) >= 0.9
 
 
 def test_train_head_row_weights_and_selection_rows():
     """A zero weight removes a row from the loss; the epoch is chosen on the selected val rows only."""
     rng = np.random.default_rng(2)
     features = rng.normal(size=(120, 4))
+    atoms = random_atoms(rng, 120)
     band_gap = np.where(features[:, 0] > 0, 0.0, 2.0)
     split = np.where(np.arange(120) < 100, "train", "val")
     poisoned = band_gap.copy()
     poisoned[:50] = 9.0  # nonsense labels on half the train rows …
     weight = np.where(np.arange(120) < 50, 0.0, 1.0)  # … that weigh nothing
     select = np.arange(120) >= 110  # half of val chooses the epochs
-    config = HeadConfig(4, hidden=16, n_models=1)
-    weighted = train_head(features, poisoned, split, config, epochs=20, batch_size=25, weight=weight, select=select)
-    clean = train_head(features[50:], band_gap[50:], split[50:], config, epochs=20, batch_size=25,
+    config = HeadConfig(4, 3, hidden=16, n_models=1)
+    weighted = train_head(features, atoms, poisoned, split, config, epochs=20, batch_size=25, weight=weight,
+                          select=select)
+    clean = train_head(features[50:], atoms[50:], band_gap[50:], split[50:], config, epochs=20, batch_size=25,
                        select=select[50:])
-    _, gap_weighted = weighted.predict(features[100:])
-    _, gap_clean = clean.predict(features[100:])
+    _, gap_weighted = weighted.predict(features[100:], atoms[100:])
+    _, gap_clean = clean.predict(features[100:], atoms[100:])
     assert np.abs(gap_weighted[band_gap[100:] > 0] - 2.0).mean() < 1.5  # not pulled towards 9 eV
     assert gap_weighted.shape == gap_clean.shape
 
@@ -372,6 +403,7 @@ def test_out_of_fold_readings_read_each_train_row_without_its_formula(monkeypatc
     rng = np.random.default_rng(3)
     n = 150
     features = rng.normal(size=(n, 4))
+    atoms = random_atoms(rng, n)
     band_gap = np.where(features[:, 0] > 0, 0.0, 2.0)
     split = np.where(np.arange(n) < 100, "train", np.where(np.arange(n) < 130, "val", "test"))
     groups = np.array([f"formula{i // 3}" for i in range(n)])  # three polymorphs per formula
@@ -379,14 +411,15 @@ def test_out_of_fold_readings_read_each_train_row_without_its_formula(monkeypatc
     seen = []
     real_train_head = module.train_head
 
-    def recording_train_head(features, band_gap, split, config, epochs, **recipe):
+    def recording_train_head(features, atoms, band_gap, split, config, epochs, **recipe):
         seen.append(split.copy())
         assert recipe["weight"] is weight  # the shipped head's recipe, passed on
-        return real_train_head(features, band_gap, split, config, epochs, batch_size=25, **recipe)
+        return real_train_head(features, atoms, band_gap, split, config, epochs, batch_size=25, **recipe)
 
     monkeypatch.setattr(module, "train_head", recording_train_head)
-    p, gap, var = module.out_of_fold_readings(features, band_gap, split, groups, HeadConfig(4, hidden=8, n_models=2),
-                                              epochs=2, folds=4, weight=weight)
+    config = HeadConfig(4, 3, hidden=8, n_models=2)
+    p, gap, var = module.out_of_fold_readings(features, atoms, band_gap, split, groups, config, epochs=2, folds=4,
+                                              weight=weight)
     train = split == "train"
     assert np.isfinite(p[train]).all() and np.isfinite(gap[train]).all() and (var[train] >= 0).all()
     assert np.isnan(p[~train]).all()
@@ -396,14 +429,27 @@ def test_out_of_fold_readings_read_each_train_row_without_its_formula(monkeypatc
     for fold in held_out:
         assert not set(groups[fold]) & set(groups[~fold & train])  # no formula on both sides
         assert (seen[0][split == "val"] == "val").all()
+    monkeypatch.setattr(module, "train_head", real_train_head)  # worker processes run the real one
+    in_parallel = module.out_of_fold_readings(features, atoms, band_gap, split, groups, config, epochs=2, folds=2,
+                                              workers=2, weight=weight)
+    one_by_one = module.out_of_fold_readings(features, atoms, band_gap, split, groups, config, epochs=2, folds=2,
+                                             weight=weight)
+    for a, b in zip(in_parallel, one_by_one):
+        assert np.allclose(a, b, equal_nan=True, atol=1e-6)  # the same heads, read the same
 
 
 def test_a_head_trained_on_other_chgnet_features_is_refused_with_its_reason(tmp_path):
-    """A v2 head (258 inputs: the penultimate layer only) next to this version's features: a clear
-    message at load (the scorer shows it as "band-gap surrogate unavailable"), not a shape error."""
+    """A v2 head (258 inputs: the penultimate layer only, no atom features) next to this version's
+    features: a clear message at load (the scorer shows it as "band-gap surrogate unavailable"), not
+    a shape error; so is a head whose weights do not fit its config (a v3 head has no attention pool)."""
     save_head(GapHead(HeadConfig(258, hidden=8, n_models=1)), tmp_path)
     EnsembleConfig(["head"]).save(tmp_path)
-    with pytest.raises(ValueError, match="reads 258 features, this version computes 1026.*train_head"):
+    with pytest.raises(ValueError, match="reads 258 features and 0 per atom, this version computes 1026 and 320.*"
+                                         "train_head"):
+        BandGapSurrogate.load(tmp_path)
+    config = json.loads((tmp_path / "head_config.json").read_text())
+    (tmp_path / "head_config.json").write_text(json.dumps({**config, "n_atom_inputs": 320}))
+    with pytest.raises(ValueError, match="weights do not fit its config.*train_head"):
         BandGapSurrogate.load(tmp_path)
 
 
@@ -422,11 +468,11 @@ def test_calibration_rows_are_val_wbm_then_wbm_train_read_out_of_fold(tmp_path, 
                           "band_gap": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]})
     table.assign(reduced_formula=[f"F{i}" for i in range(8)]).to_parquet(tmp_path / "dataset.parquet")
     args = argparse.Namespace(calibrate_on="oof_wbm", dataset=tmp_path / "dataset.parquet", epochs=1,
-                              wbm_weight=2.0, select_on="val")
+                              wbm_weight=2.0, select_on="val", workers=1)
     val_columns = [np.full((3, 1), 0.1), np.array([[10.0], [11.0], [12.0]]), np.zeros((3, 1))]
     seen = {}
 
-    def fake_oof(features, y, split, groups, config, epochs, **recipe):
+    def fake_oof(features, atoms, y, split, groups, config, epochs, workers, **recipe):
         seen["recipe"] = recipe
         return np.full(8, 0.2), np.arange(100.0, 108.0), np.zeros(8)
 
@@ -436,11 +482,14 @@ def test_calibration_rows_are_val_wbm_then_wbm_train_read_out_of_fold(tmp_path, 
 
     monkeypatch.setattr(module, "out_of_fold_readings", fake_oof)
     monkeypatch.setattr(module, "calibrate", fake_calibrate)
-    _, log = module.calibrate_on_rows(args, ["head"], val_columns, table, np.zeros((8, 2)), HeadConfig(2))
+    _, log = module.calibrate_on_rows(args, ["head"], val_columns, table, np.zeros((8, 2)), [], HeadConfig(2))
     assert seen["gap"] == [10.0, 12.0, 104.0, 107.0] and seen["y"] == [0.0, 2.0, 4.0, 7.0]
     assert seen["scale_rows"].all() and log["rows"] == "oof_wbm" and log["n"] == 4
+    wbm, mp = log["out_of_fold_train"]["wbm"], log["out_of_fold_train"]["mp"]  # train rows only, apart
+    assert (wbm["n"], mp["n"]) == (2, 2) and wbm["mae"] == pytest.approx(np.mean([0.8**0.5 * 104 - 4, 0.8**0.5 * 107 - 7]))
     assert seen["recipe"]["weight"].tolist() == [2.0, 1.0, 2.0, 1.0, 2.0, 2.0, 1.0, 2.0]
 
-    _, log = module.calibrate_on_rows(args, ["head", "gnn"], val_columns, table, np.zeros((8, 2)), HeadConfig(2))
+    _, log = module.calibrate_on_rows(args, ["head", "gnn"], val_columns, table, np.zeros((8, 2)), [],
+                                     HeadConfig(2))
     assert log["rows"] == "val_wbm" and seen["gap"] == [10.0, 11.0, 12.0]
     assert seen["scale_rows"].tolist() == [True, False, True]

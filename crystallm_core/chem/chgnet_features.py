@@ -8,10 +8,15 @@ WBM (hypothetical) rows, the head's R² went 0.829 -> 0.842 and its MAE on the 1
 0.427 -> 0.419 eV; on MP non-metals 0.409 -> 0.392 (surrogate model card). Forward hooks read
 them during the one forward pass the stability estimate makes; the pass took as long with them
 as without (within its noise).
+
+The head also reads each atom's features (every layer side by side, `ChgnetFeatures.atoms`) and
+learns its own attention pooling over them (head.py): which atoms matter for a gap (the anion,
+the transition metal) is something mean / max / std cannot pick out.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -20,6 +25,15 @@ import torch
 CHGNET_FEATURE_DIM = 64  # CHGNet 0.4.2 atom / crystal feature width
 POOLED_LAYERS = ("embedding", "conv1", "conv2", "conv3", "conv4")  # atom features after each
 POOLINGS = ("mean", "max", "std")
+ATOM_FEATURE_DIM = CHGNET_FEATURE_DIM * len(POOLED_LAYERS)  # one atom: every layer's features side by side
+
+
+@dataclass
+class ChgnetFeatures:
+    """What the band-gap head reads from one structure's CHGNet forward pass."""
+
+    crystal: np.ndarray  # (len(chgnet_feature_names()),) float32, see `crystal_features`
+    atoms: np.ndarray  # (n_sites, ATOM_FEATURE_DIM) float32
 
 
 def chgnet_feature_names() -> list[str]:
@@ -65,3 +79,10 @@ def crystal_features(crystal_fea: np.ndarray, layers: Sequence[np.ndarray], ener
     """One structure's feature vector (float32, see `chgnet_feature_names`); e_form may be NaN."""
     pooled = [stat(atoms, axis=0) for atoms in layers for stat in (np.mean, np.max, np.std)]
     return np.concatenate([np.asarray(crystal_fea).reshape(-1), *pooled, [energy, e_form]]).astype(np.float32)
+
+
+def structure_features(crystal_fea: np.ndarray, layers: Sequence[np.ndarray], energy: float,
+                       e_form: float) -> ChgnetFeatures:
+    """The crystal vector and the atom features of one structure (`layers`: [layer] -> (n_sites, 64))."""
+    return ChgnetFeatures(crystal_features(crystal_fea, layers, energy, e_form),
+                          np.hstack(layers).astype(np.float32))

@@ -78,7 +78,7 @@ class StructureScorer:
             elif structure is not None:
                 present.append(i)
         batch = [structures[i] for i in present]
-        chgnet = None  # CHGNet's crystal features from the stability pass, reused by the band-gap head
+        chgnet = None  # CHGNet's features from the stability pass, reused by the band-gap head
         if self.with_stability and batch:
             chgnet = self.add_stability(batch, [rows[i] for i in present], [notes[i] for i in present])
         if self.gap_model is not None and batch:
@@ -116,7 +116,7 @@ class StructureScorer:
                 row.update({name: value for name, value in values.items() if math.isfinite(value)})
 
     def add_stability(self, structures: list[Structure], rows: list[dict], notes: list[list[str]]) -> list | None:
-        """Add E_form / E_hull; return each structure's CHGNet crystal features (None where missing)."""
+        """Add E_form / E_hull; return each structure's CHGNet features (None where missing)."""
         try:
             estimates = stability_estimates.estimate_stability(
                 structures, relax=self.relax is not None, relax_settings=self.relax)

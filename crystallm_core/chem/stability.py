@@ -26,10 +26,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from pymatgen.core import Composition, Structure
 
-from crystallm_core.chem.chgnet_features import LayerCapture, crystal_features
+from crystallm_core.chem.chgnet_features import ChgnetFeatures, LayerCapture, structure_features
 from crystallm_core.paths import ASSETS_DIR, data_dir
 
 ELEMENTAL_REFERENCES_PATH = ASSETS_DIR / "elemental_references.json"
@@ -52,7 +51,7 @@ class StabilityEstimate:
     relaxed: bool
     seconds: float
     error: str | None = None
-    features: np.ndarray | None = None  # CHGNet crystal features of the structure as given (static runs only)
+    features: ChgnetFeatures | None = None  # CHGNet features of the structure as given (static runs only)
 
 
 @dataclass
@@ -138,7 +137,7 @@ class ChgnetReading:
     """One CHGNet forward pass: the energy for stability and the features for the band-gap head."""
 
     energy_per_atom: float  # eV/atom
-    features: np.ndarray  # `crystal_features`
+    features: ChgnetFeatures
 
 
 def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> list[ChgnetReading | str]:
@@ -154,8 +153,8 @@ def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> li
         predictions = [predictions] if isinstance(predictions, dict) else predictions  # a list of one gives a dict
         atom_features = layers.per_structure([len(s) for s in batch])
         energies = [float(p["e"]) for p in predictions]
-        return [ChgnetReading(energy, crystal_features(p["crystal_fea"], atoms, energy,
-                                                       formation_energy_or_nan(s.composition, energy)))
+        return [ChgnetReading(energy, structure_features(p["crystal_fea"], atoms, energy,
+                                                         formation_energy_or_nan(s.composition, energy)))
                 for p, energy, atoms, s in zip(predictions, energies, atom_features, batch)]
 
     with quiet_chgnet():
@@ -217,7 +216,7 @@ def estimate_stability(
     """One StabilityEstimate per input; None inputs and per-structure failures become error rows."""
     settings = relax_settings or RelaxSettings()
     energies: dict[int, float | str] = {}  # index -> eV/atom, or the reason there is none
-    features: dict[int, np.ndarray] = {}
+    features: dict[int, ChgnetFeatures] = {}
     seconds: dict[int, float] = {}
     for i, structure in enumerate(structures):
         if structure is None:

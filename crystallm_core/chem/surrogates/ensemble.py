@@ -5,7 +5,7 @@
     surrogate.predict(structures, chgnet=features)   # reuse the CHGNet forward of the stability estimate
 
 Three readings can take part, each a metal classifier plus a non-metal gap regressor: "head"
-(a deep ensemble of MLPs on CHGNet's pretrained crystal features, `head.py`), "gnn" (the
+(a deep ensemble of networks on CHGNet's pretrained features, `head.py`), "gnn" (the
 crystal graph network) and "gbm" (LightGBM on the descriptors of `features.py`).
 `ensemble_config.json` names the members and the calibration of the spread (chosen on the
 validation split by `train_head`). A structure that cannot be featurised gets NaNs and a
@@ -22,7 +22,11 @@ from typing import Sequence
 import numpy as np
 from pymatgen.core import Structure
 
-from crystallm_core.chem.chgnet_features import chgnet_feature_names
+from crystallm_core.chem.chgnet_features import (
+    ATOM_FEATURE_DIM,
+    ChgnetFeatures,
+    chgnet_feature_names,
+)
 from crystallm_core.chem.stability import static_readings
 from crystallm_core.chem.surrogates.calibration import mixture_spread
 from crystallm_core.chem.surrogates.cgcnn import (
@@ -125,9 +129,10 @@ class BandGapSurrogate:
         self.needs_descriptors = "gbm" in models or (head is not None and head.config.descriptors)
         if head is not None:
             expected = len(chgnet_feature_names()) + (len(feature_names()) if head.config.descriptors else 0)
-            if head.config.n_inputs != expected:
-                raise ValueError(f"the band-gap head reads {head.config.n_inputs} features, this version computes "
-                                 f"{expected}: it was trained on other CHGNet features (retrain it with train_head)")
+            if (head.config.n_inputs, head.config.n_atom_inputs) != (expected, ATOM_FEATURE_DIM):
+                raise ValueError(f"the band-gap head reads {head.config.n_inputs} features and "
+                                 f"{head.config.n_atom_inputs} per atom, this version computes {expected} and "
+                                 f"{ATOM_FEATURE_DIM}: it was trained on other CHGNet features (retrain it with train_head)")
 
     @classmethod
     def load(cls, dir: Path = SURROGATE_DIR, config: EnsembleConfig | None = None) -> BandGapSurrogate:
@@ -159,13 +164,13 @@ class BandGapSurrogate:
             raise ValueError("non-finite geometry (overlapping atoms or a degenerate lattice?)")
         return graph, features
 
-    def readings(self, structures: Sequence[Structure], chgnet: Sequence[np.ndarray | None] | None = None,
+    def readings(self, structures: Sequence[Structure], chgnet: Sequence[ChgnetFeatures | None] | None = None,
                  ) -> tuple[list[str | None], dict[str, tuple[np.ndarray, ...]]]:
         """Per-structure failure reasons, and each member's (P(metal), gap, variance of the gap among its
         models) over the structures without one.
 
-        `chgnet` holds each structure's `chgnet_features.crystal_features` where already computed; the
-        rest are computed here (one CHGNet forward each)."""
+        `chgnet` holds each structure's `ChgnetFeatures` where already computed; the rest are computed
+        here (one CHGNet forward each)."""
         chgnet = list(chgnet) if chgnet is not None else [None] * len(structures)
         graphs, descriptors, reasons = [], [], []
         for structure in structures:
@@ -196,12 +201,13 @@ class BandGapSurrogate:
             elif member == "gbm":
                 out[member] = (*model.predict(descriptors), np.zeros(len(keep)))
             else:
-                inputs = np.stack([chgnet[ok[k]] for k in keep])
-                p, gap = model.predict(np.hstack([inputs, descriptors]) if model.config.descriptors else inputs)
+                inputs = np.stack([chgnet[ok[k]].crystal for k in keep])
+                p, gap = model.predict(np.hstack([inputs, descriptors]) if model.config.descriptors else inputs,
+                                       [chgnet[ok[k]].atoms for k in keep])
                 out[member] = (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))
         return reasons, out
 
-    def predict(self, structures: Sequence[Structure], chgnet: Sequence[np.ndarray | None] | None = None,
+    def predict(self, structures: Sequence[Structure], chgnet: Sequence[ChgnetFeatures | None] | None = None,
                 ) -> list[GapPrediction]:
         """One GapPrediction per structure, in order (see `readings` for `chgnet`)."""
         reasons, readings = self.readings(structures, chgnet)

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from pymatgen.core import Structure
 
+from crystallm_core.chem.chgnet_features import ChgnetFeatures
 from crystallm_core.chem.stability import static_readings
 from crystallm_core.chem.surrogates.calibration import coverage, reliability_curve
 from crystallm_core.chem.surrogates.chgnet_cache import band_gap_rows
@@ -53,7 +54,7 @@ def parse(cifs: Sequence[str]) -> list[Structure | None]:
 
 
 def member_readings(table: pd.DataFrame, model_dir: Path, members: list[str],
-                    chgnet: Sequence[np.ndarray | None] | None = None) -> dict[str, tuple[np.ndarray, ...]]:
+                    chgnet: Sequence[ChgnetFeatures | None] | None = None) -> dict[str, tuple[np.ndarray, ...]]:
     """Each member's (P(metal), gap, gap variance among its models) for the rows of `table` (column
     cif); NaN where a row fails."""
     surrogate = BandGapSurrogate.load(model_dir, EnsembleConfig(members))

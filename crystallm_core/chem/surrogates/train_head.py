@@ -22,17 +22,21 @@ The test split is never looked at here: `python -m crystallm_core.chem.surrogate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from crystallm_core.chem.chgnet_features import chgnet_feature_names
+from crystallm_core.chem.chgnet_features import ATOM_FEATURE_DIM, ChgnetFeatures
 from crystallm_core.chem.surrogates.calibration import (
     TARGET_COVERAGE,
     coverage,
@@ -49,6 +53,7 @@ from crystallm_core.chem.surrogates.ensemble import (
     member_columns,
 )
 from crystallm_core.chem.surrogates.head import (
+    AtomTable,
     GapHead,
     HeadConfig,
     load_head,
@@ -63,21 +68,22 @@ SIGMA_RELATIVE = (0.0, 0.05, 0.1, 0.2, 0.3)
 SIGMA_FLOOR = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
-def train_head(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, config: HeadConfig,
-               epochs: int = 60, batch_size: int = 256, weight: np.ndarray | None = None,
+def train_head(features: np.ndarray, atoms: Sequence[np.ndarray], band_gap: np.ndarray, split: np.ndarray,
+               config: HeadConfig, epochs: int = 60, batch_size: int = 256, weight: np.ndarray | None = None,
                select: np.ndarray | None = None) -> GapHead:
-    """Fit each MLP (its own seed) on the train rows: BCE on metal / non-metal plus Huber on the gap of
-    non-metals, each row's terms times weight[row] (default 1); keep each model's weights from the
-    epoch with the lowest MAE of the gated reading on the val rows where `select` holds (default: all)."""
+    """Fit each network (its own seed) on the train rows: BCE on metal / non-metal plus Huber on the
+    gap of non-metals, each row's terms times weight[row] (default 1); keep each network's weights
+    from the epoch with the lowest MAE of the gated reading on the val rows where `select` holds
+    (default: all). `atoms`: each row's (n_sites, n_atom_inputs) atom features."""
     torch.manual_seed(0)  # the initial weights too: a run is reproducible whatever ran before it
     head = GapHead(config)
     train = np.nonzero(split == "train")[0]
     val = np.nonzero((split == "val") & (True if select is None else select))[0]
     row_weight = torch.as_tensor(np.ones(len(split)) if weight is None else weight, dtype=torch.float32)
-    head.mean.copy_(torch.as_tensor(np.nanmean(features[train], axis=0), dtype=torch.float32))
-    head.scale.copy_(torch.as_tensor(np.nanstd(features[train], axis=0) + 1e-6, dtype=torch.float32))
-    x, y = head.standardise(features), torch.tensor(band_gap, dtype=torch.float32)
+    head.fit_standardisation(features[train], AtomTable([atoms[i] for i in train], config.n_atom_inputs))
+    x, table, y = head.standardise(features), head.atom_table(atoms), torch.tensor(band_gap, dtype=torch.float32)
     metal = torch.as_tensor(is_metal(band_gap), dtype=torch.float32)
+    val_batches = [(rows, *table.rows(rows)) for rows in np.array_split(val, max(1, len(val) // 1024))]
     for seed, model in enumerate(head.models):
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
@@ -85,10 +91,10 @@ def train_head(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, co
         best = (np.inf, None)
         for _ in range(epochs):
             model.train()
-            order = torch.as_tensor(rng.permutation(train))
+            order = rng.permutation(train)
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                logit, gap = model(x[rows])
+                logit, gap = model(x[rows], *table.rows(rows))
                 w = row_weight[rows]
                 loss = (nn.functional.binary_cross_entropy_with_logits(logit, metal[rows], reduction="none") * w).mean()
                 nonmetal = metal[rows] == 0
@@ -100,19 +106,33 @@ def train_head(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, co
                 optimiser.step()
             model.eval()
             with torch.no_grad():
-                logit, gap = model(x[val])
-            mae = float(np.mean(np.abs(gated_gap(torch.sigmoid(logit).numpy(), gap.numpy()) - band_gap[val])))
+                outputs = [model(x[rows], batch_atoms, owner) for rows, batch_atoms, owner in val_batches]
+            p_metal = torch.sigmoid(torch.cat([logit for logit, _ in outputs])).numpy()
+            gap = torch.cat([g for _, g in outputs]).numpy()
+            mae = float(np.mean(np.abs(gated_gap(p_metal, gap) - band_gap[val])))
             if mae < best[0]:
                 best = (mae, {k: v.clone() for k, v in model.state_dict().items()})
         model.load_state_dict(best[1])
     return head.eval()
 
 
-def out_of_fold_readings(features: np.ndarray, band_gap: np.ndarray, split: np.ndarray, groups: np.ndarray,
-                         config: HeadConfig, epochs: int, folds: int = 5, **recipe) -> tuple[np.ndarray, ...]:
-    """(P(metal), gap, gap variance among the MLPs) of every train row, each read by a head trained
-    on the other train rows (folds by formula, as the splits are: no polymorph of a row's formula
-    helps read it); NaN for the other rows. `recipe`: train_head's weight / select, as shipped."""
+def fold_readings(features: np.ndarray, atoms: Sequence[np.ndarray], band_gap: np.ndarray, split: np.ndarray,
+                  held_out: np.ndarray, config: HeadConfig, epochs: int, recipe: dict) -> tuple[np.ndarray, ...]:
+    """(P(metal), gap, gap variance among the networks) of the held-out rows, read by a head trained
+    without them."""
+    torch.set_num_threads(1)  # also in a worker process
+    head = train_head(features, atoms, band_gap, np.where(held_out, "held_out", split), config, epochs, **recipe)
+    p, gap = head.predict(features[held_out], [atoms[i] for i in np.nonzero(held_out)[0]])
+    return p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1)
+
+
+def out_of_fold_readings(features: np.ndarray, atoms: Sequence[np.ndarray], band_gap: np.ndarray, split: np.ndarray,
+                         groups: np.ndarray, config: HeadConfig, epochs: int, folds: int = 5, workers: int = 1,
+                         **recipe) -> tuple[np.ndarray, ...]:
+    """(P(metal), gap, gap variance among the networks) of every train row, each read by a head
+    trained on the other train rows (folds by formula, as the splits are: no polymorph of a row's
+    formula helps read it); NaN for the other rows. `recipe`: train_head's weight / select, as
+    shipped. `workers` > 1 trains that many folds at once, in processes of one thread each."""
     fold_of = np.full(len(split), -1)
     train_groups = np.unique(groups[split == "train"])
     order = np.random.default_rng(0).permutation(len(train_groups))
@@ -120,13 +140,15 @@ def out_of_fold_readings(features: np.ndarray, band_gap: np.ndarray, split: np.n
     train = split == "train"
     fold_of[train] = [fold_of_group[g] for g in groups[train]]
     out = tuple(np.full(len(split), np.nan) for _ in range(3))
-    for fold in range(folds):
-        held_out = fold_of == fold
-        head = train_head(features, band_gap, np.where(held_out, "held_out", split), config, epochs, **recipe)
-        p, gap = head.predict(features[held_out])
-        for column, values in zip(out, (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))):
-            column[held_out] = values
-        print(f"out-of-fold readings: fold {fold + 1}/{folds} ({int(held_out.sum())} rows)", flush=True)
+    jobs = [(features, atoms, band_gap, split, fold_of == fold, config, epochs, recipe) for fold in range(folds)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 \
+            else contextlib.nullcontext() as pool:
+        results = pool.map(fold_readings, *zip(*jobs)) if pool else (fold_readings(*job) for job in jobs)
+        for fold, readings in enumerate(results):
+            held_out = fold_of == fold
+            for column, values in zip(out, readings):
+                column[held_out] = values
+            print(f"out-of-fold readings: fold {fold + 1}/{folds} ({int(held_out.sum())} rows)", flush=True)
     return out
 
 
@@ -189,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="rows whose non-metal readings fit the scale of the ±: val rows, val WBM rows, or "
                              "val WBM rows and WBM train rows read out of fold")
     parser.add_argument("--calibrate-only", action="store_true", help="only recalibrate the head in --out")
+    parser.add_argument("--variants", default="chgnet",
+                        help="comma list of head inputs to train and choose among: chgnet, chgnet+descriptors")
+    parser.add_argument("--workers", type=int, default=2, help="processes for the out-of-fold heads (one thread each)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -197,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
         recalibrate(table, args)
         return
     start = time.time()
-    chgnet = cached_chgnet_features(table, args.chgnet_cache)
+    chgnet, atoms = cached_chgnet_features(table, args.chgnet_cache)
     descriptors = cached_features(table, args.features_cache, workers=1)
     ok = ~np.isnan(chgnet).all(axis=1) & ~np.isnan(descriptors).all(axis=1)
     table, chgnet, descriptors = table[ok].reset_index(drop=True), chgnet[ok], descriptors[ok]
+    atoms = [atoms[i] for i in np.nonzero(ok)[0]]
     y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
     log: dict = {"dataset": str(args.dataset), "rows": int(ok.sum()), "failed_rows": int((~ok).sum()),
                  "wbm_weight": args.wbm_weight, "select_on": args.select_on,
@@ -208,11 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     val = split == "val"
     wbm = source[val] == "wbm"
     trained, heads = {}, {}
-    for name, matrix in (("chgnet", chgnet), ("chgnet+descriptors", np.hstack([chgnet, descriptors]))):
+    val_atoms = [atoms[i] for i in np.nonzero(val)[0]]
+    for name in args.variants.split(","):
+        matrix = head_inputs(name, chgnet, descriptors)
         start = time.time()
-        trained[name] = train_head(matrix, y, split, HeadConfig(matrix.shape[1], descriptors=name != "chgnet"),
-                                   args.epochs, **recipe(args, source))
-        p, gap = trained[name].predict(matrix[val])
+        config = HeadConfig(matrix.shape[1], ATOM_FEATURE_DIM, descriptors=name != "chgnet")
+        trained[name] = train_head(matrix, atoms, y, split, config, args.epochs, **recipe(args, source))
+        p, gap = trained[name].predict(matrix[val], val_atoms)
         heads[name] = (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))
         reading = gated_gap(heads[name][0], heads[name][1])
         log[name] = {"train_seconds": round(time.time() - start),
@@ -224,12 +252,19 @@ def main(argv: list[str] | None = None) -> None:
     (variant, members), log["candidates_val_wbm"] = select(heads, shipped, y[val], wbm)
     save_head(trained[variant], args.out)
     columns = member_columns({"head": heads[variant], **shipped}, members)
-    matrix = chgnet if variant == "chgnet" else np.hstack([chgnet, descriptors])
-    config, log["calibration"] = calibrate_on_rows(args, members, columns, table, matrix, trained[variant].config)
+    config, log["calibration"] = calibrate_on_rows(args, members, columns, table, head_inputs(variant, chgnet, descriptors),
+                                                   atoms, trained[variant].config)
     config.save(args.out)
     log["chosen"] = {"head": variant, "calibrate_on": args.calibrate_on, **config.__dict__}
     (args.out / "head_metrics.json").write_text(json.dumps(log, indent=1) + "\n")
     print(json.dumps({k: log[k] for k in ("candidates_val_wbm", "calibration", "chosen")}, indent=1))
+
+
+def head_inputs(variant: str, chgnet: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
+    """The head's crystal-level inputs of a --variants name."""
+    if variant not in ("chgnet", "chgnet+descriptors"):
+        raise SystemExit(f"unknown head variant {variant!r}: chgnet or chgnet+descriptors")
+    return chgnet if variant == "chgnet" else np.hstack([chgnet, descriptors])
 
 
 def recipe(args: argparse.Namespace, source: np.ndarray) -> dict:
@@ -239,9 +274,10 @@ def recipe(args: argparse.Namespace, source: np.ndarray) -> dict:
 
 
 def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns: list[np.ndarray], table: pd.DataFrame,
-                      features: np.ndarray, head_config: HeadConfig) -> tuple[EnsembleConfig, dict]:
+                      features: np.ndarray, atoms: Sequence[np.ndarray], head_config: HeadConfig,
+                      ) -> tuple[EnsembleConfig, dict]:
     """Step 4: the spread model and scale, fitted on the rows `--calibrate-on` names. `val_columns`:
-    the members' readings of the val rows of `table`; `features`: the head's inputs for every row.
+    the members' readings of the val rows of `table`; `features`, `atoms`: the head's inputs for every row.
     Out-of-fold readings exist for the head alone; with other members it falls back to val WBM rows."""
     y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
     val = split == "val"
@@ -251,32 +287,36 @@ def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns:
         how = "val_wbm"
     if how == "oof_wbm":  # WBM rows only, for the interval score too: val, then train read out of fold
         groups = pd.read_parquet(args.dataset, columns=["id", "reduced_formula"]).set_index("id").reduced_formula
-        oof = out_of_fold_readings(features, y, split, groups.loc[table.id].to_numpy(str), head_config, args.epochs,
-                                   **recipe(args, source))  # the shipped head's recipe
+        oof = out_of_fold_readings(features, atoms, y, split, groups.loc[table.id].to_numpy(str), head_config,
+                                   args.epochs, workers=args.workers, **recipe(args, source))  # the shipped head's recipe
         rows = (split == "train") & (source == "wbm")
         columns = [np.concatenate([column[on_wbm], reading[rows][:, None]]) for column, reading in zip(columns, oof)]
         truth = np.concatenate([truth[on_wbm], y[rows]])
         on_wbm = np.ones(len(truth), bool)
+        out_of_fold = {kind: gap_metrics(y[part], gated_gap(oof[0][part], oof[1][part]), oof[0][part])
+                       for kind, part in (("wbm", rows), ("mp", (split == "train") & (source != "wbm")))}
     ok = np.isfinite(columns[1]).all(axis=1)
     config, log = calibrate(EnsembleConfig(members), *(c[ok] for c in columns), truth[ok],
                             None if how == "val" else on_wbm[ok])
+    if how == "oof_wbm":  # the head's own errors on the train rows read out of fold: the larger held-out set
+        log["out_of_fold_train"] = out_of_fold
     return config, {"rows": how, "n": int(ok.sum()), **log}
 
 
 def recalibrate(table: pd.DataFrame, args: argparse.Namespace) -> None:
     """Step 4 alone for the shipped members in args.out (features from the caches), saved to the
     ensemble config and head_metrics.json."""
-    features = cached_chgnet_features(table, args.chgnet_cache)
-    ok = ~np.isnan(features).all(axis=1)
-    table, features = table[ok].reset_index(drop=True), features[ok]
+    chgnet, atoms = cached_chgnet_features(table, args.chgnet_cache)
+    ok = ~np.isnan(chgnet).all(axis=1)
+    table, chgnet, atoms = table[ok].reset_index(drop=True), chgnet[ok], [atoms[i] for i in np.nonzero(ok)[0]]
     head_config = load_head(args.out).config
-    if head_config.descriptors:
-        features = np.hstack([features, cached_features(table, args.features_cache, workers=1)])
+    features = np.hstack([chgnet, cached_features(table, args.features_cache, workers=1)]) \
+        if head_config.descriptors else chgnet
     val = table[table.split == "val"].reset_index(drop=True)
     members = EnsembleConfig.load(args.out).members
-    chgnet_val = list(features[(table.split == "val").to_numpy(), :len(chgnet_feature_names())])
+    chgnet_val = [ChgnetFeatures(chgnet[i], atoms[i]) for i in np.nonzero((table.split == "val").to_numpy())[0]]
     columns = member_columns(member_readings(val, args.out, members, chgnet_val), members)
-    config, calibration = calibrate_on_rows(args, members, columns, table, features, head_config)
+    config, calibration = calibrate_on_rows(args, members, columns, table, features, atoms, head_config)
     config.save(args.out)
     metrics_file = args.out / "head_metrics.json"
     log = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
