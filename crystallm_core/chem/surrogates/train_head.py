@@ -3,19 +3,20 @@
     OMP_NUM_THREADS=1 nice -n 15 python -m crystallm_core.chem.surrogates.train_head \
         --out crystallm_core/assets/surrogates
 
-1. CHGNet crystal features (cache_dir()/chgnet_features.npz) and descriptors
-   (cache_dir()/surrogate_features.npz) of every band-gap row;
-2. a deep ensemble of MLPs (`head.py`) on the **train** split, each model's epoch chosen on val,
-   on CHGNet features alone and next to the descriptors;
+1. CHGNet features, the crystal vector and each atom's features (cache_dir()/chgnet_features.npz),
+   and descriptors (cache_dir()/surrogate_features.npz) of every band-gap row;
+2. a deep ensemble of networks (`head.py`) on the **train** split, each network's epoch chosen on
+   val, for each input variant of `--variants` (CHGNet features; also next to the descriptors);
 3. each head variant alone and with the shipped gnn / gbm readings, scored on the **WBM rows of
    val** (hypothetical structures, the closest stand-in for generated ones): the best R² is kept;
 4. spread model chosen by interval score, its scale fitted so that ±1 covers 68 % of the **WBM**
    rows read as non-metals (on hypothetical structures the errors are larger: a scale fitted on
    MP-dominated rows covered only 58 % of the WBM test rows read as non-metals). By default
    (`--calibrate-on oof_wbm`) those rows are the val rows plus the train rows read out of fold:
-   5 heads, each trained without one fifth of the train formulas, read that fifth. That is 1,183
-   WBM rows read as non-metals (v3) instead of the ~55 of val alone, whose scale moved by 15 % from
-   one head to the next; `val_wbm` / `val` fit on val rows only.
+   5 heads, each trained without one fifth of the train formulas, read that fifth (`--workers` at
+   a time). That is ~1,185 WBM rows read as non-metals instead of the ~55 of val alone, whose
+   scale moved by 15 % from one head to the next; `val_wbm` / `val` fit on val rows only. The
+   log keeps these heads' metrics on the train rows (WBM and MP apart): the larger held-out set.
 `--calibrate-only` redoes step 4 for the head already in --out (no new shipped head).
 The test split is never looked at here: `python -m crystallm_core.chem.surrogates.report`.
 """
