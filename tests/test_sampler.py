@@ -147,14 +147,17 @@ def test_warm_up_keeps_the_faster_thread_count():
     before = torch.get_num_threads()
     try:
         result = warm_up(model)
-        assert set(result["step_ms"]) >= {1} and result["threads"] == min(result["step_ms"], key=result["step_ms"].get)
+        # the times come back rounded to 0.01 ms: two thread counts can tie there (0.59 / 0.59 ms)
+        step_ms = result["step_ms"]
+        assert set(step_ms) >= {1} and step_ms[result["threads"]] <= min(step_ms.values()) + 0.01
         assert torch.get_num_threads() == result["threads"]
         # the default batch size: the smallest within BATCH_TOLERANCE of the best rows per second
         speed = {rows: rows / ms for rows, ms in result["batch_ms"].items()}
+        rounding = 0.01 / min(result["batch_ms"].values())  # relative error of the rounded times, at most
+        tolerance = sampler_module.BATCH_TOLERANCE * max(speed.values())
         assert result["batch_size"] == sampler_module.measured_batch_size
-        assert speed[result["batch_size"]] >= sampler_module.BATCH_TOLERANCE * max(speed.values())
-        assert all(speed[rows] < sampler_module.BATCH_TOLERANCE * max(speed.values()) for rows in speed
-                   if rows < result["batch_size"])
+        assert speed[result["batch_size"]] >= tolerance * (1 - 2 * rounding)
+        assert all(speed[rows] < tolerance * (1 + 2 * rounding) for rows in speed if rows < result["batch_size"])
     finally:
         torch.set_num_threads(before)
         sampler_module.measured_batch_size = sampler_module.DEFAULT_BATCH_SIZE
