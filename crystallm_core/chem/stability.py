@@ -141,7 +141,7 @@ class ChgnetReading:
 
 
 def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> list[ChgnetReading | str]:
-    """CHGNet energy per atom and crystal features of each structure as given (one forward each);
+    """CHGNet energy per atom and `ChgnetFeatures` of each structure as given (one forward each);
     a failure becomes its message."""
     model = load_chgnet()
     layers = LayerCapture(model)

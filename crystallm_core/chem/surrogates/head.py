@@ -102,21 +102,22 @@ class GapHead(nn.Module):
         self.register_buffer("atom_mean", torch.zeros(config.n_atom_inputs))
         self.register_buffer("atom_scale", torch.ones(config.n_atom_inputs))
 
-    def fit_standardisation(self, features: np.ndarray, atoms: AtomTable) -> None:
-        """Mean and scale of these (training) rows; NaN entries are skipped."""
+    def fit_standardisation(self, features: np.ndarray, atoms: torch.Tensor) -> None:
+        """Mean and scale of these (training) rows and of their (n_atoms, n_atom_inputs) atom features;
+        NaN entries of `features` are skipped."""
         self.mean.copy_(torch.as_tensor(np.nanmean(features, axis=0), dtype=torch.float32))
         self.scale.copy_(torch.as_tensor(np.nanstd(features, axis=0) + 1e-6, dtype=torch.float32))
-        self.atom_mean.copy_(atoms.values.mean(0))
-        self.atom_scale.copy_(atoms.values.std(0) + 1e-3)
+        self.atom_mean.copy_(atoms.mean(0))
+        self.atom_scale.copy_(atoms.std(0) + 1e-3)
 
     def standardise(self, features: np.ndarray) -> torch.Tensor:
         """Z-scores; a missing value (NaN, e.g. no formation energy) becomes the training mean."""
         x = (torch.tensor(np.asarray(features, dtype=np.float32)) - self.mean) / self.scale
         return torch.nan_to_num(x, nan=0.0)
 
-    def atom_table(self, atoms: Sequence[np.ndarray]) -> AtomTable:
-        """The structures' atom features, standardised."""
-        table = AtomTable(atoms, self.config.n_atom_inputs)
+    def atom_table(self, atoms: Sequence[np.ndarray] | AtomTable) -> AtomTable:
+        """The structures' atom features, standardised (an AtomTable given is standardised in place)."""
+        table = atoms if isinstance(atoms, AtomTable) else AtomTable(atoms, self.config.n_atom_inputs)
         table.values = (table.values - self.atom_mean) / self.atom_scale
         return table
 

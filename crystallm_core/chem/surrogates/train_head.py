@@ -81,8 +81,9 @@ def train_head(features: np.ndarray, atoms: Sequence[np.ndarray], band_gap: np.n
     train = np.nonzero(split == "train")[0]
     val = np.nonzero((split == "val") & (True if select is None else select))[0]
     row_weight = torch.as_tensor(np.ones(len(split)) if weight is None else weight, dtype=torch.float32)
-    head.fit_standardisation(features[train], AtomTable([atoms[i] for i in train], config.n_atom_inputs))
-    x, table, y = head.standardise(features), head.atom_table(atoms), torch.tensor(band_gap, dtype=torch.float32)
+    table = AtomTable(atoms, config.n_atom_inputs)
+    head.fit_standardisation(features[train], table.rows(train)[0])
+    x, table, y = head.standardise(features), head.atom_table(table), torch.tensor(band_gap, dtype=torch.float32)
     metal = torch.as_tensor(is_metal(band_gap), dtype=torch.float32)
     val_batches = [(rows, *table.rows(rows)) for rows in np.array_split(val, max(1, len(val) // 1024))]
     for seed, model in enumerate(head.models):
@@ -283,7 +284,7 @@ def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns:
     y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
     val = split == "val"
     columns, truth, on_wbm = list(val_columns), y[val], source[val] == "wbm"
-    how = args.calibrate_on
+    how, extra = args.calibrate_on, {}
     if how == "oof_wbm" and members != ["head"]:
         how = "val_wbm"
     if how == "oof_wbm":  # WBM rows only, for the interval score too: val, then train read out of fold
@@ -294,14 +295,14 @@ def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns:
         columns = [np.concatenate([column[on_wbm], reading[rows][:, None]]) for column, reading in zip(columns, oof)]
         truth = np.concatenate([truth[on_wbm], y[rows]])
         on_wbm = np.ones(len(truth), bool)
-        out_of_fold = {kind: gap_metrics(y[part], gated_gap(oof[0][part], oof[1][part]), oof[0][part])
-                       for kind, part in (("wbm", rows), ("mp", (split == "train") & (source != "wbm")))}
+        # the head's own errors on the train rows read out of fold: the larger held-out set
+        extra["out_of_fold_train"] = {
+            kind: gap_metrics(y[part], gated_gap(oof[0][part], oof[1][part]), oof[0][part])
+            for kind, part in (("wbm", rows), ("mp", (split == "train") & (source != "wbm")))}
     ok = np.isfinite(columns[1]).all(axis=1)
     config, log = calibrate(EnsembleConfig(members), *(c[ok] for c in columns), truth[ok],
                             None if how == "val" else on_wbm[ok])
-    if how == "oof_wbm":  # the head's own errors on the train rows read out of fold: the larger held-out set
-        log["out_of_fold_train"] = out_of_fold
-    return config, {"rows": how, "n": int(ok.sum()), **log}
+    return config, {"rows": how, "n": int(ok.sum()), **log, **extra}
 
 
 def recalibrate(table: pd.DataFrame, args: argparse.Namespace) -> None:
