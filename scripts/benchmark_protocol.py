@@ -23,13 +23,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from crystallm_core.chem.metrics import (  # noqa: E402
+from crystallm_core.chem.judges.metrics import (  # noqa: E402
     PAPER_BY_TARGET,
     PAPER_OVERALL,
     MetricSettings,
     summarise,
 )
-from crystallm_core.chem.stability import HULL_BIAS_NOTE  # noqa: E402
+from crystallm_core.chem.judges.stability import HULL_BIAS_NOTE  # noqa: E402
 from crystallm_core.lm.checkpoints import load_model  # noqa: E402
 from crystallm_core.lm.sampler import DECODINGS, SamplingSettings  # noqa: E402
 from crystallm_core.product.evaluate import evaluate_run  # noqa: E402

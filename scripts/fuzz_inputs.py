@@ -29,12 +29,10 @@ from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run from a checkout; tests/prototypes.py
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run from a checkout; tests/prototypes.py, tests/fuzz_*.py
 
 import torch  # noqa: E402
-from prototypes import all_prototypes  # noqa: E402
-
-from crystallm_core.chem.fuzz_corpus import (  # noqa: E402
+from fuzz_corpus import (  # noqa: E402
     mutant_strategy,
     mutants,
     pathological_cifs,
@@ -42,9 +40,11 @@ from crystallm_core.chem.fuzz_corpus import (  # noqa: E402
     shared_cifs,
     text_strategy,
 )
-from crystallm_core.chem.fuzz_pipeline import FuzzOutcome, Scoring, run_one  # noqa: E402
-from crystallm_core.chem.isolation import IsolatedWorker, check_with_limits  # noqa: E402
-from crystallm_core.chem.scoring import StructureScorer  # noqa: E402
+from fuzz_pipeline import FuzzOutcome, Scoring, run_one  # noqa: E402
+from prototypes import all_prototypes  # noqa: E402
+
+from crystallm_core.chem.judges.isolation import IsolatedWorker, check_with_limits  # noqa: E402
+from crystallm_core.chem.judges.scoring import StructureScorer  # noqa: E402
 
 
 def generated_texts(n: int) -> list[str]:

@@ -19,7 +19,7 @@ python3 -m crystallm_core.lm.training --config scripts/train_default.json --no-r
 gen=$!
 gnn=
 if [ "$GNN_BUDGET" != 0 ]; then
-  python3 -m crystallm_core.chem.surrogates.train_gnn --graphs data/gpu/surrogate_graphs.npz --out "$WORK/gnn" \
+  python3 -m crystallm_core.chem.judges.surrogates.train_gnn --graphs data/gpu/surrogate_graphs.npz --out "$WORK/gnn" \
     --time-budget-s "$GNN_BUDGET" > "$WORK/gnn.log" 2>&1 &
   gnn=$!
 fi

@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 from pymatgen.core import Structure
 
-from crystallm_core.chem.cif_format import structure_to_model_cif
-from crystallm_core.chem.isolation import check_sample
+from crystallm_core.chem.cif.cif_format import structure_to_model_cif
+from crystallm_core.chem.judges.isolation import check_sample
 from crystallm_core.paths import cache_dir
 
 

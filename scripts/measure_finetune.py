@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from pymatgen.core import Composition
 
-from crystallm_core.chem.splits import formula_hash
+from crystallm_core.chem.data.splits import formula_hash
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.lm.training import TokenData, TrainConfig, evaluate_loss
 from crystallm_core.paths import cache_dir, data_dir

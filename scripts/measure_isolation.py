@@ -18,14 +18,14 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run from a checkout; tests/prototypes.py
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run from a checkout; tests/prototypes.py, tests/fuzz_*.py
 
+from fuzz_corpus import shared_cifs  # noqa: E402
 from prototypes import all_prototypes  # noqa: E402
 from pymatgen.core import Structure  # noqa: E402
 
-from crystallm_core.chem.cif_format import repair_generated_cif, structure_to_model_cif  # noqa: E402
-from crystallm_core.chem.fuzz_corpus import shared_cifs  # noqa: E402
-from crystallm_core.chem.isolation import (  # noqa: E402
+from crystallm_core.chem.cif.cif_format import repair_generated_cif, structure_to_model_cif  # noqa: E402
+from crystallm_core.chem.judges.isolation import (  # noqa: E402
     IsolatedWorker,
     check_cif_isolated,
     check_with_limits,

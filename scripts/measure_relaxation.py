@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from crystallm_core.chem.relaxation import relax_and_check
+from crystallm_core.chem.judges.relaxation import relax_and_check
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.product.generation import GenerationRequest, generate, sample_counts
 

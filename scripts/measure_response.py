@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from crystallm_core.chem.repair import relax
-from crystallm_core.chem.scoring import StructureScorer
+from crystallm_core.chem.decoding.repair import relax
+from crystallm_core.chem.judges.scoring import StructureScorer
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.paths import DEFAULT_MODEL_DIR
 from crystallm_core.product.evaluate import score_candidates

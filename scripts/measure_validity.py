@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from crystallm_core.chem.metrics import uniqueness_flags
+from crystallm_core.chem.judges.metrics import uniqueness_flags
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.lm.sampler import DECODINGS, SamplingSettings
 from crystallm_core.product.generation import GenerationRequest, generate, prepare_for_requests

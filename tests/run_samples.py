@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from prototypes import rocksalt_nacl, rutile_tio2
 
-from crystallm_core.chem.cif_format import repair_generated_cif, structure_to_model_cif
-from crystallm_core.chem.isolation import check_sample
-from crystallm_core.chem.validity import check_cif
+from crystallm_core.chem.cif.cif_format import repair_generated_cif, structure_to_model_cif
+from crystallm_core.chem.judges.isolation import check_sample
+from crystallm_core.chem.judges.validity import check_cif
 from crystallm_core.product.run import Candidate, Run, Scores, candidate_name
 
 

@@ -6,10 +6,9 @@ import json
 import time
 
 import pytest
+from fuzz_corpus import pathological_cifs
 from test_app_pages import messages, new_app
 from test_untrusted_inputs import zip_of
-
-from crystallm_core.chem.fuzz_corpus import pathological_cifs
 
 
 @pytest.mark.parametrize("name, data, message", [

@@ -75,7 +75,7 @@ def test_samples_per_target_alone_keeps_every_chunk():
 
 def test_a_local_campaign_stops_each_target_at_its_valid_count(tmp_path, monkeypatch):
     """The campaign's plumbing with a stand-in sampler whose every third sample is valid."""
-    from crystallm_core.chem.validity import CheckResult, ValidityReport
+    from crystallm_core.chem.judges.validity import CheckResult, ValidityReport
     from crystallm_core.product.run import Candidate
 
     class StandInSampler:

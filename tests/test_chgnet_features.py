@@ -6,8 +6,8 @@ import pytest
 from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 
-from crystallm_core.chem import stability
-from crystallm_core.chem.chgnet_features import (
+from crystallm_core.chem.judges import stability
+from crystallm_core.chem.judges.chgnet_features import (
     ATOM_FEATURE_DIM,
     CHGNET_FEATURE_DIM,
     POOLED_LAYERS,

@@ -7,7 +7,7 @@ import pytest
 from prototypes import all_prototypes, rutile_tio2
 from pymatgen.core import Composition, Structure
 
-from crystallm_core.chem.cif_format import (
+from crystallm_core.chem.cif.cif_format import (
     atom_type_loop,
     repair_generated_cif,
     repair_numbers,

@@ -13,20 +13,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prototypes import all_prototypes
 
-from crystallm_core.chem.cif_format import (
+from crystallm_core.chem.cif.cif_format import (
     repair_generated_cif,
     structure_to_model_cif,
     training_text,
 )
-from crystallm_core.chem.constraints import (
+from crystallm_core.chem.decoding.constraints import (
     CifConstraint,
     CifTokens,
     ConstraintConfig,
     PromptMismatch,
 )
-from crystallm_core.chem.prompts import build_prompt
-from crystallm_core.chem.validity import ValidityConfig, check_cif
-from crystallm_core.chem.wyckoff import crystal_system, number_of
+from crystallm_core.chem.cif.prompts import build_prompt
+from crystallm_core.chem.judges.validity import ValidityConfig, check_cif
+from crystallm_core.chem.cif.wyckoff import crystal_system, number_of
 from crystallm_core.lm.model import CrystaLLMPKV
 from crystallm_core.lm.sampler import SamplingSettings, sample
 from crystallm_core.lm.tokenizer import get_tokenizer

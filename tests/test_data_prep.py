@@ -10,7 +10,7 @@ from prototypes import all_prototypes
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core.chem import data_prep, hull
+from crystallm_core.chem.data import data_prep, hull
 from crystallm_core.lm.conditions import normalise_band_gap, normalise_e_hull
 from crystallm_core.lm.tokenizer import get_tokenizer
 

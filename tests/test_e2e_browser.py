@@ -43,7 +43,7 @@ def train_memorised_model(out_dir: Path) -> Path:
     from conftest import tiny_config
     from prototypes import rocksalt_nacl
 
-    from crystallm_core.chem.cif_format import structure_to_model_cif, training_text
+    from crystallm_core.chem.cif.cif_format import structure_to_model_cif, training_text
     from crystallm_core.lm.checkpoints import save_model
     from crystallm_core.lm.conditions import condition_vector
     from crystallm_core.lm.model import CrystaLLMPKV

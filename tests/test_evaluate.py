@@ -11,10 +11,10 @@ from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
 from run_samples import sample_run, written_cif
 from test_validity import ZERO_ANGLE_CIF
 
-import crystallm_core.chem.surrogates
-from crystallm_core.chem import scoring, stability
-from crystallm_core.chem.hull import HullReference
-from crystallm_core.chem.novelty import NoveltyIndex, encode_structure
+import crystallm_core.chem.judges.surrogates
+from crystallm_core.chem.judges import scoring, stability
+from crystallm_core.chem.data.hull import HullReference
+from crystallm_core.chem.judges.novelty import NoveltyIndex, encode_structure
 from crystallm_core.product import evaluate
 from crystallm_core.product.history import HistoryStore
 from crystallm_core.product.run_files import read_run, run_zip, write_run
@@ -28,7 +28,7 @@ class FakeSurrogate:
         return cls()
 
     def predict(self, structures, chgnet=None):
-        from crystallm_core.chem.surrogates.ensemble import GapPrediction
+        from crystallm_core.chem.judges.surrogates.ensemble import GapPrediction
 
         return [GapPrediction(mean=1.2, std=0.1, gnn=1.1, gbm=1.3, p_metal=0.2, reason=None) for _ in structures]
 
@@ -49,7 +49,7 @@ def offline_components(monkeypatch):
         "e_form_per_atom": [0, 0, 0, 0, 0, -2.1, -3.3],
         "source_id": ["Na", "Cl", "Ti", "O", "Si", "nacl", "tio2"]}))
     monkeypatch.setattr(stability, "load_hull", lambda: hull)
-    monkeypatch.setattr(crystallm_core.chem.surrogates, "BandGapSurrogate", FakeSurrogate, raising=False)
+    monkeypatch.setattr(crystallm_core.chem.judges.surrogates, "BandGapSurrogate", FakeSurrogate, raising=False)
     scoring.load_gap_model.cache_clear()
     yield
     scoring.load_gap_model.cache_clear()  # do not leak the fake into other tests
@@ -112,7 +112,7 @@ def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
 
 
 def test_missing_surrogate_degrades_gracefully(tmp_path, offline_components, monkeypatch):
-    monkeypatch.setattr(crystallm_core.chem.surrogates, "BandGapSurrogate", MissingSurrogate, raising=False)
+    monkeypatch.setattr(crystallm_core.chem.judges.surrogates, "BandGapSurrogate", MissingSurrogate, raising=False)
     scoring.load_gap_model.cache_clear()
     (tmp_path / "si.cif").write_text(written_cif(diamond_si()))
     (tmp_path / "gone.cif").write_bytes(b"x" * 2_000_000)

@@ -9,7 +9,7 @@ import torch
 from prototypes import all_prototypes
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core.chem.user_data import ColumnMap, user_rows
+from crystallm_core.chem.data.user_data import ColumnMap, user_rows
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.product.cli import main
 from crystallm_core.product.finetune import FineTuneSettings, finetune

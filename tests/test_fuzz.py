@@ -9,14 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from prototypes import all_prototypes, rocksalt_nacl
-from pymatgen.core import Lattice, Structure
-from pymatgen.io.cif import CifWriter
-
-from crystallm_core.chem.cif_limits import cif_size_problem
-from crystallm_core.chem.fuzz_corpus import (
+from fuzz_corpus import (
     copper_supercell,
     mutant_strategy,
     mutants,
@@ -25,20 +18,23 @@ from crystallm_core.chem.fuzz_corpus import (
     shared_cifs,
     text_strategy,
 )
-from crystallm_core.chem.fuzz_pipeline import run_one
-from crystallm_core.chem.isolation import (
+from fuzz_pipeline import run_one
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prototypes import all_prototypes, rocksalt_nacl
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifWriter
+
+from crystallm_core.chem.cif.cif_limits import cif_size_problem
+from crystallm_core.chem.judges.check_limits import MAX_REASON_CHARS, error_text
+from crystallm_core.chem.judges.isolation import (
     PER_CHECK_TIME_LIMIT,
     IsolatedWorker,
     check_with_limits,
 )
-from crystallm_core.chem.scoring import StructureScorer
-from crystallm_core.chem.structure_info import describe_structure, parse_cif
-from crystallm_core.chem.validity import (
-    MAX_REASON_CHARS,
-    check_cif,
-    error_text,
-    run_check,
-)
+from crystallm_core.chem.judges.scoring import StructureScorer
+from crystallm_core.chem.judges.structure_info import describe_structure, parse_cif
+from crystallm_core.chem.judges.validity import check_cif, run_check
 
 SHARED_MP20 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mp20"
 SEEDS = seed_corpus(list(all_prototypes().values()), shared_cifs(SHARED_MP20, 40))

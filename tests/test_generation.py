@@ -3,9 +3,9 @@ import json
 import pytest
 from prototypes import rutile_tio2
 
-from crystallm_core.chem.cif_format import structure_to_model_cif
-from crystallm_core.chem.isolation import check_sample
-from crystallm_core.chem.prompts import build_prompt
+from crystallm_core.chem.cif.cif_format import structure_to_model_cif
+from crystallm_core.chem.judges.isolation import check_sample
+from crystallm_core.chem.cif.prompts import build_prompt
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.lm.sampler import SamplingSettings
 from crystallm_core.lm.tokenizer import get_tokenizer
@@ -60,7 +60,7 @@ def test_cancel_keeps_finished(tiny):
 
 
 def test_stop_after_valid_stops_once_enough_are_valid(tiny, monkeypatch):
-    from crystallm_core.chem.validity import CheckResult, ValidityReport
+    from crystallm_core.chem.judges.validity import CheckResult, ValidityReport
     from crystallm_core.product import generation
 
     calls = []
@@ -226,7 +226,7 @@ def test_cli_bad_arguments_one_line_exit_2(argv, message, capsys):
 
 def test_prepare_for_requests_leaves_the_checker_running(tiny):
     """The app prepares a model before its first request: kernels, thread count, the checker."""
-    from crystallm_core.chem.isolation import CHECKER
+    from crystallm_core.chem.judges.isolation import CHECKER
     from crystallm_core.product.generation import prepare_for_requests
 
     CHECKER.stop()

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crystallm_core.chem.hull import DEFAULT_TABLE, HullReference
+from crystallm_core.chem.data.hull import DEFAULT_TABLE, HullReference
 from crystallm_core.paths import data_dir
 
 # Li2O (x_O = 1/3, -2.0 eV/atom) and LiO2 (x_O = 2/3, -1.5) are on the hull; the hull at

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from test_validity import ZERO_ANGLE_CIF
 
-from crystallm_core.chem.isolation import IsolatedWorker, check_cif_isolated
-from crystallm_core.chem.validity import CHECK_NAMES
+from crystallm_core.chem.judges.isolation import IsolatedWorker, check_cif_isolated
+from crystallm_core.chem.judges.validity import CHECK_NAMES
 
 SEGFAULT = "__import__('ctypes').string_at(0)"
 

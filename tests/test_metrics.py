@@ -9,8 +9,8 @@ import pytest
 from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
 from pymatgen.core import Lattice, Structure
 
-from crystallm_core.chem import metrics
-from crystallm_core.chem.novelty import (
+from crystallm_core.chem.judges import metrics
+from crystallm_core.chem.judges.novelty import (
     NOVELTY_INDEX_PATH,
     NoveltyIndex,
     decode_structure,

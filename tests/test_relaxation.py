@@ -6,9 +6,9 @@ from prototypes import rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core.chem import stability
-from crystallm_core.chem.relaxation import relax_and_check
-from crystallm_core.chem.structure_info import parse_cif
+from crystallm_core.chem.judges import stability
+from crystallm_core.chem.judges.relaxation import relax_and_check
+from crystallm_core.chem.judges.structure_info import parse_cif
 from crystallm_core.product.cli import main
 
 

@@ -8,10 +8,10 @@ import pytest
 from prototypes import rocksalt_nacl, rutile_tio2
 from run_samples import sample_run
 
-from crystallm_core.chem.cif_format import structure_to_model_cif
-from crystallm_core.chem.isolation import check_sample
-from crystallm_core.chem.repair import relax, rescale
-from crystallm_core.chem.stability import RelaxSettings
+from crystallm_core.chem.cif.cif_format import structure_to_model_cif
+from crystallm_core.chem.judges.isolation import check_sample
+from crystallm_core.chem.decoding.repair import relax, rescale
+from crystallm_core.chem.judges.stability import RelaxSettings
 from crystallm_core.product.run_files import run_zip
 
 
@@ -41,8 +41,8 @@ def test_rescale_is_for_bond_only_failures():
 def test_relaxation_reports_e_hull_before_and_after(monkeypatch):
     import pandas as pd
 
-    from crystallm_core.chem import stability
-    from crystallm_core.chem.hull import HullReference
+    from crystallm_core.chem.judges import stability
+    from crystallm_core.chem.data.hull import HullReference
 
     monkeypatch.setattr(stability, "load_hull", lambda: HullReference(pd.DataFrame({
         "formula": ["Na", "Cl", "NaCl"], "e_form_per_atom": [0, 0, -2.1], "source_id": ["Na", "Cl", "nacl"]})))

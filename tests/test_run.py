@@ -10,7 +10,7 @@ import pytest
 from prototypes import diamond_si
 from run_samples import sample_run, written_cif
 
-from crystallm_core.chem.metrics import MetricSettings
+from crystallm_core.chem.judges.metrics import MetricSettings
 from crystallm_core.product.run import TABLE_COLUMNS, Run, Scores
 from crystallm_core.product.run_files import read_run, run_zip, write_run
 

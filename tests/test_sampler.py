@@ -54,7 +54,7 @@ def test_same_seed_same_samples_and_different_seed_differs():
 def test_a_sample_does_not_depend_on_the_batch_size(constrained):
     """Each sample draws from its own stream: 1, 3 or 6 slots give the same samples (so a batch
     size measured per machine changes no result)."""
-    from crystallm_core.chem.constraints import CifConstraint, CifTokens
+    from crystallm_core.chem.decoding.constraints import CifConstraint, CifTokens
     from crystallm_core.lm.tokenizer import get_tokenizer
 
     model = tiny_model()

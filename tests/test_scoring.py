@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from prototypes import rocksalt_nacl, rutile_tio2
 
-from crystallm_core.chem import scoring, stability
+from crystallm_core.chem.judges import scoring, stability
 
 
 @pytest.fixture
@@ -23,9 +23,10 @@ def no_components(monkeypatch):
         raise FileNotFoundError("no weights")
 
     monkeypatch.setattr(stability, "load_chgnet", missing_chgnet)
-    monkeypatch.setitem(sys.modules, "crystallm_core.chem.surrogates",
+    monkeypatch.setitem(sys.modules, "crystallm_core.chem.judges.surrogates",
                         SimpleNamespace(BandGapSurrogate=SimpleNamespace(load=unavailable)))
-    monkeypatch.setitem(sys.modules, "crystallm_core.chem.novelty", SimpleNamespace(NoveltyIndex=SimpleNamespace(load=unavailable)))
+    monkeypatch.setitem(sys.modules, "crystallm_core.chem.judges.novelty",
+                        SimpleNamespace(NoveltyIndex=SimpleNamespace(load=unavailable)))
     scoring.load_gap_model.cache_clear()
     yield calls
     scoring.load_gap_model.cache_clear()  # do not leak the failure into other tests
@@ -58,8 +59,8 @@ def test_a_failing_component_becomes_a_note_not_a_crash(monkeypatch):
 def test_the_gap_model_reuses_the_stability_pass_chgnet_features(monkeypatch):
     import numpy as np
 
-    from crystallm_core.chem.stability import StabilityEstimate
-    from crystallm_core.chem.surrogates import GapPrediction
+    from crystallm_core.chem.judges.stability import StabilityEstimate
+    from crystallm_core.chem.judges.surrogates import GapPrediction
 
     features = [np.full(3, 1.0), None]  # the second structure's CHGNet pass failed
     seen = {}

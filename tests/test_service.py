@@ -9,7 +9,7 @@ import pytest
 from prototypes import rocksalt_nacl
 from run_samples import sample_run
 
-from crystallm_core.chem.structure_info import (
+from crystallm_core.chem.judges.structure_info import (
     describe_structure,
     parse_cif,
     xrd_pattern,

@@ -8,8 +8,8 @@ import pytest
 from prototypes import rocksalt_nacl
 from pymatgen.core import Composition, Lattice, Structure
 
-from crystallm_core.chem import stability
-from crystallm_core.chem.hull import HullReference
+from crystallm_core.chem.judges import stability
+from crystallm_core.chem.data.hull import HullReference
 
 
 @pytest.fixture

@@ -13,16 +13,16 @@ import torch
 from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 
-from crystallm_core.chem import stability
-from crystallm_core.chem.chgnet_features import ATOM_FEATURE_DIM, chgnet_feature_names
-from crystallm_core.chem.surrogates import report
-from crystallm_core.chem.surrogates.calibration import (
+from crystallm_core.chem.judges import stability
+from crystallm_core.chem.judges.chgnet_features import ATOM_FEATURE_DIM, chgnet_feature_names
+from crystallm_core.chem.judges.surrogates import report
+from crystallm_core.chem.judges.surrogates.calibration import (
     coverage,
     fit_scale,
     mixture_spread,
     reliability_curve,
 )
-from crystallm_core.chem.surrogates.cgcnn import (
+from crystallm_core.chem.judges.surrogates.cgcnn import (
     CrystalGNN,
     GNNConfig,
     GraphStore,
@@ -31,34 +31,34 @@ from crystallm_core.chem.surrogates.cgcnn import (
     save_gnn,
     standardise,
 )
-from crystallm_core.chem.surrogates.ensemble import (
+from crystallm_core.chem.judges.surrogates.ensemble import (
     BandGapSurrogate,
     EnsembleConfig,
     GapPrediction,
     combine,
 )
-from crystallm_core.chem.surrogates.features import (
+from crystallm_core.chem.judges.surrogates.features import (
     ELEMENT_PROPERTIES,
     MAX_Z,
     element_table,
     feature_names,
     structure_features,
 )
-from crystallm_core.chem.surrogates.gbm import GBMModel
-from crystallm_core.chem.surrogates.graphs import (
+from crystallm_core.chem.judges.surrogates.gbm import GBMModel
+from crystallm_core.chem.judges.surrogates.graphs import (
     GraphConfig,
     pack_graphs,
     structure_to_graph,
 )
-from crystallm_core.chem.surrogates.head import (
+from crystallm_core.chem.judges.surrogates.head import (
     GapHead,
     HeadConfig,
     load_head,
     save_head,
 )
-from crystallm_core.chem.surrogates.scoring import gap_metrics, gated_gap
-from crystallm_core.chem.surrogates.train_gnn import TrainConfig, train
-from crystallm_core.chem.surrogates.train_head import calibrate, train_head
+from crystallm_core.chem.judges.surrogates.scoring import gap_metrics, gated_gap
+from crystallm_core.chem.judges.surrogates.train_gnn import TrainConfig, train
+from crystallm_core.chem.judges.surrogates.train_head import calibrate, train_head
 from crystallm_core.paths import SURROGATE_DIR
 
 
@@ -165,7 +165,7 @@ def test_train_gnn_runs_and_keeps_a_model(prototypes):
 
 def test_train_gnn_does_not_import_pymatgen():
     # The GPU training machine has torch and numpy but no pymatgen.
-    code = ("import sys, crystallm_core.chem.surrogates.train_gnn; "
+    code = ("import sys, crystallm_core.chem.judges.surrogates.train_gnn; "
             "sys.exit(any(m.split('.')[0] in ('pymatgen', 'pandas', 'lightgbm') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -214,7 +214,7 @@ def test_head_reuses_chgnet_features_and_computes_them_when_missing(tmp_path, mo
     def no_second_chgnet_call(structures, batch_size=16):
         raise AssertionError("CHGNet must not run again when its features are given")
 
-    monkeypatch.setattr("crystallm_core.chem.surrogates.ensemble.static_readings", no_second_chgnet_call)
+    monkeypatch.setattr("crystallm_core.chem.judges.surrogates.ensemble.static_readings", no_second_chgnet_call)
     reused = surrogate.predict(structures, chgnet=[nacl_features, cu_features])
     for a, b in zip(computed, reused):
         assert (a.mean, a.std, a.head, a.gbm) == pytest.approx((b.mean, b.std, b.head, b.gbm), abs=1e-6)
@@ -250,7 +250,7 @@ def test_report_scores_v1_and_shipped_side_by_side(tmp_path, prototypes):
 def test_chgnet_feature_cache_computes_each_row_once(tmp_path, monkeypatch):
     import pandas as pd
 
-    from crystallm_core.chem.surrogates import chgnet_cache
+    from crystallm_core.chem.judges.surrogates import chgnet_cache
 
     table = pd.DataFrame({"id": ["nacl", "junk"], "cif": [rocksalt_nacl().to(fmt="cif"), "not a CIF"]})
     first, atoms = chgnet_cache.cached_chgnet_features(table, tmp_path / "cache.npz", verbose=False)
@@ -398,7 +398,7 @@ def test_shipped_surrogates_know_salt_from_copper():
 def test_out_of_fold_readings_read_each_train_row_without_its_formula(monkeypatch):
     """Every train row is read once, by a head trained without any row of its formula; val rows
     (which choose the epochs) and test rows are never read."""
-    from crystallm_core.chem.surrogates import train_head as module
+    from crystallm_core.chem.judges.surrogates import train_head as module
 
     rng = np.random.default_rng(3)
     n = 150
@@ -460,7 +460,7 @@ def test_calibration_rows_are_val_wbm_then_wbm_train_read_out_of_fold(tmp_path, 
 
     import pandas as pd
 
-    from crystallm_core.chem.surrogates import train_head as module
+    from crystallm_core.chem.judges.surrogates import train_head as module
 
     table = pd.DataFrame({"id": [f"r{i}" for i in range(8)],
                           "source": ["wbm", "mp20", "wbm", "mp20", "wbm", "wbm", "mp20", "wbm"],

@@ -7,7 +7,7 @@ import re
 import pytest
 from prototypes import all_prototypes
 
-from crystallm_core.chem.cif_format import structure_to_model_cif, training_text
+from crystallm_core.chem.cif.cif_format import structure_to_model_cif, training_text
 from crystallm_core.lm.tokenizer import (
     UnknownTokenError,
     build_vocabulary,

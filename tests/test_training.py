@@ -6,7 +6,7 @@ import pytest
 import torch
 from prototypes import all_prototypes
 
-from crystallm_core.chem.cif_format import structure_to_model_cif, training_text
+from crystallm_core.chem.cif.cif_format import structure_to_model_cif, training_text
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.tokenizer import get_tokenizer

@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_config
 from test_model import edit_config, write_published_checkpoint
 
-from crystallm_core.chem.prompts import (
+from crystallm_core.chem.cif.prompts import (
     build_prompt,
     element_token_ids,
     parse_composition,

@@ -9,8 +9,8 @@ from prototypes import all_prototypes, rutile_tio2
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from crystallm_core.chem.cif_format import repair_generated_cif, structure_to_model_cif
-from crystallm_core.chem.validity import CHECK_NAMES, check_cif
+from crystallm_core.chem.cif.cif_format import repair_generated_cif, structure_to_model_cif
+from crystallm_core.chem.judges.validity import CHECK_NAMES, check_cif
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +161,13 @@ def test_impossible_angle_never_reaches_spglib(alpha):
     (Lattice.from_parameters(4, 4, 4, 119.999, 119.999, 119.999).matrix, "nearly flat"),
 ])
 def test_structure_problem_names_the_fault(matrix, expected):
-    from crystallm_core.chem.validity import structure_problem
+    from crystallm_core.chem.judges.validity import structure_problem
 
     structure = Structure(Lattice(matrix), ["Na"], [[0, 0, 0]])
     assert expected in structure_problem(structure)
 
 
 def test_sane_structure_has_no_problem(rutile):
-    from crystallm_core.chem.validity import structure_problem
+    from crystallm_core.chem.judges.validity import structure_problem
 
     assert structure_problem(check_cif(rutile).structure) is None

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from crystallm_core.chem.wyckoff import crystal_system, number_of, space_group
+from crystallm_core.chem.cif.wyckoff import crystal_system, number_of, space_group
 
 
 @pytest.mark.parametrize("number, fixed, free", [
@@ -51,7 +51,7 @@ def test_symbols_and_systems():
 
 
 def test_shipped_table_is_what_the_operations_give():
-    from crystallm_core.chem.wyckoff import derive_positions, position_table
+    from crystallm_core.chem.cif.wyckoff import derive_positions, position_table
 
     table = position_table()
     assert sorted(table) == list(range(1, 231))

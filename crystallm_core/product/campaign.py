@@ -33,10 +33,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from crystallm_core.chem.scoring import StructureScorer
-from crystallm_core.chem.stability import RelaxSettings
-from crystallm_core.chem.structure_info import parse_cif
-from crystallm_core.chem.validity import CheckResult, ValidityReport
+from crystallm_core.chem.judges.scoring import StructureScorer
+from crystallm_core.chem.judges.stability import RelaxSettings
+from crystallm_core.chem.judges.structure_info import parse_cif
+from crystallm_core.chem.judges.validity import CheckResult, ValidityReport
 from crystallm_core.product.campaign_plan import ChunkPlan
 from crystallm_core.product.campaign_spec import CampaignSpec, WorkItem
 from crystallm_core.product.evaluate import score_candidates
@@ -242,8 +242,8 @@ def run_with_ray(spec, plan, commit, address, workers, on_model) -> dict:
 
 def summarise_targets(rows: pd.DataFrame, spec: CampaignSpec) -> pd.DataFrame:
     """Per target: samples, valid, valid ∧ unique, hit, stable, VSUN (rates over all samples)."""
-    from crystallm_core.chem.metrics import summarise, uniqueness_flags
-    from crystallm_core.chem.structure_info import parse_cif
+    from crystallm_core.chem.judges.metrics import summarise, uniqueness_flags
+    from crystallm_core.chem.judges.structure_info import parse_cif
 
     summaries = []
     for target in spec.targets():

@@ -7,11 +7,11 @@ import sys
 
 COMMANDS = {
     "generate": ("crystallm_core.product.generate_cli", "sample structures for target properties"),
-    "prepare-data": ("crystallm_core.chem.data_prep", "build the training table, splits and token cache"),
+    "prepare-data": ("crystallm_core.chem.data.data_prep", "build the training table, splits and token cache"),
     "train": ("crystallm_core.lm.training", "train a PKV model from the token cache"),
     "finetune": ("crystallm_core.product.finetune", "fine-tune a model on your own structures and properties"),
     "evaluate": ("crystallm_core.product.evaluate", "score a directory of CIF files"),
-    "relax": ("crystallm_core.chem.relaxation", "relax one CIF with CHGNet and re-check it"),
+    "relax": ("crystallm_core.chem.judges.relaxation", "relax one CIF with CHGNet and re-check it"),
     "campaign": ("crystallm_core.product.campaign_cli", "a screening campaign on Ray: many targets × many samples"),
 }
 

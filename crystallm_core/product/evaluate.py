@@ -20,11 +20,11 @@ from typing import Sequence
 
 from pymatgen.core import Structure
 
-from crystallm_core.chem.isolation import check_cif_isolated, check_sample
-from crystallm_core.chem.metrics import MetricSettings, summarise
-from crystallm_core.chem.scoring import StructureScorer
-from crystallm_core.chem.stability import HULL_BIAS_NOTE, RelaxSettings
-from crystallm_core.chem.validity import CheckResult, ValidityReport, structure_problem
+from crystallm_core.chem.judges.isolation import check_cif_isolated, check_sample
+from crystallm_core.chem.judges.metrics import MetricSettings, summarise
+from crystallm_core.chem.judges.scoring import StructureScorer
+from crystallm_core.chem.judges.stability import HULL_BIAS_NOTE, RelaxSettings
+from crystallm_core.chem.judges.validity import CheckResult, ValidityReport, structure_problem
 from crystallm_core.product.run import Candidate, Run, Scores
 from crystallm_core.product.run_files import read_run
 

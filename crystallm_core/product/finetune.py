@@ -2,7 +2,7 @@
 
 DATA is a CSV / Parquet table with a CIF column (or a column of CIF file paths) and optional
 band-gap / E_hull columns, or a folder of .cif files with an optional labels table
-(`chem.user_data`). Rows are converted by prepare-data's own code (`data_prep.convert_rows`);
+(`chem.data.user_data`). Rows are converted by prepare-data's own code (`data_prep.convert_rows`);
 rejected rows are reported with their reasons. The kept rows get a formula-disjoint validation
 split; training (`lm.training.train`) starts from the shipped model (or --from) with a small
 learning rate, evaluates the starting model first, stops early when the validation loss stops
@@ -24,15 +24,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from crystallm_core.chem.data_prep import (
+from crystallm_core.chem.data.data_prep import (
     PrepConfig,
     build_dataset,
     convert_rows,
     reason_kinds,
     token_arrays,
 )
-from crystallm_core.chem.splits import DEFAULT_SEED, validation_split
-from crystallm_core.chem.user_data import ColumnMap, user_rows
+from crystallm_core.chem.data.splits import DEFAULT_SEED, validation_split
+from crystallm_core.chem.data.user_data import ColumnMap, user_rows
 from crystallm_core.lm.checkpoints import (
     inference_dtype,
     read_config,

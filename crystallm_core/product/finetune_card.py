@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from pymatgen.core import Composition
 
-from crystallm_core.chem.data_prep import property_ranges, reason_kinds
+from crystallm_core.chem.data.data_prep import property_ranges, reason_kinds
 
 
 def data_summary(kept: pd.DataFrame, rejected: pd.DataFrame, rows_in: int, name: str) -> dict:

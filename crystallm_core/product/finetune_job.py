@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from crystallm_core.chem.user_data import TABLE_SUFFIXES, ColumnMap
+from crystallm_core.chem.data.user_data import TABLE_SUFFIXES, ColumnMap
 from crystallm_core.lm.checkpoints import read_config, resolve_model_dir
 from crystallm_core.product.finetune import (
     FineTuneResult,

@@ -55,7 +55,7 @@ def continuation_seed(seed: int, done: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crystallm_core.chem.scoring import StructureScorer
+    from crystallm_core.chem.judges.scoring import StructureScorer
     from crystallm_core.lm.checkpoints import load_model
     from crystallm_core.lm.sampler import warm_up
     from crystallm_core.product.evaluate import check_candidate, score_candidates

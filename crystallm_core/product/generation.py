@@ -13,14 +13,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from crystallm_core.chem.constraints import CifConstraint, CifTokens, PromptMismatch
-from crystallm_core.chem.isolation import CHECKER, check_sample
-from crystallm_core.chem.prompts import (
+from crystallm_core.chem.decoding.constraints import CifConstraint, CifTokens, PromptMismatch
+from crystallm_core.chem.judges.isolation import CHECKER, check_sample
+from crystallm_core.chem.cif.prompts import (
     build_prompt,
     element_token_ids,
     parse_composition,
 )
-from crystallm_core.chem.repair import relax, rescale
+from crystallm_core.chem.decoding.repair import relax, rescale
 from crystallm_core.lm.checkpoints import LoadedModel
 from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.sampler import (

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from pymatgen.core import Structure
 
-from crystallm_core.chem.validity import CheckResult, ValidityReport
+from crystallm_core.chem.judges.validity import CheckResult, ValidityReport
 from crystallm_core.product.history_migration import migrate_v1
 from crystallm_core.product.run import Candidate, Run, Scores
 

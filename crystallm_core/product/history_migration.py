@@ -9,7 +9,7 @@ from typing import Callable
 
 from pymatgen.core import Structure
 
-from crystallm_core.chem.validity import CheckResult, ValidityReport
+from crystallm_core.chem.judges.validity import CheckResult, ValidityReport
 from crystallm_core.product.run import Candidate, Run, Scores, candidate_name
 
 OLD_SCORE_NAMES = {"gap_mean": "band_gap_pred", "gap_std": "band_gap_std", "e_hull": "e_hull_pred"}

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from crystallm_core.chem.scoring import StructureScorer, default_scorer
+from crystallm_core.chem.judges.scoring import StructureScorer, default_scorer
 from crystallm_core.product.evaluate import score_candidates
 from crystallm_core.product.generation import GenerationRequest, generate
 from crystallm_core.product.history import HistoryStore

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 import pandas as pd
 from pymatgen.core import Structure
 
-from crystallm_core.chem.metrics import MetricSettings, add_flags, uniqueness_flags
-from crystallm_core.chem.validity import ValidityReport
+from crystallm_core.chem.judges.metrics import MetricSettings, add_flags, uniqueness_flags
+from crystallm_core.chem.judges.validity import ValidityReport
 from crystallm_core.product.versions import package_versions
 
 RUN_FORMAT = "crystallm-run/1"

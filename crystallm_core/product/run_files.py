@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from crystallm_core.chem.validity import CheckResult, ValidityReport
+from crystallm_core.chem.judges.validity import CheckResult, ValidityReport
 from crystallm_core.product.run import RUN_FORMAT, Candidate, Run
 
 MANIFEST, TABLE = "manifest.json", "results.csv"

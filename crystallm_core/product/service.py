@@ -12,16 +12,16 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from crystallm_core.chem.metrics import (  # noqa: F401 (the pages take PAPER_BY_TARGET, funnel_counts from here)
+from crystallm_core.chem.judges.metrics import (  # noqa: F401 (the pages take PAPER_BY_TARGET, funnel_counts from here)
     PAPER_BY_TARGET,
     MetricSettings,
     funnel_counts,
     summarise,
 )
-from crystallm_core.chem.prompts import space_group_symbols
-from crystallm_core.chem.relaxation import relax_and_check  # noqa: F401 (for the pages)
-from crystallm_core.chem.stability import HULL_BIAS_NOTE, RelaxSettings  # noqa: F401 (for the pages)
-from crystallm_core.chem.structure_info import (  # noqa: F401
+from crystallm_core.chem.cif.prompts import space_group_symbols
+from crystallm_core.chem.judges.relaxation import relax_and_check  # noqa: F401 (for the pages)
+from crystallm_core.chem.judges.stability import HULL_BIAS_NOTE, RelaxSettings  # noqa: F401 (for the pages)
+from crystallm_core.chem.judges.structure_info import (  # noqa: F401
     describe_structure,
     parse_cif,
     xrd_pattern,

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from crystallm_core.chem.surrogates.calibration import reliability_curve
+from crystallm_core.chem.judges.surrogates.calibration import reliability_curve
 
 
 def histogram_figure(hist: dict, x_title: str, marker: float | None = None, x_range: tuple | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from crystallm_core.chem.stability import HULL_BIAS_NOTE
+from crystallm_core.chem.judges.stability import HULL_BIAS_NOTE
 from crystallm_core.lm.checkpoints import load_model, resolve_model_dir
 from crystallm_core.product.generation import GenerationRequest, prepare_for_requests
 from crystallm_core.product.history import HistoryStore, default_db_path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from crystallm_core.chem.user_data import ColumnMap, table_columns
+from crystallm_core.chem.data.user_data import ColumnMap, table_columns
 from crystallm_core.product.finetune import FineTuneSettings
 from crystallm_core.product.finetune_job import (
     FineTuneJob,

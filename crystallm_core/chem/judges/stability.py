@@ -1,0 +1,278 @@
+"""Thermodynamic stability estimates from the CHGNet universal potential.
+
+E_total comes from CHGNet 0.4.2 (pretrained weights ship inside the wheel, so this works
+offline on CPU). Formation energy per atom is (E_total - sum_i n_i mu_i) / N against the
+MP2020-compatible elemental ground states of Materials Project, and E_hull is measured with
+`crystallm_core.chem.data.hull.HullReference`.
+
+The hull holds only MP-20-like phases (MP-20, MPTS-52 and the MP-20 label set), far fewer
+than the full Materials Project, so a new structure's E_hull is biased LOW: it may look stable only
+because its true competitors are missing. The original paper used MACE single points against
+the full MP hull; our default (a static, unrelaxed evaluation) matches its choice of not
+relaxing. A short bounded relaxation is available but changes what "stable" means: it judges
+the nearest local minimum, not the structure the model wrote.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+from pymatgen.core import Composition, Structure
+
+from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures, LayerCapture, structure_features
+from crystallm_core.paths import ASSETS_DIR, data_dir
+
+ELEMENTAL_REFERENCES_PATH = ASSETS_DIR / "elemental_references.json"
+REFERENCE_SOURCE = "references/2023-02-07-mp-elemental-reference-entries.json"
+
+HULL_BIAS_NOTE = (
+    "E_hull is estimated with CHGNet against a convex hull built only from MP-20-like "
+    "phases (MP-20, MPTS-52), not the full Materials Project. Competing phases may "
+    "be missing, so the estimate is biased low: treat 'stable' as 'not obviously unstable'."
+)
+
+
+@dataclass
+class StabilityEstimate:
+    """Energies in eV/atom; None where the step failed (and `error` says why)."""
+
+    e_total_per_atom: float | None
+    e_form_per_atom: float | None
+    e_hull: float | None
+    relaxed: bool
+    seconds: float
+    error: str | None = None
+    features: ChgnetFeatures | None = None  # CHGNet features of the structure as given (static runs only)
+
+
+@dataclass
+class RelaxSettings:
+    """Bounds for the optional relaxation: whichever of steps / wall time is hit first stops it."""
+
+    max_steps: int = 100
+    max_seconds: float = 30.0
+    fmax: float = 0.1  # eV/Å
+    keep_symmetry: bool = True  # ASE FixSymmetry (symprec 0.1): relax within the written space group
+
+
+@contextlib.contextmanager
+def quiet_chgnet():
+    """CHGNet prints banners ("CHGNet will run on cpu") and a torch warning on every call."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+        yield
+
+
+@lru_cache(maxsize=1)
+def load_chgnet():
+    """The pretrained CHGNet model on CPU, loaded once per process (~0.1 s after import)."""
+    from chgnet.model import (
+        CHGNet,  # heavy import (~4 s): only when stability is asked for
+    )
+
+    with quiet_chgnet():
+        return CHGNet.load(use_device="cpu", verbose=False)
+
+
+def build_elemental_references(source: Path | None = None) -> dict:
+    """Element -> MP2020-compatible energy per atom (eV) from the Materials Project entries file."""
+    from pymatgen.entries.computed_entries import ComputedEntry
+
+    source = source or data_dir() / REFERENCE_SOURCE
+    entries = json.loads(Path(source).read_text())
+    energies = {el: round(ComputedEntry.from_dict(d).energy_per_atom, 6) for el, d in entries.items()}
+    return {
+        "provenance": (
+            f"energy_per_atom (corrected, MP2020-compatible, eV/atom) of the elemental ground states in "
+            f"{REFERENCE_SOURCE} (janosh/matbench-discovery @06bfc62 data/mp/, MIT; data from "
+            "the Materials Project, CC-BY-4.0). Built by crystallm_core.chem.judges.stability.build_elemental_references."
+        ),
+        "energy_per_atom": dict(sorted(energies.items())),
+    }
+
+
+@lru_cache(maxsize=1)
+def elemental_references() -> dict[str, float]:
+    """The shipped element -> mu_i table (eV/atom)."""
+    return json.loads(ELEMENTAL_REFERENCES_PATH.read_text())["energy_per_atom"]
+
+
+def formation_energy_or_nan(composition: Composition, e_total_per_atom: float) -> float:
+    """`formation_energy_per_atom`, or NaN where an element has no reference (a feature, not a result)."""
+    try:
+        return formation_energy_per_atom(composition, e_total_per_atom)
+    except ValueError:
+        return float("nan")
+
+
+def formation_energy_per_atom(composition: Composition, e_total_per_atom: float) -> float:
+    """(E_total - sum_i n_i mu_i) / N; raises ValueError for elements without a reference."""
+    mu = elemental_references()
+    missing = sorted(el.symbol for el in composition.elements if el.symbol not in mu)
+    if missing:
+        raise ValueError(f"no elemental reference energy for {', '.join(missing)}")
+    n_atoms = composition.num_atoms
+    e_ref = sum(amount * mu[el.symbol] for el, amount in composition.items())
+    return (e_total_per_atom * n_atoms - e_ref) / n_atoms
+
+
+@lru_cache(maxsize=1)
+def load_hull():
+    from crystallm_core.chem.data.hull import HullReference
+
+    return HullReference.load()
+
+
+@dataclass
+class ChgnetReading:
+    """One CHGNet forward pass: the energy for stability and the features for the band-gap head."""
+
+    energy_per_atom: float  # eV/atom
+    features: ChgnetFeatures
+
+
+def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> list[ChgnetReading | str]:
+    """CHGNet energy per atom and `ChgnetFeatures` of each structure as given (one forward each);
+    a failure becomes its message."""
+    model = load_chgnet()
+    layers = LayerCapture(model)
+    options = dict(task="e", return_crystal_feas=True)
+
+    def readings(batch: list[Structure]) -> list[ChgnetReading]:
+        with layers.capture():
+            predictions = model.predict_structure(batch, batch_size=batch_size, **options)
+        predictions = [predictions] if isinstance(predictions, dict) else predictions  # a list of one gives a dict
+        atom_features = layers.per_structure([len(s) for s in batch])
+        energies = [float(p["e"]) for p in predictions]
+        return [ChgnetReading(energy, structure_features(p["crystal_fea"], atoms, energy,
+                                                         formation_energy_or_nan(s.composition, energy)))
+                for p, energy, atoms, s in zip(predictions, energies, atom_features, batch)]
+
+    with quiet_chgnet():
+        try:
+            return readings(list(structures))
+        except Exception:  # one bad structure (e.g. isolated atoms) fails the batch: redo one by one
+            results: list[ChgnetReading | str] = []
+            for s in structures:
+                try:
+                    results.extend(readings([s]))
+                except Exception as exc:
+                    results.append(f"CHGNet failed: {exc}")
+            return results
+
+
+@dataclass
+class Relaxation:
+    """Where a bounded FIRE relaxation (positions and cell) ended."""
+
+    structure: Structure
+    energy_per_atom: float  # eV/atom at the end
+    steps: int
+    converged: bool  # max force below fmax (else stopped by max_steps or max_seconds)
+    seconds: float
+
+
+def relax_structure(structure: Structure, settings: RelaxSettings | None = None) -> Relaxation:
+    """FIRE relaxation of positions and cell with CHGNet, stopped at fmax, max_steps or max_seconds."""
+    from ase.constraints import FixSymmetry
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+    from chgnet.model.dynamics import CHGNetCalculator
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    settings = settings or RelaxSettings()
+    atoms = AseAtomsAdaptor.get_atoms(structure)
+    if settings.keep_symmetry:  # symmetrises to symprec first, then keeps forces and stress symmetric
+        atoms.set_constraint(FixSymmetry(atoms, symprec=0.1, adjust_positions=True, adjust_cell=True))
+    start = time.perf_counter()
+    converged, steps = False, 0
+    with quiet_chgnet():
+        atoms.calc = CHGNetCalculator(load_chgnet(), use_device="cpu", on_isolated_atoms="error")
+        optimizer = FIRE(FrechetCellFilter(atoms), logfile=None)
+        for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
+            steps = optimizer.nsteps
+            if converged or time.perf_counter() - start > settings.max_seconds:
+                break
+        energy = float(atoms.get_potential_energy()) / len(atoms)
+    return Relaxation(AseAtomsAdaptor.get_structure(atoms), energy, steps, bool(converged),
+                      time.perf_counter() - start)
+
+
+def estimate_stability(
+    structures: Sequence[Structure | None],
+    relax: bool = False,
+    relax_settings: RelaxSettings | None = None,
+    batch_size: int = 16,
+) -> list[StabilityEstimate]:
+    """One StabilityEstimate per input; None inputs and per-structure failures become error rows."""
+    settings = relax_settings or RelaxSettings()
+    energies: dict[int, float | str] = {}  # index -> eV/atom, or the reason there is none
+    features: dict[int, ChgnetFeatures] = {}
+    seconds: dict[int, float] = {}
+    for i, structure in enumerate(structures):
+        if structure is None:
+            energies[i], seconds[i] = "no structure", 0.0
+        elif missing := sorted({el.symbol for el in structure.composition} - set(elemental_references())):
+            # CHGNet and the formation energy both need these: fail early with a clear reason
+            energies[i], seconds[i] = f"no elemental reference energy for {', '.join(missing)}", 0.0
+    todo = [i for i in range(len(structures)) if i not in energies]
+    if todo and not relax:
+        start = time.perf_counter()
+        readings = static_readings([structures[i] for i in todo], batch_size=batch_size)
+        per_item = (time.perf_counter() - start) / len(todo)  # batched: share the cost evenly
+        for i, value in zip(todo, readings):
+            energies[i] = value if isinstance(value, str) else value.energy_per_atom
+            if not isinstance(value, str):
+                features[i] = value.features
+        seconds.update((i, per_item) for i in todo)
+    for i in todo if relax else []:
+        start = time.perf_counter()
+        try:
+            energies[i] = relax_structure(structures[i], settings).energy_per_atom
+        except Exception as exc:
+            energies[i] = f"CHGNet relaxation failed: {exc}"
+        seconds[i] = time.perf_counter() - start
+    return [replace(finish_estimate(structures[i], energies[i], relax, seconds[i]), features=features.get(i))
+            for i in range(len(structures))]
+
+
+def finish_estimate(
+    structure: Structure | None, energy: float | str, relaxed: bool, seconds: float
+) -> StabilityEstimate:
+    """Turn a CHGNet energy (or the reason there is none) into formation energy and E_hull."""
+    if isinstance(energy, str):
+        return StabilityEstimate(None, None, None, relaxed, seconds, energy)
+    if not math.isfinite(energy):
+        return StabilityEstimate(None, None, None, relaxed, seconds, "CHGNet energy is not finite")
+    e_form = formation_energy_per_atom(structure.composition, energy)
+    try:
+        e_hull = float(load_hull().e_above_hull(structure.composition, e_form))
+    except Exception as exc:  # hull table missing or the chemical system not covered
+        return StabilityEstimate(energy, e_form, None, relaxed, seconds, f"no E_hull: {exc}")
+    return StabilityEstimate(energy, e_form, e_hull, relaxed, seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m crystallm_core.chem.judges.stability --build-references` rewrites the shipped mu_i table."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--build-references", action="store_true")
+    parser.add_argument("--source", type=Path, default=None, help="MP elemental entries JSON")
+    args = parser.parse_args(argv)
+    if args.build_references:
+        table = build_elemental_references(args.source)
+        ELEMENTAL_REFERENCES_PATH.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {len(table['energy_per_atom'])} elements to {ELEMENTAL_REFERENCES_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
