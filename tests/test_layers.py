@@ -1,4 +1,5 @@
-"""The package's layers point one way (product -> chem -> lm), checked by import-linter."""
+"""The package's layers point one way (product -> chem -> lm, and inside chem decoding -> judges ->
+data -> cif), checked by import-linter."""
 from __future__ import annotations
 
 import subprocess
