@@ -30,6 +30,7 @@ from transformers.activations import ACT2FN
 
 from crystallm_core.lm.kv_cache import StaticKVCache, query_groups
 from crystallm_core.lm.native_attention import native_attention
+from crystallm_core.lm.packed_batch import PackedBatch
 from crystallm_core.lm.packed_linear import PackedLinears, packed_linears
 
 
@@ -250,6 +251,43 @@ class CrystaLLMPKV(GPT2LMHeadModel):
         else:
             counted = (torch.arange(targets.shape[1], device=nll.device)[None, :] < (lengths[:, None] - 1)).to(nll.dtype)
         return (nll * counted).sum(dim=1), counted.sum(dim=1)
+
+    def packed_sequence_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sequence_loss` without compute on padding (training's fast step): the same
+        (summed NLL, predicted tokens) per sequence, for sequences stored back to back.
+
+        Embeddings, every linear layer, the MLPs and the LM head see only real tokens (N, C).
+        Attention alone needs rows: the tokens are scattered into (B, T) and one zero query
+        per prefix slot is put in front, so query P + t sees prefix keys 0…P-1 and CIF keys
+        0…t under a plain `is_causal` mask, which is what the fused SDPA kernels take (flash
+        on a GPU, the fused CPU kernel here). Right padding sits after every real key, so it
+        needs no mask; its outputs are never gathered back.
+        """
+        cfg = self.config
+        P, H, D, C = cfg.n_prefix_tokens, cfg.n_head, cfg.head_dim, cfg.n_embd
+        rows, T = batch.rows, batch.max_length
+        if T > cfg.max_cif_tokens:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's context of {cfg.max_cif_tokens}")
+        prefix = self.conditioning(batch.conditions, batch.present)
+        tf = self.transformer
+        hidden = tf.drop(tf.wte(batch.tokens) + tf.wpe(batch.positions + P))
+        dropout_p = cfg.attn_pdrop if self.training else 0.0
+        for block, (prefix_k, prefix_v) in zip(tf.h, prefix):
+            qkv = block.attn.c_attn(block.ln_1(hidden))
+            padded = qkv.new_zeros(rows * T, 3 * C).index_copy(0, batch.padded_index, qkv)
+            q, k, v = (part.view(rows, T, H, D).transpose(1, 2) for part in padded.split(C, dim=1))
+            q = torch.cat([q.new_zeros(rows, H, P, D), q], dim=2)
+            k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
+            v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            attn = attn[:, :, P:].transpose(1, 2).reshape(rows * T, C).index_select(0, batch.padded_index)
+            hidden = hidden + block.attn.resid_dropout(block.attn.c_proj(attn))
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        logits = self.lm_head(tf.ln_f(hidden))
+        nll = F.cross_entropy(logits.float(), batch.targets, reduction="none", ignore_index=-100)
+        counted = (batch.targets >= 0).to(nll.dtype)
+        per_row = torch.zeros(rows, dtype=nll.dtype, device=nll.device)
+        return per_row.index_add(0, batch.row_of, nll), per_row.index_add(0, batch.row_of, counted)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,10 +1,15 @@
 """`python -m crystallm_core train --config cfg.json`: train a PKV model from the token cache.
 
 Reads only `tokens.npz` (made by prepare-data), so it runs where pymatgen is absent (a GPU box).
-Every row is one structure with its own condition vector: sequences are padded, not packed,
-and length-bucketed so padding stays small. Conditioning dropout replaces each property by
-"unknown" with probability `condition_dropout`, which trains the missing-property path and
-the unconditional model for classifier-free guidance.
+Every row is one structure with its own condition vector. Batches are length-bucketed and
+packed (`PackedBatch`): the linear layers, MLPs and LM head compute on real tokens only, and
+attention runs through the fused `scaled_dot_product_attention` kernels (`packed_sequence_loss`).
+`training_step` is the one step that pre-training, `finetune` and `align` share: bf16 autocast
+only where the hardware computes bf16 (a GPU, a CPU with AVX512-BF16 or AMX; emulated bf16 on
+an AVX2 CPU was 14× slower than fp32), fp32 master weights, fused AdamW, and no host
+synchronisation inside the step. Conditioning dropout replaces each property by "unknown" with
+probability `condition_dropout`, which trains the missing-property path and the unconditional
+model for classifier-free guidance.
 
 Reproducible: the data order and all dropout randomness derive from (seed, step), so a run
 resumed from `resume/` continues exactly as if it had not stopped.
@@ -32,6 +37,7 @@ from crystallm_core.lm.conditions import (
     denormalise_e_hull,
 )
 from crystallm_core.lm.model import CrystaLLMPKV, PKVConfig, count_parameters
+from crystallm_core.lm.packed_batch import PackedBatch
 
 
 @dataclass
@@ -66,7 +72,7 @@ class TrainConfig:
     seed: int = 1
     init_from: str | None = None  # model directory to start from (a continued run with a fresh schedule)
     device: str = "auto"
-    bf16: bool = True
+    bf16: bool = True  # where the hardware computes it natively (`uses_bf16`); fp32 elsewhere
     export_dtype: str = "bfloat16"  # shipped weights; loaders cast to the inference dtype
 
     @classmethod
@@ -93,15 +99,24 @@ class TokenData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def sequence(self, pick: int) -> np.ndarray:
+        row = self.rows[pick]
+        return self.tokens[self.offsets[row] : self.offsets[row + 1]]
+
     def batch(self, picks: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Right-padded (ids, conditions, present, lengths): the reference step's layout."""
         length = int(self.lengths[picks].max())
         ids = np.full((len(picks), length), self.pad_id, dtype=np.int64)
         for i, pick in enumerate(picks):
-            row = self.rows[pick]
-            seq = self.tokens[self.offsets[row] : self.offsets[row + 1]]
+            seq = self.sequence(pick)
             ids[i, : len(seq)] = seq
         return (torch.from_numpy(ids), torch.from_numpy(self.conditions[picks]),
                 torch.from_numpy(self.present[picks]), torch.from_numpy(self.lengths[picks]))
+
+    def packed(self, picks: np.ndarray, device: torch.device | str = "cpu") -> PackedBatch:
+        """The same rows back to back (the fast step's layout)."""
+        return PackedBatch.from_sequences([self.sequence(p) for p in picks], self.conditions[picks],
+                                          self.present[picks], device)
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
         """Shuffle, sort within windows of 50 batches by length, shuffle the batches."""
@@ -132,16 +147,51 @@ def build_model(cfg: TrainConfig) -> CrystaLLMPKV:
     return CrystaLLMPKV(config)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only (not biases, LayerNorms, embeddings of unknowns)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
+    """Weight decay on matrices only (not biases, LayerNorms, embeddings of unknowns). `fused`:
+    one kernel for every parameter's update (CPU and CUDA), instead of one loop per tensor."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "unknown_embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "unknown_embedding" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does this device compute bf16 matrix products in hardware (else autocast only emulates it)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.bf16 and native_bf16(device)
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
+
+
+def condition_dropout(batch: PackedBatch, probability: float) -> PackedBatch:
+    """Each property of each row becomes "unknown" with `probability` (uses the global RNG)."""
+    if probability <= 0:
+        return batch
+    keep = torch.rand(batch.present.shape, device=batch.present.device) >= probability
+    return batch.with_present(batch.present & keep)
+
+
+def training_step(model: CrystaLLMPKV, optimizer: torch.optim.Optimizer, batch: PackedBatch, cfg: TrainConfig,
+                  device: torch.device, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimiser step on a packed batch; returns the mean NLL per token as a device tensor
+    (read it only when logging: `.item()` waits for the device). `weights` (B,) scale each
+    sequence's summed NLL (reward-weighted fine-tuning); the loss is still per token."""
+    with autocast(cfg, device):
+        nll, count = model.packed_sequence_loss(batch)
+    loss = (nll if weights is None else nll * weights).sum() / count.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+    optimizer.step()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -151,13 +201,16 @@ def evaluate_loss(model, data: TokenData, cfg: TrainConfig, device: torch.device
     picks = np.arange(min(len(data), rows or len(data)))
     picks = picks[np.argsort(data.lengths[picks], kind="stable")]
     total, count = 0.0, 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for start in range(0, len(picks), cfg.batch_size):
-        ids, cond, present, lengths = (t.to(device) for t in data.batch(picks[start : start + cfg.batch_size]))
+        chunk = picks[start : start + cfg.batch_size]
         with autocast(cfg, device):
-            nll, n = model.sequence_loss(ids, cond, present, lengths)
-        total, count = total + float(nll.sum()), count + float(n.sum())
+            nll, _ = model.packed_sequence_loss(data.packed(chunk, device))
+        total += nll.sum().double()
+        count += int((data.lengths[chunk] - 1).sum())
     model.train()
-    return total / max(count, 1.0)
+    return float(total) / max(count, 1)
 
 
 def save_resume(path: Path, model, optimizer, state: dict) -> None:
@@ -223,7 +276,8 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
         if not cfg.time_budget_s:
             state["max_steps"] = cfg.max_steps  # the config may extend an interrupted run
         print(f"resumed at step {state['step']}", flush=True)
-    print(f"model {count_parameters(model):,} parameters on {device}; train {len(train_data)} / val {len(val_data)} rows", flush=True)
+    print(f"model {count_parameters(model):,} parameters on {device} ({'bf16' if uses_bf16(cfg, device) else 'fp32'}); "
+          f"train {len(train_data)} / val {len(val_data)} rows", flush=True)
 
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     best_path = out / "resume" / "best.safetensors"
@@ -244,19 +298,12 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
         epoch, position = divmod(step, steps_per_epoch)
         picks = train_data.epoch_batches(cfg.batch_size, cfg.seed, epoch)[position]
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout + conditioning dropout, resumable
-        ids, cond, present, lens = (t.to(device) for t in train_data.batch(picks))
-        present = present & (torch.rand(present.shape, device=device) >= cfg.condition_dropout)
+        batch = condition_dropout(train_data.packed(picks, device), cfg.condition_dropout)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg, state["max_steps"])
-        with autocast(cfg, device):
-            nll, count = model.sequence_loss(ids, cond, present, lens)
-        loss = nll.sum() / count.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        loss = training_step(model, optimizer, batch, cfg, device)
         step += 1
-        tokens_seen += int(count.sum())
+        tokens_seen += int((train_data.lengths[picks] - 1).sum())  # from the host's lengths: no sync
         elapsed = time.perf_counter() - t0
         over_budget = bool(cfg.time_budget_s) and elapsed >= cfg.time_budget_s
         if cfg.time_budget_s:
