@@ -10,6 +10,7 @@ COMMANDS = {
     "prepare-data": ("crystallm_core.chem.data.data_prep", "build the training table, splits and token cache"),
     "train": ("crystallm_core.lm.training", "train a PKV model from the token cache"),
     "finetune": ("crystallm_core.product.finetune", "fine-tune a model on your own structures and properties"),
+    "align": ("crystallm_core.product.align", "reward fine-tuning: the model learns from its own judged samples"),
     "evaluate": ("crystallm_core.product.evaluate", "score a directory of CIF files"),
     "relax": ("crystallm_core.chem.judges.relaxation", "relax one CIF with CHGNet and re-check it"),
     "campaign": ("crystallm_core.product.campaign_cli", "a screening campaign on Ray: many targets × many samples"),
