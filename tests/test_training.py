@@ -12,7 +12,7 @@ from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.tokenizer import get_tokenizer
 from crystallm_core.lm.model import CrystaLLMPKV, PKVConfig
 from crystallm_core.lm.packed_batch import PackedBatch
-from crystallm_core.lm.training import TrainConfig, learning_rate, make_optimizer, train, training_step
+from crystallm_core.lm.training import TokenData, TrainConfig, learning_rate, make_optimizer, train, training_step
 
 
 def write_token_cache(path, repeats=6):
@@ -127,3 +127,23 @@ def test_training_step_lowers_the_loss_and_weights_scale_rows():
     assert float(last) < float(first)
     zero = training_step(model, optimizer, batch, cfg, torch.device("cpu"), weights=torch.zeros(4))
     assert float(zero) == 0.0
+
+
+def test_e_hull_balanced_batches_keep_a_third_high_and_every_other_row_once():
+    rng = np.random.default_rng(0)
+    n = 400
+    hull = np.where(rng.random(n) < 0.08, 0.5, 0.01)  # 8 % at or above 0.1 eV/atom, like MP-20 + WBM
+    labelled = rng.random(n) < 0.8
+    npz = {"tokens": np.zeros(n * 3, np.uint16), "offsets": np.arange(0, 3 * n + 1, 3),
+           "conditions": np.stack([np.zeros(n), hull / 5.418], 1).astype(np.float32),
+           "present": np.stack([np.ones(n, bool), labelled], 1), "split": np.zeros(n, np.int8)}
+    data = TokenData(npz, 0, 371)
+    high = data.high_hull()
+    batches = data.epoch_batches(16, seed=1, epoch=0, balance_e_hull=True)
+    for batch in batches:
+        assert len(batch) <= 16
+        assert 3 * high[batch].sum() >= labelled[batch].sum()
+    others = np.concatenate(batches)[~high[np.concatenate(batches)]]
+    assert sorted(others.tolist()) == sorted(np.flatnonzero(~high).tolist())
+    plain = np.concatenate(data.epoch_batches(16, seed=1, epoch=0))
+    assert sorted(plain.tolist()) == list(range(n))

@@ -6,6 +6,9 @@ Sources (see the data README), in order of trust; a later source never overrides
   wbm     WBM hypothetical structures: band gap and formation energy; E_hull computed against
           the hull of the MP phases (crystallm_core.chem.data.hull), so it can be negative (below the
           MP-20 hull) and is biased low
+  extra   LeMaterial's sample of MP, Alexandria, OQMD and JARVIS (extra/lemat_genbench_baseline):
+          no labels, trained as "both properties unknown" (the unconditional path); cells too
+          long for the context are dropped like any other
 Duplicates are dropped by id and by a cheap structure key (reduced formula, space group, volume
 per atom to 0.1 Å³), keeping the earlier source. Splits come from `splits.split_of` (by reduced
 formula). Every structure becomes the model's CIF (`cif_format`) and token ids; a structure
@@ -52,7 +55,8 @@ from crystallm_core.lm.conditions import (
 from crystallm_core.lm.tokenizer import get_tokenizer
 from crystallm_core.paths import cache_dir, data_dir
 
-SOURCES = ("mp20", "mpts52", "wbm")
+SOURCES = ("mp20", "mpts52", "wbm", "extra")
+EXTRA_FILE = "extra/lemat_genbench_baseline.csv.gz"
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 LABELS_FILE = "labels/mp20_hulls_mace_above_hull_dataset.parquet"
 SPACEGROUP_RE = re.compile(r"_symmetry_Int_Tables_number \[?(\d+)")
@@ -94,7 +98,13 @@ def load_sources(data_dir: Path) -> pd.DataFrame:
     wbm = pd.DataFrame({"id": "wbm-" + wbm["wbm_row"].astype(str), "source": "wbm", "cif": wbm["cif"],
                         "band_gap": wbm["band_gap"], "e_hull": np.nan,
                         "e_form": wbm["formation_energy_per_atom"]})
-    rows = pd.concat([mp20, mpts, wbm], ignore_index=True)
+    parts = [mp20, mpts, wbm]
+    if (data_dir / EXTRA_FILE).is_file():
+        extra = pd.read_csv(data_dir / EXTRA_FILE)
+        parts.append(pd.DataFrame({"id": "extra-" + extra["source"].astype(str) + "-" + extra["id"].astype(str),
+                                   "source": "extra", "cif": extra["cif"], "band_gap": np.nan, "e_hull": np.nan,
+                                   "e_form": np.nan}))
+    rows = pd.concat(parts, ignore_index=True)
     return rows.drop_duplicates("id", keep="first").reset_index(drop=True)
 
 
