@@ -247,6 +247,21 @@ def test_report_scores_v1_and_shipped_side_by_side(tmp_path, prototypes):
     assert np.mean(np.abs(wbm["true"] - wbm["pred"])) == pytest.approx(shipped["test_wbm"]["mae"], abs=1e-3)
 
 
+def test_report_scores_a_previous_release_in_the_same_run(tmp_path, prototypes):
+    import pandas as pd
+
+    models = tiny_ensemble(tmp_path / "models", EnsembleConfig(["head"], "mixture", 0.1, 0.1, 1.0))
+    rows = [("nacl", "mp20", 5.0, "NaCl"), ("cu", "wbm", 0.0, "Cu"), ("zno", "wbm", 3.4, "ZnO")]
+    pd.DataFrame([{"id": i, "source": source, "band_gap": gap, "split": "test", "cif": prototypes[name].to(fmt="cif")}
+                  for i, source, gap, name in rows]).to_parquet(tmp_path / "dataset.parquet")
+    summary = report.main(["--dataset", str(tmp_path / "dataset.parquet"), "--models", str(models),
+                           "--before", str(models)])
+    assert set(summary["metrics"]) == {"v1", "shipped", "before"}
+    same = [json.dumps(summary["metrics"][name], sort_keys=True) for name in ("before", "shipped")]
+    assert same[0] == same[1]  # the same folder reads the same (compared as text: NaN != NaN)
+    assert summary["ensembles"]["before"]["models"] == str(models)
+
+
 def test_chgnet_feature_cache_computes_each_row_once(tmp_path, monkeypatch):
     import pandas as pd
 
