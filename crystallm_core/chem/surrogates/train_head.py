@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -173,7 +174,7 @@ def calibrate(config: EnsembleConfig, p_metal: np.ndarray, gap: np.ndarray, gap_
     best = None
     chosen_rows = np.ones(len(y), bool) if scale_rows is None else scale_rows
     for relative, floor in itertools.product(SIGMA_RELATIVE, SIGMA_FLOOR):
-        trial = EnsembleConfig(config.members, "mixture", relative, floor, 1.0)
+        trial = replace(config, spread="mixture", sigma_relative=relative, sigma_floor=floor, scale=1.0)
         mean, spread, _, _ = combine(p_metal, gap, trial, gap_var)
         gapped = mean > 0
         fitted = gapped & chosen_rows
@@ -224,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="perturbed copies of each train row (random strain and atom jitter, the row's gap)")
     parser.add_argument("--strain", type=float, default=Perturbation.strain, help="--augment: strain standard deviation")
     parser.add_argument("--jitter", type=float, default=Perturbation.jitter, help="--augment: atom jitter (Å)")
+    parser.add_argument("--finetune-from", type=Path, default=None,
+                        help="start from the head in this folder (its networks and standardisation) instead of anew")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (e.g. 3e-4 with --finetune-from)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -258,8 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in variants:
         matrix = head_inputs(name, chgnet, descriptors)
         start = time.time()
-        config = HeadConfig(matrix.shape[1], ATOM_FEATURE_DIM, descriptors=name != "chgnet")
-        trained[name] = train_head(matrix, atoms, y, split, config, args.epochs, **recipe(args, source))
+        start_from = load_head(args.finetune_from) if args.finetune_from else None
+        config = start_from.config if start_from else HeadConfig(matrix.shape[1], ATOM_FEATURE_DIM,
+                                                                 descriptors=name != "chgnet")
+        trained[name] = train_head(matrix, atoms, y, split, config, args.epochs, start=start_from, lr=args.lr,
+                                   **recipe(args, source))
         p, gap = trained[name].predict(matrix[val], val_atoms)
         heads[name] = (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))
         reading = gated_gap(heads[name][0], heads[name][1])
