@@ -93,3 +93,39 @@ def test_train_head_augment_appends_perturbed_train_rows_only(tmp_path, monkeypa
     assert seen == {"ids": ["t1~0", "t2~0"], "cache": "chgnet_perturbed_s0.03_j0.1.npz"}
     assert out.id.tolist() == ["t1", "v1", "t2", "t1~0"] and out.split.tolist() == ["train", "val", "train", "train"]
     assert out.band_gap.tolist() == [0.0, 1.0, 2.0, 0.0] and crystal.shape == (4, width) and len(atoms) == 4
+
+
+def test_train_head_command_runs_on_chgnet_features_alone_and_with_perturbed_copies(tmp_path, monkeypatch):
+    """The default variant reads no descriptors: every row must still count as featurised."""
+    import json
+
+    from prototypes import all_prototypes
+    from test_surrogates import tiny_ensemble
+
+    from crystallm_core.chem.surrogates.ensemble import EnsembleConfig
+
+    structures = list(all_prototypes().items())
+    rows = [{"id": f"r{i}", "source": "wbm" if i % 2 else "mp20", "band_gap": float(i % 3 > 0) * (1.0 + i % 5),
+             "split": "val" if i % 4 == 0 else "train", "cif": s.to(fmt="cif"), "reduced_formula": name}
+            for i, (name, s) in enumerate(structures * 2)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "dataset.parquet")
+    models = tiny_ensemble(tmp_path / "models", EnsembleConfig(["head"]))
+    width, rng = len(chgnet_feature_names()), np.random.default_rng(0)
+
+    def fake_features(table, cache, verbose=True):
+        return rng.normal(size=(len(table), width)), [rng.normal(size=(2, ATOM_FEATURE_DIM)) for _ in range(len(table))]
+
+    monkeypatch.setattr(train_head_module, "cached_chgnet_features", fake_features)
+    monkeypatch.setattr(train_head_module, "calibrate_on_rows",  # (its own tests); a random head reads all as metals
+                        lambda args, members, *rest: (EnsembleConfig(members), {}))
+    full_size = train_head_module.HeadConfig
+    monkeypatch.setattr(train_head_module, "HeadConfig",  # a small head: only the command's plumbing is under test
+                        lambda n_inputs, n_atom_inputs, descriptors: full_size(n_inputs, n_atom_inputs, descriptors,
+                                                                               hidden=16, n_models=2))
+    for extra in ([], ["--augment", "1"]):
+        train_head_module.main(["--dataset", str(tmp_path / "dataset.parquet"), "--out", str(models), "--epochs", "1",
+                                "--calibrate-on", "val", "--chgnet-cache", str(tmp_path / "c.npz"), *extra])
+        log = json.loads((models / "head_metrics.json").read_text())
+        assert log["rows"] == len(rows) and log["failed_rows"] == 0
+        n_train = sum(r["split"] == "train" for r in rows)
+        assert log["augment"]["rows"] == (n_train if extra else 0)

@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     # the descriptors (a symmetry analysis per row) only where a variant reads them
     descriptors = cached_features(table, args.features_cache, workers=1) if variants != ["chgnet"] \
         else np.zeros((len(table), 0), np.float32)
-    ok = ~np.isnan(chgnet).all(axis=1) & ~np.isnan(descriptors).all(axis=1)
+    ok = ~np.isnan(chgnet).all(axis=1)
+    if descriptors.shape[1]:  # (an all() over no columns would call every row failed)
+        ok &= ~np.isnan(descriptors).all(axis=1)
     table, chgnet, descriptors = table[ok].reset_index(drop=True), chgnet[ok], descriptors[ok]
     atoms = [atoms[i] for i in np.nonzero(ok)[0]]
     if args.augment:
