@@ -129,3 +129,21 @@ def test_train_head_command_runs_on_chgnet_features_alone_and_with_perturbed_cop
         assert log["rows"] == len(rows) and log["failed_rows"] == 0
         n_train = sum(r["split"] == "train" for r in rows)
         assert log["augment"]["rows"] == (n_train if extra else 0)
+
+
+def test_choose_gap_blend_gives_v1_its_shares_half_each():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "choose_gap_blend.py"
+    spec = importlib.util.spec_from_file_location("choose_gap_blend", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    p_metal = np.array([[0.55, 0.0, 0.2]])
+    gap = np.array([[3.0, 5.0, 7.0]])
+    reading, p = module.blend(p_metal, gap, metal_share=0.2, gap_share=0.0)
+    assert p == pytest.approx([0.8 * 0.55 + 0.1 * 0.2]) and reading == pytest.approx(np.sqrt(1 - p) * 3.0)
+    alone, p_alone = module.blend(p_metal, gap, 0.0, 0.0)
+    assert p_alone == pytest.approx([0.55]) and alone == pytest.approx([0.0])  # the head alone calls it a metal
+    p_more = 0.6 * 0.55 + 0.2 * 0.2
+    assert module.blend(p_metal, gap, 0.4, 0.3)[0] == pytest.approx(np.sqrt(1 - p_more) * (0.7 * 3 + 0.15 * 12))
