@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=Path, default=SURROGATE_DIR, help="folder with the head, GNN and LightGBM")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    for path, made_by in ((args.readings, "measure_generated_gap.py --readings"), (args.dataset, "prepare-data")):
+        if not path.is_file():
+            raise SystemExit(f"{path} not found (made by {made_by})")
 
     generated = pd.read_csv(args.readings)
     calibration = (generated.half == CALIBRATION).to_numpy()
