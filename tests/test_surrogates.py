@@ -247,6 +247,21 @@ def test_report_scores_v1_and_shipped_side_by_side(tmp_path, prototypes):
     assert np.mean(np.abs(wbm["true"] - wbm["pred"])) == pytest.approx(shipped["test_wbm"]["mae"], abs=1e-3)
 
 
+def test_report_scores_a_previous_release_in_the_same_run(tmp_path, prototypes):
+    import pandas as pd
+
+    models = tiny_ensemble(tmp_path / "models", EnsembleConfig(["head"], "mixture", 0.1, 0.1, 1.0))
+    rows = [("nacl", "mp20", 5.0, "NaCl"), ("cu", "wbm", 0.0, "Cu"), ("zno", "wbm", 3.4, "ZnO")]
+    pd.DataFrame([{"id": i, "source": source, "band_gap": gap, "split": "test", "cif": prototypes[name].to(fmt="cif")}
+                  for i, source, gap, name in rows]).to_parquet(tmp_path / "dataset.parquet")
+    summary = report.main(["--dataset", str(tmp_path / "dataset.parquet"), "--models", str(models),
+                           "--before", str(models)])
+    assert set(summary["metrics"]) == {"v1", "shipped", "before"}
+    same = [json.dumps(summary["metrics"][name], sort_keys=True) for name in ("before", "shipped")]
+    assert same[0] == same[1]  # the same folder reads the same (compared as text: NaN != NaN)
+    assert summary["ensembles"]["before"]["models"] == str(models)
+
+
 def test_chgnet_feature_cache_computes_each_row_once(tmp_path, monkeypatch):
     import pandas as pd
 
@@ -292,6 +307,20 @@ def test_train_head_fits_each_model_and_round_trips(tmp_path):
     assert np.allclose(alone[0], p_metal[:1], atol=1e-6) and np.allclose(alone[1], gap[:1], atol=1e-5)
     with pytest.raises(ValueError, match="atom features of every structure"):
         head.predict(features[160:162], atoms[160:161])
+
+
+def test_train_head_fine_tunes_a_copy_of_a_head():
+    rng = np.random.default_rng(1)
+    features, atoms = rng.normal(size=(120, 6)), random_atoms(rng, 120)
+    band_gap = np.where(features[:, 0] > 0, 0.0, 2.0)
+    split = np.where(np.arange(120) < 100, "train", "val")
+    config = HeadConfig(6, 3, hidden=16, n_models=2)
+    start = train_head(features, atoms, band_gap, split, config, epochs=2, batch_size=32)
+    before = [v.clone() for v in start.state_dict().values()]
+    tuned = train_head(features * 3, atoms, band_gap, split, config, epochs=2, batch_size=32, start=start, lr=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(before, start.state_dict().values()))  # the start is left as it was
+    assert torch.equal(tuned.mean, start.mean) and torch.equal(tuned.atom_scale, start.atom_scale)  # its standardisation
+    assert not torch.equal(tuned.models[0].layers[0].weight, start.models[0].layers[0].weight)  # and trained it
 
 
 def test_attention_pooling_finds_the_one_atom_that_decides():
@@ -376,6 +405,27 @@ def test_mixture_spread_and_calibration():
     assert coverage(error, spread, 2 * k) == pytest.approx(0.954, abs=0.01)
     curve = reliability_curve(error, k * spread)
     assert np.allclose(curve["observed"], curve["nominal"], atol=0.02)
+
+
+def test_member_weights_blend_the_metal_vote_and_the_gap_apart(tmp_path):
+    p_metal = np.array([[0.6, 0.0, 0.2], [0.1, 0.1, 0.1]])  # the head alone would read row 0 as a metal
+    gap = np.array([[3.0, 5.0, 7.0], [2.0, 1.0, 0.0]])
+    gap_var = np.array([[0.04, 0.0, 0.0], [0.01, 0.0, 0.0]])
+    equal = EnsembleConfig(["head", "gnn", "gbm"], "mixture", 0.0, 0.2, 1.0)
+    weighted = EnsembleConfig(["head", "gnn", "gbm"], "mixture", 0.0, 0.2, 1.0, [0.8, 0.1, 0.1], [1.0, 0.0, 0.0])
+    mean, spread, p, _ = combine(p_metal, gap, weighted, gap_var)
+    assert p == pytest.approx([0.8 * 0.6 + 0.1 * 0.2, 0.1])
+    assert mean == pytest.approx(gated_gap(p, gap[:, 0]))  # the gap is the head's alone
+    head_only = EnsembleConfig(["head"], "mixture", 0.0, 0.2, 1.0)
+    assert spread == pytest.approx(combine(p[:, None], gap[:, :1], head_only, gap_var[:, :1])[1])  # no between-member term
+    mean_equal, spread_equal, p_equal, _ = combine(p_metal, gap, equal, gap_var)
+    assert p_equal == pytest.approx(p_metal.mean(1)) and mean_equal == pytest.approx(gated_gap(p_metal.mean(1), gap.mean(1)))
+    sigma = np.sqrt(gap.var(1) + gap_var.mean(1) + 0.2**2)  # equal shares: the spread model as before
+    assert spread_equal == pytest.approx(mixture_spread(p_equal, gap.mean(1), mean_equal, sigma))
+    weighted.save(tmp_path)
+    assert EnsembleConfig.load(tmp_path) == weighted
+    with pytest.raises(ValueError, match="do not fit the members"):
+        combine(p_metal, gap, EnsembleConfig(["head", "gnn", "gbm"], metal_weights=[1.0, 0.0]))
 
 
 def test_missing_model_files_are_named(tmp_path):

@@ -66,6 +66,18 @@ class EnsembleConfig:
     sigma_relative: float = 0.0  # mixture: the regressor's error, sigma = hypot(readings' std, rel·g, floor)
     sigma_floor: float = 0.0  # eV
     scale: float = 1.0  # k, fitted on val so that ±1 spread covers 68 % of the rows read as non-metals
+    # Each member's share of the averaged P(metal) and of the averaged gap (None: equal shares). A blend
+    # can lean on the head for the gap of relaxed structures and still let robust members vote.
+    metal_weights: list[float] | None = None
+    gap_weights: list[float] | None = None
+
+    def weights(self, kind: str) -> np.ndarray:
+        """The members' normalised weights of "metal" or "gap"."""
+        given = self.metal_weights if kind == "metal" else self.gap_weights
+        w = np.ones(len(self.members)) if given is None else np.asarray(given, dtype=float)
+        if len(w) != len(self.members) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"{kind} weights {given} do not fit the members {self.members}")
+        return w / w.sum()
 
     @classmethod
     def load(cls, directory: Path) -> EnsembleConfig:
@@ -106,13 +118,15 @@ def combine(p_metal: np.ndarray, gap: np.ndarray, config: EnsembleConfig, gap_va
     readings = gated_gap(p_metal, gap)
     # Gate once with the averaged probability: averaging two gated readings would turn a
     # split vote (0 eV vs 3 eV) into 1.5 eV, which is wrong for both outcomes.
-    mean_p, mean_gap = p_metal.mean(axis=1), gap.mean(axis=1)
+    metal_w, gap_w = config.weights("metal"), config.weights("gap")
+    mean_p, mean_gap = p_metal @ metal_w, gap @ gap_w
     mean = gated_gap(mean_p, mean_gap)
     if config.spread == "disagreement":
         spread = np.abs(readings[:, 0] - readings[:, -1]) / 2
     else:
-        within = 0.0 if gap_var is None else gap_var.mean(axis=1)
-        sigma = np.sqrt(gap.var(axis=1) + within + (config.sigma_relative * mean_gap) ** 2 + config.sigma_floor**2)
+        within = 0.0 if gap_var is None else gap_var @ gap_w
+        between = ((gap - mean_gap[:, None]) ** 2) @ gap_w
+        sigma = np.sqrt(between + within + (config.sigma_relative * mean_gap) ** 2 + config.sigma_floor**2)
         spread = mixture_spread(mean_p, mean_gap, mean, sigma)
     return mean, config.scale * spread, mean_p, readings
 

@@ -1,5 +1,6 @@
 """Score the band-gap ensembles on held-out rows: today's shipped ensemble next to v1 (graph network
-+ LightGBM, ± = half their difference), on WBM rows and Materials Project rows, in one run.
++ LightGBM, ± = half their difference), and with `--before DIR` next to another folder's ensemble (the
+previous release), on WBM rows and Materials Project rows, in one run.
 
     OMP_NUM_THREADS=1 nice -n 15 python -m crystallm_core.chem.judges.surrogates.report \
         --out crystallm_core/assets/surrogates/ensemble_metrics.json \
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", type=Path, default=SURROGATE_DIR)
     parser.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
     parser.add_argument("--predictions", type=Path, default=None, help="write the test rows' readings here (CSV)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="also score the ensemble of this surrogate folder (e.g. the previous release), same run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -102,15 +105,18 @@ def main(argv: list[str] | None = None) -> dict:
     chgnet_iter = iter(chgnet)
     chgnet = [next(chgnet_iter) if s is not None else None for s in structures]
 
-    ensembles = {"v1": V1_CONFIG, "shipped": EnsembleConfig.load(args.models)}
+    ensembles = {"v1": (args.models, V1_CONFIG), "shipped": (args.models, EnsembleConfig.load(args.models))}
+    if args.before:
+        ensembles["before"] = (args.before, EnsembleConfig.load(args.before))
     y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
     summary: dict = {"dataset": str(args.dataset), "rows": len(table),
                      "chgnet_ms_per_structure": round(chgnet_ms, 2), "torch_threads": torch.get_num_threads(),
-                     "ensembles": {name: config.__dict__ for name, config in ensembles.items()}, "metrics": {}}
+                     "ensembles": {name: {"models": str(folder), **config.__dict__}
+                                   for name, (folder, config) in ensembles.items()}, "metrics": {}}
     columns: dict[str, np.ndarray] = {}
-    for name, config in ensembles.items():
+    for name, (folder, config) in ensembles.items():
         start = time.perf_counter()
-        readings = member_readings(table, args.models, config.members, chgnet)
+        readings = member_readings(table, folder, config.members, chgnet)
         summary[f"{name}_ms_per_structure_beyond_chgnet"] = round(1000 * (time.perf_counter() - start) / len(table), 2)
         columns_in = member_columns(readings, config.members)
         mean, spread, p_metal, gated = combine(*columns_in[:2], config, columns_in[2])

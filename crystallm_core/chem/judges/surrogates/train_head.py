@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import itertools
 import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -60,6 +62,7 @@ from crystallm_core.chem.judges.surrogates.head import (
     load_head,
     save_head,
 )
+from crystallm_core.chem.judges.surrogates.perturb import Perturbation, perturbed_rows
 from crystallm_core.chem.judges.surrogates.report import member_readings
 from crystallm_core.chem.judges.surrogates.scoring import gap_metrics, gated_gap, is_metal
 from crystallm_core.chem.judges.surrogates.train_gbm import cached_features
@@ -71,25 +74,27 @@ SIGMA_FLOOR = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 def train_head(features: np.ndarray, atoms: Sequence[np.ndarray], band_gap: np.ndarray, split: np.ndarray,
                config: HeadConfig, epochs: int = 60, batch_size: int = 256, weight: np.ndarray | None = None,
-               select: np.ndarray | None = None) -> GapHead:
+               select: np.ndarray | None = None, start: GapHead | None = None, lr: float = 1e-3) -> GapHead:
     """Fit each network (its own seed) on the train rows: BCE on metal / non-metal plus Huber on the
     gap of non-metals, each row's terms times weight[row] (default 1); keep each network's weights
     from the epoch with the lowest MAE of the gated reading on the val rows where `select` holds
-    (default: all). `atoms`: each row's (n_sites, n_atom_inputs) atom features."""
+    (default: all). `atoms`: each row's (n_sites, n_atom_inputs) atom features. `start`: fine-tune a
+    copy of this head (its networks and standardisation; `config` is then its config) instead."""
     torch.manual_seed(0)  # the initial weights too: a run is reproducible whatever ran before it
-    head = GapHead(config)
+    head = GapHead(config) if start is None else copy.deepcopy(start)
     train = np.nonzero(split == "train")[0]
     val = np.nonzero((split == "val") & (True if select is None else select))[0]
     row_weight = torch.as_tensor(np.ones(len(split)) if weight is None else weight, dtype=torch.float32)
-    table = AtomTable(atoms, config.n_atom_inputs)
-    head.fit_standardisation(features[train], table.rows(train)[0])
+    table = AtomTable(atoms, head.config.n_atom_inputs)
+    if start is None:
+        head.fit_standardisation(features[train], table.rows(train)[0])
     x, table, y = head.standardise(features), head.atom_table(table), torch.tensor(band_gap, dtype=torch.float32)
     metal = torch.as_tensor(is_metal(band_gap), dtype=torch.float32)
     val_batches = [(rows, *table.rows(rows)) for rows in np.array_split(val, max(1, len(val) // 1024))]
     for seed, model in enumerate(head.models):
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        optimiser = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
+        optimiser = torch.optim.AdamW(model.parameters(), lr, weight_decay=1e-4)
         best = (np.inf, None)
         for _ in range(epochs):
             model.train()
@@ -169,7 +174,7 @@ def calibrate(config: EnsembleConfig, p_metal: np.ndarray, gap: np.ndarray, gap_
     best = None
     chosen_rows = np.ones(len(y), bool) if scale_rows is None else scale_rows
     for relative, floor in itertools.product(SIGMA_RELATIVE, SIGMA_FLOOR):
-        trial = EnsembleConfig(config.members, "mixture", relative, floor, 1.0)
+        trial = replace(config, spread="mixture", sigma_relative=relative, sigma_floor=floor, scale=1.0)
         mean, spread, _, _ = combine(p_metal, gap, trial, gap_var)
         gapped = mean > 0
         fitted = gapped & chosen_rows
@@ -216,6 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="chgnet",
                         help="comma list of head inputs to train and choose among: chgnet, chgnet+descriptors")
     parser.add_argument("--workers", type=int, default=2, help="processes for the out-of-fold heads (one thread each)")
+    parser.add_argument("--augment", type=int, default=0,
+                        help="perturbed copies of each train row (random strain and atom jitter, the row's gap)")
+    parser.add_argument("--strain", type=float, default=Perturbation.strain, help="--augment: strain standard deviation")
+    parser.add_argument("--jitter", type=float, default=Perturbation.jitter, help="--augment: atom jitter (Å)")
+    parser.add_argument("--finetune-from", type=Path, default=None,
+                        help="start from the head in this folder (its networks and standardisation) instead of anew")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (e.g. 3e-4 with --finetune-from)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -225,23 +237,38 @@ def main(argv: list[str] | None = None) -> None:
         return
     start = time.time()
     chgnet, atoms = cached_chgnet_features(table, args.chgnet_cache)
-    descriptors = cached_features(table, args.features_cache, workers=1)
-    ok = ~np.isnan(chgnet).all(axis=1) & ~np.isnan(descriptors).all(axis=1)
+    variants = args.variants.split(",")
+    if args.augment and variants != ["chgnet"]:
+        raise SystemExit("--augment needs --variants chgnet (perturbed rows have no descriptors)")
+    # the descriptors (a symmetry analysis per row) only where a variant reads them
+    descriptors = cached_features(table, args.features_cache, workers=1) if variants != ["chgnet"] \
+        else np.zeros((len(table), 0), np.float32)
+    ok = ~np.isnan(chgnet).all(axis=1)
+    if descriptors.shape[1]:  # (an all() over no columns would call every row failed)
+        ok &= ~np.isnan(descriptors).all(axis=1)
     table, chgnet, descriptors = table[ok].reset_index(drop=True), chgnet[ok], descriptors[ok]
     atoms = [atoms[i] for i in np.nonzero(ok)[0]]
+    if args.augment:
+        table, chgnet, atoms = augmented(table, chgnet, atoms, args)
+        descriptors = np.zeros((len(table), 0), np.float32)
     y, split, source = table.band_gap.to_numpy(float), table.split.to_numpy(str), table.source.to_numpy(str)
     log: dict = {"dataset": str(args.dataset), "rows": int(ok.sum()), "failed_rows": int((~ok).sum()),
+                 "augment": {"copies": args.augment, "strain": args.strain, "jitter": args.jitter,
+                             "rows": int(table.id.str.contains("~").sum())},
                  "wbm_weight": args.wbm_weight, "select_on": args.select_on,
                  "featurise_seconds": round(time.time() - start)}
     val = split == "val"
     wbm = source[val] == "wbm"
     trained, heads = {}, {}
     val_atoms = [atoms[i] for i in np.nonzero(val)[0]]
-    for name in args.variants.split(","):
+    for name in variants:
         matrix = head_inputs(name, chgnet, descriptors)
         start = time.time()
-        config = HeadConfig(matrix.shape[1], ATOM_FEATURE_DIM, descriptors=name != "chgnet")
-        trained[name] = train_head(matrix, atoms, y, split, config, args.epochs, **recipe(args, source))
+        start_from = load_head(args.finetune_from) if args.finetune_from else None
+        config = start_from.config if start_from else HeadConfig(matrix.shape[1], ATOM_FEATURE_DIM,
+                                                                 descriptors=name != "chgnet")
+        trained[name] = train_head(matrix, atoms, y, split, config, args.epochs, start=start_from, lr=args.lr,
+                                   **recipe(args, source))
         p, gap = trained[name].predict(matrix[val], val_atoms)
         heads[name] = (p.mean(axis=1), gap.mean(axis=1), gap.var(axis=1))
         reading = gated_gap(heads[name][0], heads[name][1])
@@ -260,6 +287,19 @@ def main(argv: list[str] | None = None) -> None:
     log["chosen"] = {"head": variant, "calibrate_on": args.calibrate_on, **config.__dict__}
     (args.out / "head_metrics.json").write_text(json.dumps(log, indent=1) + "\n")
     print(json.dumps({k: log[k] for k in ("candidates_val_wbm", "calibration", "chosen")}, indent=1))
+
+
+def augmented(table: pd.DataFrame, chgnet: np.ndarray, atoms: list[np.ndarray], args: argparse.Namespace,
+              ) -> tuple[pd.DataFrame, np.ndarray, list[np.ndarray]]:
+    """The rows with `--augment` perturbed copies of each train row appended (split "train", the
+    original's gap and source; ids "<id>~<k>"), their CHGNet features cached beside the others'."""
+    train = table[table.split == "train"].reset_index(drop=True)
+    copies = perturbed_rows(train, args.augment, Perturbation(args.strain, args.jitter))
+    cache = args.chgnet_cache.with_name(f"chgnet_perturbed_s{args.strain:g}_j{args.jitter:g}.npz")
+    extra, extra_atoms = cached_chgnet_features(copies, cache)
+    ok = ~np.isnan(extra).all(axis=1)
+    return (pd.concat([table, copies[ok]], ignore_index=True), np.vstack([chgnet, extra[ok]]),
+            atoms + [extra_atoms[i] for i in np.nonzero(ok)[0]])
 
 
 def head_inputs(variant: str, chgnet: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
@@ -289,16 +329,18 @@ def calibrate_on_rows(args: argparse.Namespace, members: list[str], val_columns:
         how = "val_wbm"
     if how == "oof_wbm":  # WBM rows only, for the interval score too: val, then train read out of fold
         groups = pd.read_parquet(args.dataset, columns=["id", "reduced_formula"]).set_index("id").reduced_formula
-        oof = out_of_fold_readings(features, atoms, y, split, groups.loc[table.id].to_numpy(str), head_config,
+        origin = table.id.str.split("~").str[0]  # a perturbed copy is held out with its original
+        oof = out_of_fold_readings(features, atoms, y, split, groups.loc[origin].to_numpy(str), head_config,
                                    args.epochs, workers=args.workers, **recipe(args, source))  # the shipped head's recipe
-        rows = (split == "train") & (source == "wbm")
+        original = (origin == table.id).to_numpy()  # scored and calibrated on the structures as given
+        rows = (split == "train") & (source == "wbm") & original
         columns = [np.concatenate([column[on_wbm], reading[rows][:, None]]) for column, reading in zip(columns, oof)]
         truth = np.concatenate([truth[on_wbm], y[rows]])
         on_wbm = np.ones(len(truth), bool)
         # the head's own errors on the train rows read out of fold: the larger held-out set
         extra["out_of_fold_train"] = {
             kind: gap_metrics(y[part], gated_gap(oof[0][part], oof[1][part]), oof[0][part])
-            for kind, part in (("wbm", rows), ("mp", (split == "train") & (source != "wbm")))}
+            for kind, part in (("wbm", rows), ("mp", (split == "train") & (source != "wbm") & original))}
     ok = np.isfinite(columns[1]).all(axis=1)
     config, log = calibrate(EnsembleConfig(members), *(c[ok] for c in columns), truth[ok],
                             None if how == "val" else on_wbm[ok])

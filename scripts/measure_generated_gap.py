@@ -1,0 +1,135 @@
+"""Our band-gap readings of the published CrystaLLM-pi generations against the published ALIGNN reading.
+
+    OMP_NUM_THREADS=1 nice -n 15 python scripts/measure_generated_gap.py \
+        [--models crystallm_core/assets/surrogates] [--models OTHER_DIR ...] [--out generated_gap.json]
+
+Rows: `extra/crystallm_pi_generated_dev.csv.gz` (2,000 generations, structures as written, not
+relaxed) that are valid by their checker (`is_valid`) and by ours (`check_cif_isolated`), split
+by a fixed seed into a calibration half and a held-out half (`generated_gap.split_halves`).
+For each model folder: the shipped ensemble's reading, and each member's own (the head; the v1
+graph network and LightGBM when their files are there), as Spearman and MAE against ALIGNN with
+bootstrap 95 % intervals, on the held-out half and on all valid rows; then each reading of the
+later folders minus the first folder's reading (paired intervals). Our checks and the CHGNet
+features are cached in cache_dir()/generated_gap/, so a second run only reads.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures
+from crystallm_core.chem.judges.isolation import check_cif_isolated
+from crystallm_core.chem.judges.surrogates.chgnet_cache import cached_chgnet_features
+from crystallm_core.chem.judges.surrogates.ensemble import V1_CONFIG, EnsembleConfig, combine, member_columns
+from crystallm_core.chem.judges.surrogates.generated_gap import (
+    HELD_OUT,
+    agreement,
+    paired_difference,
+    split_halves,
+)
+from crystallm_core.chem.judges.surrogates.report import member_readings
+from crystallm_core.chem.judges.surrogates.scoring import gated_gap
+from crystallm_core.paths import SURROGATE_DIR, cache_dir, data_dir
+
+GENERATED_FILE = "extra/crystallm_pi_generated_dev.csv.gz"
+
+
+def cif_key(cif: str) -> str:
+    """A row's cache key: the file's ids repeat (one per prompt, across targets), its CIFs do not."""
+    return hashlib.sha1(cif.encode()).hexdigest()[:16]
+
+
+def our_validity(table: pd.DataFrame, cache: Path) -> pd.Series:
+    """Our checker's verdict per row (column key; cached: the bond check takes minutes on 2,000 CIFs)."""
+    known = pd.read_csv(cache).set_index("key").valid if cache.exists() else pd.Series(dtype=bool)
+    todo = table[~table.key.isin(known.index)]
+    if len(todo):
+        verdicts = pd.Series([check_cif_isolated(cif).valid for cif in todo.cif], index=todo.key.to_numpy())
+        known = pd.concat([known, verdicts])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        known.rename("valid").rename_axis("key").reset_index().to_csv(cache, index=False)
+    return known.loc[table.key].astype(bool)
+
+
+def model_readings(table: pd.DataFrame, model_dir: Path, chgnet: list[ChgnetFeatures]) -> dict[str, np.ndarray]:
+    """'ensemble' (as shipped in model_dir) and each loadable member's own gated reading, per row."""
+    config = EnsembleConfig.load(model_dir)
+    members = list(dict.fromkeys(config.members + [m for m, f in (("gnn", "gnn.safetensors"),
+                                                                    ("gbm", "gbm_regressor.txt"))
+                                                   if (model_dir / f).is_file()]))
+    readings = member_readings(table, model_dir, members, chgnet)
+    out = {}
+    ensembles = {"ensemble": config, "v1": V1_CONFIG}  # v1: the ensemble shipped before the head
+    for name, ensemble in ensembles.items():
+        if set(ensemble.members) <= set(readings):
+            p_metal, gap, gap_var = member_columns(readings, ensemble.members)
+            out[name] = combine(p_metal, gap, ensemble, gap_var)[0]
+    out.update({member: gated_gap(p, gap) for member, (p, gap, _) in readings.items()})
+    for suffix, column in (("p_metal", 0), ("gap", 1), ("gap_var", 2)):
+        out.update({f"{member}_{suffix}": values[column] for member, values in readings.items()})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=data_dir() / GENERATED_FILE)
+    parser.add_argument("--models", type=Path, action="append", default=None,
+                        help="surrogate folder(s); the first is the baseline (default: the shipped one)")
+    parser.add_argument("--cache", type=Path, default=cache_dir() / "generated_gap")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-out split")
+    parser.add_argument("--readings", type=Path, default=None, help="write every row's readings here (CSV)")
+    parser.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if not args.data.is_file():
+        raise SystemExit(f"no generated structures at {args.data} (the shared data folder: see its README)")
+    models = args.models or [SURROGATE_DIR]
+
+    table = pd.read_csv(args.data)
+    table["key"] = [cif_key(cif) for cif in table.cif]
+    table["half"] = split_halves(table.target_band_gap.to_numpy(), args.seed)
+    theirs = table[table.is_valid & table.alignn_band_gap.notna()].reset_index(drop=True)
+    ours = our_validity(theirs, args.cache / "validity.csv").to_numpy()
+    rows = theirs[ours].reset_index(drop=True)
+    crystal, atoms = cached_chgnet_features(rows[["key", "cif"]].rename(columns={"key": "id"}),
+                                            args.cache / "chgnet_features.npz", verbose=False)
+    read = ~np.isnan(crystal).all(axis=1)
+    rows = rows[read].reset_index(drop=True)
+    chgnet = [ChgnetFeatures(c, a) for c, a, ok in zip(crystal, atoms, read) if ok]
+    summary: dict = {"data": str(args.data), "rows": len(table), "valid_theirs": len(theirs),
+                     "valid_both": int(ours.sum()), "chgnet_failed": int((~read).sum()),
+                     "held_out": int((rows.half == HELD_OUT).sum()), "seed": args.seed, "readings": {}}
+    columns = {}
+    for index, model_dir in enumerate(models):
+        for name, values in model_readings(rows, model_dir, chgnet).items():
+            columns[f"{index}:{name}"] = values
+    alignn = rows.alignn_band_gap.to_numpy(float)
+    held_out = (rows.half == HELD_OUT).to_numpy()
+    baseline = columns["0:ensemble"]
+    for name, values in columns.items():
+        if name.endswith(("_p_metal", "_gap", "_gap_var")):
+            continue
+        ok = np.isfinite(values)
+        summary["readings"][name] = {"held_out": agreement(values[ok & held_out], alignn[ok & held_out]),
+                                     "all": agreement(values[ok], alignn[ok])}
+        if name != "0:ensemble":
+            both = ok & held_out & np.isfinite(baseline)
+            summary["readings"][name]["held_out_vs_baseline"] = paired_difference(values[both], baseline[both],
+                                                                                  alignn[both])
+        print(f"{name:22}", json.dumps(summary["readings"][name]), flush=True)
+    if args.readings:
+        pd.DataFrame({"id": rows.id, "key": rows.key, "half": rows.half, "target": rows.target_band_gap, "alignn": alignn,
+                      **columns}).to_csv(args.readings, index=False)
+    if args.out:
+        args.out.write_text(json.dumps({**summary, "models": [str(m) for m in models]}, indent=1) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
