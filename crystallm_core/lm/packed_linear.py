@@ -12,14 +12,25 @@ The packed copies are made on first use and made again when a weight changes in 
 """
 from __future__ import annotations
 
+import functools
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
 
 
+@functools.cache
 def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """oneDNN can pack bf16 weights here: it needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, and on an
+    AVX2-only CPU raises instead (the sampler then keeps the plain layers)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    return torch.cpu._is_avx512_supported() or "avx_ne_convert" in flags
 
 
 def version_of(weight: torch.Tensor) -> int:
