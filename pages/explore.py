@@ -12,6 +12,7 @@ from crystallm_core.product.server_settings import check_upload_size
 from crystallm_core.product.service import (
     HULL_BIAS_NOTE,
     RelaxSettings,
+    check_upload,
     describe_structure,
     parse_cif,
     relax_and_check,
@@ -19,12 +20,14 @@ from crystallm_core.product.service import (
     xrd_pattern,
 )
 from crystallm_core.ui.components import current_run
+from crystallm_core.ui.verdict import validity_verdict
 from crystallm_core.ui.viewer import VIEWER_STYLES, viewer_html
 
 
-def pick_cif() -> tuple[str, str, object] | None:
-    """(name, CIF text, its Structure or None) from the current run or an upload; None if there is
-    nothing to show. A run's candidates carry their parsed structure; an upload is parsed here."""
+def pick_cif() -> tuple[str, str, object, object] | None:
+    """(name, CIF text, its Structure or None, its ValidityReport or None) from the current run or
+    an upload; None if there is nothing to show. A run's candidates carry their parsed structure and
+    report; an upload is parsed and checked here."""
     run = current_run()
     sources = (["Current run"] if run is not None else []) + ["Upload a CIF"]
     source = st.radio("Structure from", sources, horizontal=True, key="explore_source")
@@ -34,7 +37,7 @@ def pick_cif() -> tuple[str, str, object] | None:
             return None
         try:
             check_upload_size(upload.size)
-            return upload.name, uploaded_cif_text(upload.getvalue()), None
+            return upload.name, uploaded_cif_text(upload.getvalue()), None, None
         except ValueError as error:
             st.error(f"{upload.name}: {error}")
             return None
@@ -48,9 +51,17 @@ def pick_cif() -> tuple[str, str, object] | None:
                                f"{'✓ valid' if readable[i].valid else '✗ invalid'}"),
     )
     chosen = readable[index]
-    if not chosen.valid:
-        st.warning("This structure failed validation: " + "; ".join(chosen.reasons))
-    return chosen.file_name, chosen.cif, chosen.structure
+    return chosen.file_name, chosen.cif, chosen.structure, chosen.report
+
+
+def upload_report(cif: str):
+    """The upload's validity under the user-file rule, checked once per CIF (reruns reuse it)."""
+    key = hashlib.sha256(cif.encode()).hexdigest()
+    reports = st.session_state.setdefault("upload_reports", {})
+    if key not in reports:
+        with st.spinner("Checking the file…"):
+            reports[key] = check_upload(cif)
+    return reports[key]
 
 
 def why(error: Exception) -> str:
@@ -101,13 +112,14 @@ def relaxation_panel(name: str, cif: str, structure) -> None:
 st.title("Explore")
 picked = pick_cif()
 if picked is not None:
-    name, cif, structure = picked
+    name, cif, structure, report = picked
     if structure is None:
         try:
             structure = parse_cif(cif)
         except ValueError as error:
             st.error(f"{name}: {error}")
             st.stop()
+    validity_verdict(report or upload_report(cif), "the model's text" if report else "your file")
     # A CIF can parse yet defeat a view (e.g. a dummy species X has no scattering factors): say so
     # and show the rest, never a traceback.
     expected = (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError)

@@ -19,6 +19,7 @@ from pymatgen.core import Structure
 
 from crystallm_core.chem.cif_format import structure_to_model_cif
 from crystallm_core.chem.isolation import check_sample
+from crystallm_core.chem.crowding import chgnet_problem
 from crystallm_core.chem.stability import (
     HULL_BIAS_NOTE,
     Relaxation,
@@ -95,7 +96,7 @@ def relax_and_check(structure: Structure, settings: RelaxSettings | None = None)
     Raises ValueError for a structure CHGNet must not or cannot relax (a degenerate cell,
     isolated atoms); the message says why.
     """
-    problem = structure_problem(structure)
+    problem = structure_problem(structure) or chgnet_problem(structure)
     if problem:
         raise ValueError(f"cannot relax this structure: {problem}")
     [before] = estimate_stability([structure])

@@ -24,23 +24,32 @@ from crystallm_core.chem.isolation import check_cif_isolated, check_sample
 from crystallm_core.chem.metrics import MetricSettings, summarise
 from crystallm_core.chem.scoring import StructureScorer
 from crystallm_core.chem.stability import HULL_BIAS_NOTE, RelaxSettings
-from crystallm_core.chem.validity import CheckResult, ValidityReport, structure_problem
+from crystallm_core.chem.validity import (
+    SPACE_GROUP_RULES,
+    CheckResult,
+    ValidityReport,
+    judged_as_user_file,
+    structure_problem,
+)
 from crystallm_core.product.run import Candidate, Run, Scores
 from crystallm_core.product.run_files import read_run
 
 OUTPUT_NAME = "evaluation.csv"
 
 
-def check_candidate(candidate: Candidate) -> None:
+def check_candidate(candidate: Candidate, model_text: bool = False) -> None:
     """Validity in the isolated checker, and the structure even when a format check failed
-    (a user's CIF may not be in the model's format yet be a fine structure)."""
+    (a user's CIF may not be in the model's format yet be a fine structure). The model's own
+    text must state the space group it has; a user's file may state any subgroup of it (P 1)."""
     if candidate.cif is None:
         candidate.report = ValidityReport([CheckResult("parses", False, "file could not be read (or is over 1 MB)")])
         return
     if "data_[" in candidate.cif:  # the model's own text (an invalid/ file of a run): repaired as generated
         candidate.report = check_sample(candidate.cif, "eos", 0)[1]
-    else:
+    elif model_text:
         candidate.report = check_cif_isolated(candidate.cif)
+    else:
+        candidate.report = judged_as_user_file(check_cif_isolated(candidate.cif))
     candidate.structure = candidate.report.structure
     if candidate.structure is None:
         try:
@@ -61,10 +70,12 @@ def score_candidates(candidates: Sequence[Candidate], scorer: StructureScorer, o
 
 def evaluate_run(run: Run, settings: MetricSettings | None = None, stability: bool = True,
                  relax: RelaxSettings | None = None, novelty: bool = True, recheck: bool = True) -> Run:
-    """Check (unless `recheck` is False and the reports are current) and score every candidate."""
+    """Check (unless `recheck` is False and the reports are current) and score every candidate.
+    A run a model wrote (its manifest names the model) is judged as the model's text, any other
+    folder of CIFs as a user's files."""
     if recheck:
         for candidate in run.candidates:
-            check_candidate(candidate)
+            check_candidate(candidate, model_text=run.model is not None)
     scorer = StructureScorer(stability=stability, relax=relax, novelty=novelty)
     score_candidates(run.candidates, scorer, only_valid=False)
     run.unavailable = dict(scorer.unavailable)
@@ -118,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     known["vsun_hit"] = known["vsun"] and known["hit"]
     rates = [f"{k} {v:.1%}" for k, v in summary.items() if k not in ("n", "mean_abs_error") and known.get(k, True)]
     print(f"{len(frame)} files -> {output}\n  " + "  ".join(rates) + " (rates over all files)")
+    for rule in sorted(set(frame["space_group_rule"])):
+        print(f"  space group rule: {rule}: {SPACE_GROUP_RULES[rule]}")
     for note in evaluated.unavailable.values():
         print(f"  {note}")
     if not args.no_stability:
