@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pymatgen.core import Composition, Structure
 
@@ -200,8 +200,10 @@ class Relaxation:
     seconds: float
 
 
-def relax_structure(structure: Structure, settings: RelaxSettings | None = None) -> Relaxation:
-    """FIRE relaxation of positions and cell with CHGNet, stopped at fmax, max_steps or max_seconds."""
+def relax_structure(structure: Structure, settings: RelaxSettings | None = None,
+                    on_step: Callable[[int], None] | None = None) -> Relaxation:
+    """FIRE relaxation of positions and cell with CHGNet, stopped at fmax, max_steps or max_seconds;
+    `on_step` gets the number of steps taken after each one."""
     from ase.constraints import FixSymmetry
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
@@ -219,6 +221,8 @@ def relax_structure(structure: Structure, settings: RelaxSettings | None = None)
         optimizer = FIRE(FrechetCellFilter(atoms), logfile=None)
         for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
             steps = optimizer.nsteps
+            if on_step is not None:
+                on_step(steps)
             if converged or time.perf_counter() - start > settings.max_seconds:
                 break
         energy = float(atoms.get_potential_energy()) / len(atoms)

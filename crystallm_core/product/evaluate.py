@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pymatgen.core import Structure
+from tqdm import tqdm
 
 from crystallm_core.chem.isolation import check_cif_isolated, check_sample
 from crystallm_core.chem.metrics import MetricSettings, summarise
@@ -61,23 +62,33 @@ def check_candidate(candidate: Candidate, model_text: bool = False) -> None:
             candidate.structure = None
 
 
-def score_candidates(candidates: Sequence[Candidate], scorer: StructureScorer, only_valid: bool = True) -> None:
-    """Fill each candidate's Scores (valid ones only, unless `only_valid` is False)."""
+SCORE_CHUNK = 16  # structures scored together (CHGNet's batch), then the progress bar moves
+
+
+def score_candidates(candidates: Sequence[Candidate], scorer: StructureScorer, only_valid: bool = True,
+                     progress: bool = False) -> None:
+    """Fill each candidate's Scores (valid ones only, unless `only_valid` is False); `progress`
+    shows a bar with ETA on stderr."""
     chosen = [c for c in candidates if c.structure is not None and (c.valid or not only_valid)]
-    for candidate, row in zip(chosen, scorer.score([c.structure for c in chosen])):
-        candidate.scores = Scores.from_dict(row)
+    with tqdm(total=len(chosen), desc="scoring", unit="structure", disable=not progress) as bar:
+        for start in range(0, len(chosen), SCORE_CHUNK):
+            chunk = chosen[start:start + SCORE_CHUNK]
+            for candidate, row in zip(chunk, scorer.score([c.structure for c in chunk])):
+                candidate.scores = Scores.from_dict(row)
+            bar.update(len(chunk))
 
 
 def evaluate_run(run: Run, settings: MetricSettings | None = None, stability: bool = True,
-                 relax: RelaxSettings | None = None, novelty: bool = True, recheck: bool = True) -> Run:
-    """Check (unless `recheck` is False and the reports are current) and score every candidate.
-    A run a model wrote (its manifest names the model) is judged as the model's text, any other
-    folder of CIFs as a user's files."""
+                 relax: RelaxSettings | None = None, novelty: bool = True, recheck: bool = True,
+                 progress: bool = False) -> Run:
+    """Check (unless `recheck` is False and the reports are current) and score every candidate,
+    with progress bars on stderr if asked. A run a model wrote (its manifest names the model) is
+    judged as the model's text, any other folder of CIFs as a user's files."""
     if recheck:
-        for candidate in run.candidates:
+        for candidate in tqdm(run.candidates, desc="checking", unit="file", disable=not progress):
             check_candidate(candidate, model_text=run.model is not None)
     scorer = StructureScorer(stability=stability, relax=relax, novelty=novelty)
-    score_candidates(run.candidates, scorer, only_valid=False)
+    score_candidates(run.candidates, scorer, only_valid=False, progress=progress)
     run.unavailable = dict(scorer.unavailable)
     if settings is not None:
         run.settings.update(stability_threshold=settings.stability_threshold, hit_tolerance=settings.hit_tolerance)
@@ -118,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             candidate.band_gap_target = args.band_gap_target
     settings = MetricSettings(args.stability_threshold, args.hit_tolerance)
     evaluate_run(evaluated, settings, stability=not args.no_stability,
-                 relax=RelaxSettings() if args.relax else None, novelty=not args.no_novelty)
+                 relax=RelaxSettings() if args.relax else None, novelty=not args.no_novelty, progress=True)
     frame = evaluated.to_frame(settings)
     output = output_path(args.path, args.output)
     frame.to_csv(output, index=False, float_format="%.4f")
