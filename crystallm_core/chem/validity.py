@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -75,8 +75,9 @@ class ValidityReport:
     structure: Structure | None = None
     formula: str | None = None       # reduced formula of the parsed structure, e.g. 'TiO2'
     spacegroup: str | None = None    # detected H-M symbol (symprec 0.1), else the stated one
-    stated_spacegroup: str | None = None
-    stated_is_subgroup: bool | None = None  # stated ≠ detected but a subgroup of it (None: not known)
+    # What `judged_as_user_file` needs; not kept in the history (compare=False: a reopened run is equal)
+    stated_spacegroup: str | None = field(default=None, compare=False)
+    stated_is_subgroup: bool | None = field(default=None, compare=False)  # stated ≠ detected but a subgroup of it
     space_group_rule: str = "exact"  # a key of SPACE_GROUP_RULES
 
     @property
