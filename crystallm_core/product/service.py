@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from crystallm_core.chem.hull_placement import HullPlacement, structure_on_hull  # noqa: F401 (for the pages)
 from crystallm_core.chem.isolation import check_cif_isolated
 from crystallm_core.chem.metrics import (  # noqa: F401 (the pages take PAPER_BY_TARGET, funnel_counts from here)
     PAPER_BY_TARGET,
