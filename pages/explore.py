@@ -120,7 +120,7 @@ if picked is not None:
         except ValueError as error:
             st.error(f"{name}: {error}")
             st.stop()
-    validity_verdict(report or upload_report(cif), "the model's text" if report else "your file")
+    validity_verdict(report or upload_report(cif))
     # A CIF can parse yet defeat a view (e.g. a dummy species X has no scattering factors): say so
     # and show the rest, never a traceback.
     expected = (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError)

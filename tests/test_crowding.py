@@ -153,3 +153,17 @@ def test_the_app_upload_paths_stay_bounded_on_a_hostile_folder(hostile_folder, s
     for k in range(len(crowded_cifs())):
         assert any(note.startswith("not scored: ") for note in rows[f"{k:02d}_crowded.cif"]["notes"])
     assert peak_gb < PEAK_BOUND_GB
+
+
+def test_the_guard_stays_small_in_a_huge_sparse_cell():
+    """pymatgen's cell list grows with (box / radius)³: a 0.5 Å search in a 900 Å cell would take ~20 GB."""
+    from crystallm_core.chem.crowding import MAX_SEARCH_CUBES, neighbour_list, search_radius
+
+    sparse = Structure(Lattice.cubic(900), ["Na", "Cl", "Na"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.0004, 0, 0]])
+    radius = search_radius(sparse, 0.5)
+    assert radius > 0.5 and (450 / radius + 3) ** 3 <= MAX_SEARCH_CUBES  # the sites span 450 Å
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    centres, _, _, distances = neighbour_list(sparse, 0.5)
+    assert sorted(distances.round(2).tolist()) == [0.36, 0.36]  # the two Na, each seen from the other
+    assert "0.36 Å apart" in crowding_problem(sparse)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024  # KiB: well under 0.5 GB

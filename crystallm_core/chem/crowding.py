@@ -8,7 +8,8 @@ native code on such cells. `crowding_problem` says why a structure must not reac
 
 The checks go from cheap to dear, so the check itself stays bounded in memory: the density
 first (atoms per Å³, no neighbour search), then the closest pair (a neighbour search of
-0.5 Å), then the neighbours within CHGNet's cutoffs. Once no two atoms are closer than 0.5 Å,
+0.5 Å), then the neighbours within CHGNet's cutoffs; every search with a radius that keeps
+pymatgen's cell list small (`search_radius`). Once no two atoms are closer than 0.5 Å,
 at most ~1,600 fit within 3 Å of one atom, so even the 2,000-site cells the checker admits
 cannot make these lists large.
 
@@ -51,9 +52,32 @@ class GraphSize:
     atom_edges: int   # directed pairs within atom_cutoff
 
 
+# pymatgen's neighbour search sorts the sites into cubes of the search radius over their bounding
+# box: about 32 bytes a cube, so a 0.5 Å search in a 300 Å cell took 0.9 GB (a 900 Å one, 21 GB).
+MAX_SEARCH_CUBES = 2_000_000
+
+
+def search_radius(structure: Structure, cutoff: float) -> float:
+    """`cutoff`, or more where the sites' bounding box would hold over MAX_SEARCH_CUBES cubes of it
+    (a bigger radius only adds pairs, few in such a sparse cell, that the caller drops)."""
+    extent = np.ptp(structure.cart_coords, axis=0)
+    radius = cutoff
+    while np.prod(extent / radius + 3) > MAX_SEARCH_CUBES:
+        radius *= 1.25
+    return radius
+
+
+def neighbour_list(structure: Structure, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`Structure.get_neighbor_list(cutoff)` (centres, neighbours, images, distances) with its memory
+    bounded: `search_radius`, then the pairs beyond `cutoff` dropped."""
+    centres, neighbours, images, distances = structure.get_neighbor_list(search_radius(structure, cutoff))
+    keep = distances <= cutoff
+    return centres[keep], neighbours[keep], images[keep], distances[keep]
+
+
 def neighbour_counts(structure: Structure, cutoff: float) -> np.ndarray:
     """Neighbours of each site within `cutoff` (periodic images included, the site itself not)."""
-    centres, neighbours, images, _ = structure.get_neighbor_list(cutoff)
+    centres, neighbours, images, _ = neighbour_list(structure, cutoff)
     itself = (centres == neighbours) & ~images.any(axis=1)
     return np.bincount(centres[~itself], minlength=len(structure))
 
@@ -66,7 +90,7 @@ def graph_size(structure: Structure, limits: CrowdingLimits = CrowdingLimits()) 
 
 
 def closest_pair_problem(structure: Structure, min_distance: float) -> str | None:
-    centres, neighbours, images, distances = structure.get_neighbor_list(min_distance)
+    centres, neighbours, images, distances = neighbour_list(structure, min_distance)
     other = (centres != neighbours) | images.any(axis=1)
     if not other.any():
         return None

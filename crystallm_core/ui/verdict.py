@@ -7,12 +7,12 @@ import streamlit as st
 from crystallm_core.product.service import SPACE_GROUP_RULES, ValidityReport
 
 
-def validity_verdict(report: ValidityReport, whose: str) -> None:
-    """`whose`: "the model's text" or "your file", for the sentence that names the rule."""
+def validity_verdict(report: ValidityReport) -> None:
     space_group = next((c for c in report.checks if c.name == "space_group"), None)
     if report.valid:
         st.success(f"Valid: passes every check ({space_group.reason})." if space_group else "Valid.")
     else:
         st.warning("This structure failed validation: " + "; ".join(report.failed_reasons))
+    whose = "your file" if report.space_group_rule == "subgroup" else "the model's text"
     st.caption(f"Space-group rule for {whose}: **{report.space_group_rule}**, "
                f"{SPACE_GROUP_RULES[report.space_group_rule]}.")
