@@ -33,6 +33,7 @@ from crystallm_core.ui.components import (
     run_tolerance,
     start_job,
 )
+from crystallm_core.ui.hull_panel import run_stability_section
 from crystallm_core.ui.open_results import filtered_download, open_results_form
 
 CATEGORY_COLOURS = {"valid, stable": "#2f855a", "valid, not stable": "#dd6b20", "valid, E_hull n/a": "#718096"}
@@ -152,6 +153,8 @@ else:
     st.plotly_chart(funnel_figure(frame), key="funnel")
     if run.kind in ("campaign", "evaluate"):
         filtered_download(run, frame)
+    with st.expander("Stability of one structure: its convex hull"):
+        run_stability_section(run)
     st.caption("Rates divide by all samples, as in the CrystaLLM-π paper. " + HULL_BIAS_NOTE)
     if run.kind == "sweep":
         swept = run.settings.get("swept", "band_gap")

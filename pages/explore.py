@@ -12,6 +12,7 @@ from crystallm_core.product.server_settings import check_upload_size
 from crystallm_core.product.service import (
     HULL_BIAS_NOTE,
     RelaxSettings,
+    check_upload,
     describe_structure,
     parse_cif,
     relax_and_check,
@@ -19,12 +20,15 @@ from crystallm_core.product.service import (
     xrd_pattern,
 )
 from crystallm_core.ui.components import current_run
+from crystallm_core.ui.hull_panel import stability_section
+from crystallm_core.ui.verdict import validity_verdict
 from crystallm_core.ui.viewer import VIEWER_STYLES, viewer_html
 
 
-def pick_cif() -> tuple[str, str, object] | None:
-    """(name, CIF text, its Structure or None) from the current run or an upload; None if there is
-    nothing to show. A run's candidates carry their parsed structure; an upload is parsed here."""
+def pick_cif() -> tuple[str, str, object, object, float | None] | None:
+    """(name, CIF text, its Structure or None, its ValidityReport or None, its CHGNet formation energy
+    or None) from the current run or an upload; None if there is nothing to show. A run's candidates
+    carry their parsed structure, report and scores; an upload is parsed and checked here."""
     run = current_run()
     sources = (["Current run"] if run is not None else []) + ["Upload a CIF"]
     source = st.radio("Structure from", sources, horizontal=True, key="explore_source")
@@ -34,7 +38,7 @@ def pick_cif() -> tuple[str, str, object] | None:
             return None
         try:
             check_upload_size(upload.size)
-            return upload.name, uploaded_cif_text(upload.getvalue()), None
+            return upload.name, uploaded_cif_text(upload.getvalue()), None, None, None
         except ValueError as error:
             st.error(f"{upload.name}: {error}")
             return None
@@ -48,9 +52,17 @@ def pick_cif() -> tuple[str, str, object] | None:
                                f"{'✓ valid' if readable[i].valid else '✗ invalid'}"),
     )
     chosen = readable[index]
-    if not chosen.valid:
-        st.warning("This structure failed validation: " + "; ".join(chosen.reasons))
-    return chosen.file_name, chosen.cif, chosen.structure
+    return chosen.file_name, chosen.cif, chosen.structure, chosen.report, chosen.scores.e_form_pred
+
+
+def upload_report(cif: str):
+    """The upload's validity under the user-file rule, checked once per CIF (reruns reuse it)."""
+    key = hashlib.sha256(cif.encode()).hexdigest()
+    reports = st.session_state.setdefault("upload_reports", {})
+    if key not in reports:
+        with st.spinner("Checking the file…"):
+            reports[key] = check_upload(cif)
+    return reports[key]
 
 
 def why(error: Exception) -> str:
@@ -101,13 +113,14 @@ def relaxation_panel(name: str, cif: str, structure) -> None:
 st.title("Explore")
 picked = pick_cif()
 if picked is not None:
-    name, cif, structure = picked
+    name, cif, structure, report, e_form = picked
     if structure is None:
         try:
             structure = parse_cif(cif)
         except ValueError as error:
             st.error(f"{name}: {error}")
             st.stop()
+    validity_verdict(report or upload_report(cif))
     # A CIF can parse yet defeat a view (e.g. a dummy species X has no scattering factors): say so
     # and show the rest, never a traceback.
     expected = (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError)
@@ -136,3 +149,7 @@ if picked is not None:
         st.code(cif, language=None)
     st.download_button("Download this CIF", cif, file_name=name, mime="chemical/x-cif", key="cif_download")
     relaxation_panel(name, cif, structure)
+    st.subheader("Stability")
+    cif_key = hashlib.sha256(cif.encode()).hexdigest()
+    relaxed = st.session_state.get("relaxations", {}).get(cif_key)
+    stability_section(cif_key, structure, e_form, relaxed.after.e_form_per_atom if relaxed else None)

@@ -276,3 +276,45 @@ def pathological_cifs() -> dict[str, str]:
         "500 rows in Fm-3m (96,000 images to merge)": many_rows,
         "5 MB of text": "data_x\n" + "_cell_length_a 5\n" * 300_000,
     }
+
+
+def clumped_p21c_cif(rows: int = 21, spread: float = 0.01, seed: int = 0) -> str:
+    """A P2_1/c CIF whose rows all sit near the inversion centre at the origin: its four operators
+    pile the 4 × `rows` sites into two clumps (as the CIF of issue 24: a sane 726 Å³ cell, every
+    cell check passes, and CHGNet's graph of the clumps took gigabytes)."""
+    rng = random.Random(seed)
+    species = [("Ba", "Ti", "O", "O")[k % 4] for k in range(rows)]
+    counts = {el: 4 * species.count(el) for el in ("Ba", "Ti", "O")}
+    formula = " ".join(f"{el}{n}" for el, n in counts.items())
+    header = ["data_BaTiO3", "_symmetry_space_group_name_H-M   'P 1 21/c 1'", "_cell_length_a   5.1",
+              "_cell_length_b   18.7", "_cell_length_c   7.7", "_cell_angle_alpha   90", "_cell_angle_beta   99.0",
+              "_cell_angle_gamma   90", "_symmetry_Int_Tables_number   14", "_chemical_formula_structural   BaTiO3",
+              f"_chemical_formula_sum   '{formula}'", "_cell_volume   725.3", "_cell_formula_units_Z   4", "loop_",
+              " _symmetry_equiv_pos_site_id", " _symmetry_equiv_pos_as_xyz", "  1  'x, y, z'", "  2  '-x, -y, -z'",
+              "  3  '-x, y+1/2, -z+1/2'", "  4  'x, -y+1/2, z+1/2'", "loop_", " _atom_site_type_symbol",
+              " _atom_site_label", " _atom_site_symmetry_multiplicity", " _atom_site_fract_x", " _atom_site_fract_y",
+              " _atom_site_fract_z", " _atom_site_occupancy"]
+    sites = [f"  {el}  {el}{k}  4  " + "  ".join(f"{0.01 + rng.gauss(0, spread):.4f}" for _ in range(3)) + "  1"
+             for k, el in enumerate(species)]
+    return "\n".join(header + sites) + "\n"
+
+
+def grid_clump(n: int, spacing: float, cell: float, element: str = "C") -> Structure:
+    """n × n × n atoms `spacing` Å apart in one corner of a cubic cell of `cell` Å."""
+    coords = [[i * spacing, j * spacing, k * spacing] for i in range(n) for j in range(n) for k in range(n)]
+    return Structure(Lattice.cubic(cell), [element] * n ** 3, coords, coords_are_cartesian=True)
+
+
+def crowded_cifs() -> dict[str, str]:
+    """CIFs whose cells are sane but whose atoms overlap, nearly overlap or are packed denser than any
+    solid: each must be refused with its reason before CHGNet, spglib or CrystalNN sees it (issue 24)."""
+    rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl", "Na"],
+                                         [[0, 0, 0], [0.5, 0.5, 0.5], [0.02, 0, 0]])  # 6 images 0.11 Å around each Na
+    return {
+        "P2_1/c, 21 rows its operators pile into two clumps": clumped_p21c_cif(),
+        "rock salt with 6 more Na 0.11 Å around each Na (Structure.from_spacegroup)": str(CifWriter(rocksalt)),
+        "125 atoms 0.55 Å apart in one clump (nearly overlapping)": str(CifWriter(grid_clump(5, 0.55, 12.0))),
+        "a 1.3 Å grid of 64 atoms (56 neighbours within 3 Å each)": str(CifWriter(grid_clump(4, 1.3, 5.2))),
+        "27 atoms in 27 Å³ (1 atom/Å³)": str(CifWriter(grid_clump(3, 1.0, 3.0))),
+        "1,728 atoms 0.55 Å apart in a 40 Å cell": str(CifWriter(grid_clump(12, 0.55, 40.0))),
+    }

@@ -169,3 +169,10 @@ def test_hull_from_fake_data_dir(prepared, tmp_path):
     vertices = hull.HullReference.load(tmp_path / "h.csv.gz")
     assert vertices.e_above_hull("NaCl", -2.0) == pytest.approx(0.0, abs=1e-9)
     assert vertices.e_above_hull("ZnO", -1.5) == pytest.approx(0.3)
+
+
+def test_conversion_shows_a_progress_bar_on_stderr(capsys):
+    rows = pd.DataFrame({column: [None] * 3 for column in data_prep.ROW_COLUMNS})
+    assert data_prep.process_rows(rows, lambda records: ({"n": i} for i, _ in enumerate(records))) == [
+        {"n": 0}, {"n": 1}, {"n": 2}]
+    assert "converting CIFs: 100%" in capsys.readouterr().err

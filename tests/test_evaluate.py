@@ -91,7 +91,9 @@ def test_cli_writes_one_row_per_file(run_dir, offline_components, capsys):
     assert evaluate.run(cli_args(run_dir)) == 0
     df = pd.read_csv(run_dir / evaluate.OUTPUT_NAME).set_index("file")
     assert len(df) == 9 and "notes.txt" not in df.index
-    assert "biased low" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "biased low" in printed.out
+    assert "checking: 100%" in printed.err and "scoring: 100%" in printed.err  # tqdm bars with ETA on stderr
 
     assert df.loc["000_NaCl.cif", "valid"] and df.loc["000_NaCl.cif", "space_group"] == "Fm-3m"
     assert df.loc["000_NaCl.cif", "unique"] and not df.loc["001_NaCl.cif", "unique"]

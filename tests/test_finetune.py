@@ -147,8 +147,10 @@ def test_cli_reports_rejections_and_writes_a_model(table_file, base_model_dir, t
     code = main(["finetune", str(table_file), "--out", str(tmp_path / "m"), "--from", str(base_model_dir),
                  "--cif-column", "structure_cif", "--band-gap-column", "gap", "--e-hull-column", "ehull",
                  "--id-column", "name", "--epochs", "1", "--minutes", "2", "--learning-rate", "3e-3", "--device", "cpu"])
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     assert code == 0, out
+    assert "converting CIFs: 100%" in printed.err and "fine-tuning" in printed.err and "loss" in printed.err
     assert "53 rows: 50 kept" in out and "rejected 1: out-of-range property" in out and "hot: out-of-range" in out
     assert "validation loss" in out and (tmp_path / "m" / "config.json").is_file()
     assert main(["finetune", str(table_file), "--out", str(tmp_path / "m"), "--from", str(base_model_dir)]) == 2

@@ -164,6 +164,7 @@ def test_cli_generate_writes_a_run(tiny_model_dir, tmp_path, capsys):
     assert code == 0
     manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["n_candidates"] == 2 and (tmp_path / "x" / "results.csv").is_file()
+    assert "sampling: 100%" in capsys.readouterr().err  # a tqdm bar with ETA on stderr
 
 
 def test_cli_resumes_an_interrupted_run_without_drawing_a_sample_twice(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -46,3 +46,37 @@ def test_zero_angle_cif_through_the_shared_checker():
     report = check_cif_isolated(ZERO_ANGLE_CIF)
     assert report.check("sane_cell").reason == "cell angle alpha = 0° is outside 10–170°"
     assert report.check("space_group").reason == "skipped: cell is not sane"
+
+
+def test_a_call_over_the_memory_ceiling_fails_as_too_large_and_the_worker_is_replaced():
+    worker = IsolatedWorker(eval, time_limit=20, memory_limit=256 * 1024 ** 2)
+    try:
+        assert len(worker.call("bytearray(64 * 1024 ** 2)").value) == 64 * 1024 ** 2  # under the ceiling
+        outcome = worker.call("bytearray(1024 ** 3)")
+        assert outcome.value is None
+        assert outcome.error == "too large to score: needed more than the 0.25 GB memory ceiling"
+        assert worker.restarts == 1
+        assert worker.call("'still here'").value == "still here"
+    finally:
+        worker.close()
+
+
+def test_checker_over_its_memory_ceiling_names_it_in_the_reason():
+    worker = IsolatedWorker(eval, time_limit=20, memory_limit=128 * 1024 ** 2)
+    try:
+        report = check_cif_isolated("bytearray(1024 ** 3)", worker)
+        assert report.check("parses").reason == ("checker too large to score: needed more than the "
+                                                 "0.125 GB memory ceiling on this CIF")
+        assert all(c.reason == "skipped: checker failed" for c in report.checks[1:])
+    finally:
+        worker.close()
+
+
+def test_a_check_that_runs_out_of_memory_is_not_swallowed_as_a_failed_check():
+    from crystallm_core.chem.judges.validity import run_check
+
+    def hungry() -> str:
+        raise MemoryError()
+
+    with pytest.raises(MemoryError):
+        run_check("parses", hungry)

@@ -19,28 +19,38 @@ from pathlib import Path
 from typing import Sequence
 
 from pymatgen.core import Structure
+from tqdm import tqdm
 
 from crystallm_core.chem.judges.isolation import check_cif_isolated, check_sample
 from crystallm_core.chem.judges.metrics import MetricSettings, summarise
 from crystallm_core.chem.judges.scoring import StructureScorer
 from crystallm_core.chem.judges.stability import HULL_BIAS_NOTE, RelaxSettings
-from crystallm_core.chem.judges.validity import CheckResult, ValidityReport, structure_problem
+from crystallm_core.chem.judges.validity import (
+    SPACE_GROUP_RULES,
+    CheckResult,
+    ValidityReport,
+    judged_as_user_file,
+    structure_problem,
+)
 from crystallm_core.product.run import Candidate, Run, Scores
 from crystallm_core.product.run_files import read_run
 
 OUTPUT_NAME = "evaluation.csv"
 
 
-def check_candidate(candidate: Candidate) -> None:
+def check_candidate(candidate: Candidate, model_text: bool = False) -> None:
     """Validity in the isolated checker, and the structure even when a format check failed
-    (a user's CIF may not be in the model's format yet be a fine structure)."""
+    (a user's CIF may not be in the model's format yet be a fine structure). The model's own
+    text must state the space group it has; a user's file may state any subgroup of it (P 1)."""
     if candidate.cif is None:
         candidate.report = ValidityReport([CheckResult("parses", False, "file could not be read (or is over 1 MB)")])
         return
     if "data_[" in candidate.cif:  # the model's own text (an invalid/ file of a run): repaired as generated
         candidate.report = check_sample(candidate.cif, "eos", 0)[1]
-    else:
+    elif model_text:
         candidate.report = check_cif_isolated(candidate.cif)
+    else:
+        candidate.report = judged_as_user_file(check_cif_isolated(candidate.cif))
     candidate.structure = candidate.report.structure
     if candidate.structure is None:
         try:
@@ -52,21 +62,33 @@ def check_candidate(candidate: Candidate) -> None:
             candidate.structure = None
 
 
-def score_candidates(candidates: Sequence[Candidate], scorer: StructureScorer, only_valid: bool = True) -> None:
-    """Fill each candidate's Scores (valid ones only, unless `only_valid` is False)."""
+SCORE_CHUNK = 16  # structures scored together (CHGNet's batch), then the progress bar moves
+
+
+def score_candidates(candidates: Sequence[Candidate], scorer: StructureScorer, only_valid: bool = True,
+                     progress: bool = False) -> None:
+    """Fill each candidate's Scores (valid ones only, unless `only_valid` is False); `progress`
+    shows a bar with ETA on stderr."""
     chosen = [c for c in candidates if c.structure is not None and (c.valid or not only_valid)]
-    for candidate, row in zip(chosen, scorer.score([c.structure for c in chosen])):
-        candidate.scores = Scores.from_dict(row)
+    with tqdm(total=len(chosen), desc="scoring", unit="structure", disable=not progress) as bar:
+        for start in range(0, len(chosen), SCORE_CHUNK):
+            chunk = chosen[start:start + SCORE_CHUNK]
+            for candidate, row in zip(chunk, scorer.score([c.structure for c in chunk])):
+                candidate.scores = Scores.from_dict(row)
+            bar.update(len(chunk))
 
 
 def evaluate_run(run: Run, settings: MetricSettings | None = None, stability: bool = True,
-                 relax: RelaxSettings | None = None, novelty: bool = True, recheck: bool = True) -> Run:
-    """Check (unless `recheck` is False and the reports are current) and score every candidate."""
+                 relax: RelaxSettings | None = None, novelty: bool = True, recheck: bool = True,
+                 progress: bool = False) -> Run:
+    """Check (unless `recheck` is False and the reports are current) and score every candidate,
+    with progress bars on stderr if asked. A run a model wrote (its manifest names the model) is
+    judged as the model's text, any other folder of CIFs as a user's files."""
     if recheck:
-        for candidate in run.candidates:
-            check_candidate(candidate)
+        for candidate in tqdm(run.candidates, desc="checking", unit="file", disable=not progress):
+            check_candidate(candidate, model_text=run.model is not None)
     scorer = StructureScorer(stability=stability, relax=relax, novelty=novelty)
-    score_candidates(run.candidates, scorer, only_valid=False)
+    score_candidates(run.candidates, scorer, only_valid=False, progress=progress)
     run.unavailable = dict(scorer.unavailable)
     if settings is not None:
         run.settings.update(stability_threshold=settings.stability_threshold, hit_tolerance=settings.hit_tolerance)
@@ -107,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             candidate.band_gap_target = args.band_gap_target
     settings = MetricSettings(args.stability_threshold, args.hit_tolerance)
     evaluate_run(evaluated, settings, stability=not args.no_stability,
-                 relax=RelaxSettings() if args.relax else None, novelty=not args.no_novelty)
+                 relax=RelaxSettings() if args.relax else None, novelty=not args.no_novelty, progress=True)
     frame = evaluated.to_frame(settings)
     output = output_path(args.path, args.output)
     frame.to_csv(output, index=False, float_format="%.4f")
@@ -118,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     known["vsun_hit"] = known["vsun"] and known["hit"]
     rates = [f"{k} {v:.1%}" for k, v in summary.items() if k not in ("n", "mean_abs_error") and known.get(k, True)]
     print(f"{len(frame)} files -> {output}\n  " + "  ".join(rates) + " (rates over all files)")
+    for rule in sorted(set(frame["space_group_rule"])):
+        print(f"  space group rule: {rule}: {SPACE_GROUP_RULES[rule]}")
     for note in evaluated.unavailable.values():
         print(f"  {note}")
     if not args.no_stability:

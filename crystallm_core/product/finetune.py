@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from crystallm_core.chem.data.data_prep import (
     PrepConfig,
@@ -230,7 +231,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  rejected {count}: {reason}", flush=True)
     for _, row in data.rejected.head(10).iterrows():
         print(f"    {row['id']}: {row['reason']}", flush=True)
-    result = finetune(args.data, args.out, base_dir, settings=settings, data=data)
+    with tqdm(desc="fine-tuning", unit="step") as bar:
+        def advanced(progress: dict) -> None:
+            bar.total = progress["max_steps"]
+            bar.update(progress["step"] - bar.n)
+            val = progress.get("val_loss")
+            bar.set_postfix_str(f"loss {progress['loss']:.3f}" + (f", validation {val:.3f}" if val is not None else ""))
+
+        result = finetune(args.data, args.out, base_dir, settings=settings, data=data, on_progress=advanced)
     print(f"validation loss {result.val_loss_before:.4f} → {result.val_loss_after:.4f} (best step {result.best_step} "
           f"of {result.steps}, {result.seconds:.0f} s); model written to {result.model_dir}")
     return 0

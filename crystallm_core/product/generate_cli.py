@@ -55,6 +55,8 @@ def continuation_seed(seed: int, done: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from crystallm_core.chem.judges.scoring import StructureScorer
     from crystallm_core.lm.checkpoints import load_model
     from crystallm_core.lm.sampler import warm_up
@@ -86,11 +88,15 @@ def run(args: argparse.Namespace) -> int:
         manifest, done = previous
         run.run_id, run.generation = manifest.get("run_id", run.run_id), list(manifest.get("generation") or [])
         for candidate in done:
-            check_candidate(candidate)
+            check_candidate(candidate, model_text=True)
         run.candidates = done
         print(f"resuming {args.out}: {len(done)} structures already there", file=sys.stderr)
     writer = RunWriter(run, args.out, resume=previous is not None)
     scorer = StructureScorer() if args.score else None
+    # The bar counts what was asked for: valid structures with --until-valid, samples otherwise.
+    bar = (tqdm(total=request.stop_after_valid, initial=run.n_valid, desc="valid structures", unit="valid")
+           if request.stop_after_valid else
+           tqdm(total=request.n, initial=len(run.candidates), desc="sampling", unit="structure"))
 
     def arrived(candidate) -> None:
         if scorer is not None and candidate.valid:
@@ -100,11 +106,13 @@ def run(args: argparse.Namespace) -> int:
         status = "valid" if candidate.valid else "invalid: " + "; ".join(candidate.reasons[:2])
         where = (f"{valid}/{request.stop_after_valid} valid, {len(run.candidates)} sampled"
                  if request.stop_after_valid else f"{len(run.candidates)}/{request.n}")
-        print(f"[{where}] {candidate.formula or '?'} {candidate.space_group or ''} {status}", file=sys.stderr)
+        bar.write(f"[{where}] {candidate.formula or '?'} {candidate.space_group or ''} {status}", file=sys.stderr)
+        bar.update(int(candidate.valid) if request.stop_after_valid else 1)
 
     left = remaining(request, run)
-    if left is not None:
-        generate(loaded, left, run, on_candidate=arrived)
+    with bar:
+        if left is not None:
+            generate(loaded, left, run, on_candidate=arrived)
     if scorer is not None:
         run.unavailable = dict(scorer.unavailable)
     run.status = "done"

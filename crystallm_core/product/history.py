@@ -77,7 +77,8 @@ def candidate_row(run_id: str, candidate: Candidate) -> tuple:
     report = candidate.report
     record = {"name": candidate.name, "cif": candidate.cif, "raw_text": candidate.raw_text,
               "checks": [[c.name, c.passed, c.reason] for c in report.checks], "formula": report.formula,
-              "space_group": report.spacegroup, "band_gap_target": candidate.band_gap_target,
+              "space_group": report.spacegroup, "space_group_rule": report.space_group_rule,
+              "band_gap_target": candidate.band_gap_target,
               "e_hull_target": candidate.e_hull_target, "scores": candidate.scores.to_dict(),
               "seconds": candidate.seconds, "n_tokens": candidate.n_tokens, "stop_reason": candidate.stop_reason,
               "retries": candidate.retries, "repairs": candidate.repairs}
@@ -89,7 +90,7 @@ def candidate_of(index: int, record_json: str, structure_json: str | None) -> Ca
     record = json.loads(record_json)
     structure = Structure.from_dict(json.loads(structure_json)) if structure_json else None
     report = ValidityReport([CheckResult(*check) for check in record["checks"]], structure, record["formula"],
-                            record["space_group"])
+                            record["space_group"], space_group_rule=record.get("space_group_rule", "exact"))
     return Candidate(index, record["name"], record["cif"], report, structure, record["raw_text"],
                      record["band_gap_target"], record["e_hull_target"], Scores.from_dict(record["scores"]),
                      record["seconds"], record["n_tokens"], record["stop_reason"], record["retries"],

@@ -112,7 +112,7 @@ def candidate_name(index: int, formula: str | None) -> str:
     return f"{index:03d}_{formula or 'unparsed'}"
 
 
-TABLE_COLUMNS = ["index", "file", "formula", "space_group", "valid", "reason", "band_gap_target", "band_gap_pred",
+TABLE_COLUMNS = ["index", "file", "formula", "space_group", "valid", "reason", "space_group_rule", "band_gap_target", "band_gap_pred",
                  "band_gap_std", "band_gap_gnn", "band_gap_gbm", "p_metal", "e_hull_target", "e_form_pred",
                  "e_hull_pred", "unique", "novel", "stable", "hit", "vsun", "seconds", "n_tokens", "stop_reason",
                  "rewinds", "repairs", "valid_after_repair", "notes"]
@@ -174,7 +174,8 @@ class Run:
             rows.append({
                 "index": candidate.index, "file": candidate.file_name, "formula": candidate.formula,
                 "space_group": candidate.space_group, "valid": candidate.valid,
-                "reason": "; ".join(candidate.reasons), "band_gap_target": candidate.band_gap_target,
+                "reason": "; ".join(candidate.reasons), "space_group_rule": candidate.report.space_group_rule,
+                "band_gap_target": candidate.band_gap_target,
                 **{name: getattr(scores, name) for name in ("band_gap_pred", "band_gap_std", "band_gap_gnn",
                                                             "band_gap_gbm", "p_metal")},
                 "e_hull_target": candidate.e_hull_target, "e_form_pred": scores.e_form_pred,

@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from crystallm_core.chem.judges.hull_placement import HullPlacement, structure_on_hull  # noqa: F401 (for the pages)
+from crystallm_core.chem.judges.isolation import check_cif_isolated
 from crystallm_core.chem.judges.metrics import (  # noqa: F401 (the pages take PAPER_BY_TARGET, funnel_counts from here)
     PAPER_BY_TARGET,
     MetricSettings,
@@ -26,6 +28,7 @@ from crystallm_core.chem.judges.structure_info import (  # noqa: F401
     parse_cif,
     xrd_pattern,
 )
+from crystallm_core.chem.judges.validity import SPACE_GROUP_RULES, ValidityReport, judged_as_user_file  # noqa: F401
 from crystallm_core.lm.checkpoints import LoadedModel
 from crystallm_core.lm.sampler import DECODINGS, GUIDES, SamplingSettings  # noqa: F401 (the pages take them from here)
 from crystallm_core.product.campaign import MANIFEST as CAMPAIGN_MANIFEST
@@ -197,6 +200,12 @@ def open_results(path: str) -> Run:
     if (folder / CAMPAIGN_MANIFEST).is_file():
         return campaign_run(folder)
     return evaluate_run(read_run(folder))
+
+
+def check_upload(cif_text: str) -> ValidityReport:
+    """Validity of a user's uploaded CIF in the isolated checker, under the user-file rule (a
+    stated P 1, or any subgroup of the detected group, is a correct description)."""
+    return judged_as_user_file(check_cif_isolated(cif_text))
 
 
 def run_subset(run: Run, keep: Sequence[bool]) -> Run:

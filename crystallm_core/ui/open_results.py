@@ -8,7 +8,7 @@ import streamlit as st
 from crystallm_core.product.run import Run
 from crystallm_core.product.run_files import run_zip
 from crystallm_core.product.server_settings import server_settings
-from crystallm_core.product.service import open_results, run_subset
+from crystallm_core.product.service import SPACE_GROUP_RULES, open_results, run_subset
 
 
 def open_results_form() -> None:
@@ -41,8 +41,10 @@ def filtered_download(run: Run, frame: pd.DataFrame) -> None:
         if wanted:
             keep &= frame[column].fillna(False).astype(bool)
     st.caption(f"{int(keep.sum())} of {len(frame)} structures chosen")
-    st.dataframe(frame[keep][["file", "formula", "space_group", "band_gap_target", "band_gap_pred", "e_hull_pred",
-                              "hit", "stable"]], hide_index=True, height=240)
+    st.dataframe(frame[keep][["file", "formula", "space_group", "valid", "space_group_rule", "band_gap_target",
+                              "band_gap_pred", "e_hull_pred", "hit", "stable"]], hide_index=True, height=240)
+    st.caption("Space-group rule: " + "; ".join(f"**{rule}**: {SPACE_GROUP_RULES[rule]}"
+                                                for rule in sorted(set(frame["space_group_rule"].dropna()))))
     st.download_button("Download the chosen structures (zip)", data=run_zip(run_subset(run, keep.tolist())),
                        file_name=f"crystallm_{run.kind}_{run.run_id}_selection.zip", mime="application/zip",
                        key=f"selection_{run.run_id}", disabled=not keep.any())

@@ -41,6 +41,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 from pymatgen.core import Structure
 
 from crystallm_core.chem.cif.cif_format import structure_to_model_cif, training_text
@@ -181,16 +182,9 @@ def row_mapper(processor: RowProcessor, workers: int):
 
 
 def process_rows(rows: pd.DataFrame, map_rows) -> list[dict]:
-    """Convert all rows with `map_rows` (from row_mapper), printing progress."""
+    """Convert all rows with `map_rows` (from row_mapper), with a progress bar and ETA on stderr."""
     records = rows[ROW_COLUMNS].to_dict("records")
-    start, results = time.time(), []
-    for i, result in enumerate(map_rows(records), 1):
-        results.append(result)
-        if i % 1000 == 0 or i == len(records):
-            rate = i / (time.time() - start)
-            print(f"  converted {i}/{len(records)} ({rate:.1f}/s, "
-                  f"~{(len(records) - i) / rate / 60:.1f} min left)", flush=True)
-    return results
+    return list(tqdm(map_rows(records), total=len(records), desc="converting CIFs", unit="row", mininterval=1))
 
 
 def convert_rows(rows: pd.DataFrame, max_tokens: int, workers: int = 1, hull: HullReference | None = None) -> list[dict]:

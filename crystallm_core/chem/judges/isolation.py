@@ -5,7 +5,10 @@ a CIF says. `validity.structure_problem` keeps degenerate cells away from them, 
 an `evaluate` input or a model output is still untrusted: `IsolatedWorker` runs a function in
 a child process that is started on first use and replaced when it dies (segfault, out of
 memory) or overruns its time limit. The caller gets the function's result or a readable
-reason, and the next call gets a fresh worker.
+reason, and the next call gets a fresh worker. Each call may also use at most `memory_limit`
+bytes beyond what the worker holds once started (RLIMIT_AS, set in the child): a structure that
+needs more fails with "too large to score" and the worker is replaced, where it would otherwise
+grow until the kernel's OOM killer picks a process (the server, say).
 
 The child is a plain `python -m crystallm_core.chem.judges.isolation MODULE NAME` speaking
 length-prefixed pickles on its stdin/stdout, not a multiprocessing child: those re-run the
@@ -18,6 +21,7 @@ import atexit
 import importlib
 import os
 import pickle
+import resource
 import select
 import signal
 import struct
@@ -41,6 +45,9 @@ from crystallm_core.chem.judges.validity import (
 DEFAULT_TIME_LIMIT = 60.0  # seconds for one call, a backstop behind the per-check limits
 PER_CHECK_TIME_LIMIT = 10.0  # seconds for each validity check inside the worker
 START_TIME_LIMIT = 120.0  # seconds for a worker to import what it needs (slow on a busy machine)
+# Bytes one call may add to the worker's address space. A check of a 2,000-site cell stays far
+# below it; the guards of `crowding` keep the known memory sinks out, this catches the unknown.
+DEFAULT_MEMORY_LIMIT = 2 * 1024 ** 3
 HEADER = struct.Struct("!I")
 
 
@@ -85,15 +92,31 @@ def read_frame(fd: int, deadline: float) -> Any:
     return pickle.loads(body)
 
 
-def serve(module: str, name: str) -> None:
-    """The worker's loop: one argument in, ("ok", value) or ("error", text) out, on the original stdout
-    (print() and native libraries' output go to stderr instead)."""
+def too_large(memory_limit: int) -> str:
+    return f"too large to score: needed more than the {memory_limit / 1024 ** 3:g} GB memory ceiling"
+
+
+def cap_address_space(extra_bytes: int) -> None:
+    """Let this process map at most `extra_bytes` more than it has mapped now (its libraries loaded),
+    or less where a limit set from outside (ulimit -v) is lower."""
+    with open("/proc/self/statm") as statm:
+        mapped = int(statm.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    wanted = mapped + extra_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+
+
+def serve(module: str, name: str, memory_limit: int) -> None:
+    """The worker's loop: one argument in, ("ok", value), ("error", text) or, when the call ran
+    out of its memory ceiling, ("fatal", text) out, on the original stdout (print() and native
+    libraries' output go to stderr instead)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     function = importlib.import_module(module)
     for part in name.split("."):
         function = getattr(function, part)
+    cap_address_space(memory_limit)
     write_frame(replies, ("ready", None))
     requests = sys.stdin.buffer
     while True:
@@ -103,6 +126,9 @@ def serve(module: str, name: str) -> None:
         argument = pickle.loads(requests.read(HEADER.unpack(header)[0]))
         try:
             write_frame(replies, ("ok", function(argument)))
+        except MemoryError:  # the heap may be left fragmented or half-built: the parent replaces us
+            write_frame(replies, ("fatal", too_large(memory_limit)))
+            return
         except Exception as error:
             write_frame(replies, ("error", f"raised {type(error).__name__}: {error}"))
 
@@ -120,16 +146,18 @@ class IsolatedWorker:
     """Calls `function(argument)` in a child process; thread-safe (one call at a time).
     `function` must be importable by module and name (a module-level function or a builtin)."""
 
-    def __init__(self, function: Callable, time_limit: float = DEFAULT_TIME_LIMIT):
+    def __init__(self, function: Callable, time_limit: float = DEFAULT_TIME_LIMIT,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT):
         self.target = (function.__module__ or "builtins", function.__qualname__)
-        self.time_limit = time_limit
+        self.time_limit, self.memory_limit = time_limit, memory_limit
         self.process: subprocess.Popen | None = None
         self.restarts = 0  # workers replaced after a crash or a timeout
         self.lock = threading.Lock()
         atexit.register(self.close)
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "crystallm_core.chem.judges.isolation", *self.target],
+        self.process = subprocess.Popen([sys.executable, "-m", "crystallm_core.chem.judges.isolation", *self.target,
+                                         str(self.memory_limit)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             read_frame(self.process.stdout.fileno(), time.monotonic() + START_TIME_LIMIT)
@@ -165,7 +193,9 @@ class IsolatedWorker:
                 write_frame(self.process.stdin, argument)
                 status, value = read_frame(self.process.stdout.fileno(), started + limit)
                 seconds = time.monotonic() - started
-                return Outcome(value, None, seconds) if status == "ok" else Outcome(None, value, seconds)
+                if status != "fatal":
+                    return Outcome(value, None, seconds) if status == "ok" else Outcome(None, value, seconds)
+                error = value
             except TimeoutError:
                 error = f"timed out after {limit:g} s"
             except (WorkerGone, BrokenPipeError, OSError):
@@ -235,4 +265,4 @@ def check_sample(text: str, stop_reason: str, max_tokens: int, note: str | None 
 
 
 if __name__ == "__main__":
-    serve(*sys.argv[1:3])
+    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]))

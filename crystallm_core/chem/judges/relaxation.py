@@ -14,10 +14,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pymatgen.core import Structure
+from tqdm import tqdm
 
 from crystallm_core.chem.cif.cif_format import structure_to_model_cif
+from crystallm_core.chem.judges.crowding import chgnet_problem
 from crystallm_core.chem.judges.isolation import check_sample
 from crystallm_core.chem.judges.stability import (
     HULL_BIAS_NOTE,
@@ -89,17 +92,18 @@ def spacegroup_of(structure: Structure) -> str | None:
         return None
 
 
-def relax_and_check(structure: Structure, settings: RelaxSettings | None = None) -> RelaxationReport:
+def relax_and_check(structure: Structure, settings: RelaxSettings | None = None,
+                    on_step: Callable[[int], None] | None = None) -> RelaxationReport:
     """Static estimate, bounded relaxation, estimate at the end, and the validity of the result.
 
     Raises ValueError for a structure CHGNet must not or cannot relax (a degenerate cell,
     isolated atoms); the message says why.
     """
-    problem = structure_problem(structure)
+    problem = structure_problem(structure) or chgnet_problem(structure)
     if problem:
         raise ValueError(f"cannot relax this structure: {problem}")
     [before] = estimate_stability([structure])
-    relaxation = relax_structure(structure, settings)
+    relaxation = relax_structure(structure, settings, on_step)
     after = finish_estimate(relaxation.structure, relaxation.energy_per_atom, True, relaxation.seconds)
     try:
         cif, validity = check_sample(structure_to_model_cif(relaxation.structure), "eos", 0)
@@ -126,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-steps must be ≥ 1, and --max-seconds and --fmax > 0")
     structure = parse_cif(source.read_text(errors="replace"))  # ValueError with the parser's reason
     try:
-        report = relax_and_check(structure, RelaxSettings(args.max_steps, args.max_seconds, args.fmax))
+        with tqdm(total=args.max_steps, desc=f"relaxing {source.name}", unit="step") as bar:
+            report = relax_and_check(structure, RelaxSettings(args.max_steps, args.max_seconds, args.fmax),
+                                     on_step=lambda steps: bar.update(steps - bar.n))
     except Exception as error:
         raise ValueError(f"CHGNet could not relax {source.name}: {type(error).__name__}: {error}") from error
     for row in report.rows():

@@ -13,7 +13,8 @@ from typing import Sequence
 
 from pymatgen.core import Structure
 
-from crystallm_core.chem.judges import stability as stability_estimates
+from crystallm_core.chem import stability as stability_estimates
+from crystallm_core.chem.judges.crowding import chgnet_problem
 from crystallm_core.chem.judges.metrics import novelty_flags
 from crystallm_core.chem.judges.stability import RelaxSettings
 from crystallm_core.chem.judges.validity import structure_problem
@@ -97,7 +98,7 @@ class StructureScorer:
             return None
         if len(structure) > self.max_sites:
             return f"{len(structure)} sites is more than the {self.max_sites} the scorers handle"
-        return structure_problem(structure)
+        return structure_problem(structure) or chgnet_problem(structure)
 
     def add_gaps(self, structures: list[Structure], rows: list[dict], notes: list[list[str]],
                  chgnet: list | None = None) -> None:

@@ -24,11 +24,12 @@ import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pymatgen.core import Composition, Structure
 
 from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures, LayerCapture, structure_features
+from crystallm_core.chem.judges.crowding import CrowdingLimits, graph_size
 from crystallm_core.paths import ASSETS_DIR, data_dir
 
 ELEMENTAL_REFERENCES_PATH = ASSETS_DIR / "elemental_references.json"
@@ -140,16 +141,33 @@ class ChgnetReading:
     features: ChgnetFeatures
 
 
+def graph_batches(structures: Sequence[Structure], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most `batch_size` structures whose CHGNet line graphs together stay
+    within one structure's budget (`CrowdingLimits.max_bond_pairs`), so a batch costs no more
+    memory than the largest structure allowed alone."""
+    budget = CrowdingLimits().max_bond_pairs
+    batches: list[list[int]] = []
+    total = budget + 1
+    for i, structure in enumerate(structures):
+        size = graph_size(structure).bond_pairs
+        if total + size > budget or len(batches[-1]) >= batch_size:
+            batches.append([])
+            total = 0
+        batches[-1].append(i)
+        total += size
+    return batches
+
+
 def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> list[ChgnetReading | str]:
     """CHGNet energy per atom and `ChgnetFeatures` of each structure as given (one forward each);
-    a failure becomes its message."""
+    a failure becomes its message. Only for structures `validity.structure_problem` accepts."""
     model = load_chgnet()
     layers = LayerCapture(model)
     options = dict(task="e", return_crystal_feas=True)
 
     def readings(batch: list[Structure]) -> list[ChgnetReading]:
         with layers.capture():
-            predictions = model.predict_structure(batch, batch_size=batch_size, **options)
+            predictions = model.predict_structure(batch, batch_size=len(batch), **options)
         predictions = [predictions] if isinstance(predictions, dict) else predictions  # a list of one gives a dict
         atom_features = layers.per_structure([len(s) for s in batch])
         energies = [float(p["e"]) for p in predictions]
@@ -157,17 +175,18 @@ def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> li
                                                          formation_energy_or_nan(s.composition, energy)))
                 for p, energy, atoms, s in zip(predictions, energies, atom_features, batch)]
 
+    results: list[ChgnetReading | str] = []
     with quiet_chgnet():
-        try:
-            return readings(list(structures))
-        except Exception:  # one bad structure (e.g. isolated atoms) fails the batch: redo one by one
-            results: list[ChgnetReading | str] = []
-            for s in structures:
-                try:
-                    results.extend(readings([s]))
-                except Exception as exc:
-                    results.append(f"CHGNet failed: {exc}")
-            return results
+        for batch in graph_batches(structures, batch_size):
+            try:
+                results.extend(readings([structures[i] for i in batch]))
+            except Exception:  # one bad structure (e.g. isolated atoms) fails the batch: redo one by one
+                for i in batch:
+                    try:
+                        results.extend(readings([structures[i]]))
+                    except Exception as exc:
+                        results.append(f"CHGNet failed: {exc}")
+    return results
 
 
 @dataclass
@@ -181,8 +200,10 @@ class Relaxation:
     seconds: float
 
 
-def relax_structure(structure: Structure, settings: RelaxSettings | None = None) -> Relaxation:
-    """FIRE relaxation of positions and cell with CHGNet, stopped at fmax, max_steps or max_seconds."""
+def relax_structure(structure: Structure, settings: RelaxSettings | None = None,
+                    on_step: Callable[[int], None] | None = None) -> Relaxation:
+    """FIRE relaxation of positions and cell with CHGNet, stopped at fmax, max_steps or max_seconds;
+    `on_step` gets the number of steps taken after each one."""
     from ase.constraints import FixSymmetry
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
@@ -200,6 +221,8 @@ def relax_structure(structure: Structure, settings: RelaxSettings | None = None)
         optimizer = FIRE(FrechetCellFilter(atoms), logfile=None)
         for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
             steps = optimizer.nsteps
+            if on_step is not None:
+                on_step(steps)
             if converged or time.perf_counter() - start > settings.max_seconds:
                 break
         energy = float(atoms.get_potential_energy()) / len(atoms)

@@ -5,7 +5,7 @@ check_cif never raises: a check that crashes fails with the exception text as it
 checks that need the parsed structure fail with "skipped: CIF did not parse". Native code
 (spglib, CrystalNN's neighbour search) only ever sees a structure that `structure_problem`
 accepts: a cell that is finite, right-handed, not flat and inside the sane ranges (spglib
-segfaults on e.g. a zero angle). Checks that need such a cell are skipped with that reason.
+segfaults on e.g. a zero angle) whose atoms are not piled up (`crowding`). Checks that need such a cell are skipped with that reason.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import math
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -24,6 +25,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from crystallm_core.chem.cif.cif_limits import cif_size_problem
 from crystallm_core.chem.judges.check_limits import CheckTimeout, error_text, parse_error_text, time_limit
+from crystallm_core.chem.judges.crowding import CrowdingLimits, crowding_problem
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,24 @@ class CheckResult:
     reason: str
 
 
+# How the space_group check judges a stated group against the one spglib detects.
+SPACE_GROUP_RULES = {
+    "exact": "the stated space group must be the detected one (the model's own text claims a group)",
+    "subgroup": "the stated space group may be the detected one or any subgroup of it, P 1 included "
+                "(a user's file, e.g. Materials Project's full cells in P 1)",
+}
+
+
 @dataclass
 class ValidityReport:
     checks: list[CheckResult]
     structure: Structure | None = None
     formula: str | None = None       # reduced formula of the parsed structure, e.g. 'TiO2'
     spacegroup: str | None = None    # detected H-M symbol (symprec 0.1), else the stated one
+    # What `judged_as_user_file` needs; not kept in the history (compare=False: a reopened run is equal)
+    stated_spacegroup: str | None = field(default=None, compare=False)
+    stated_is_subgroup: bool | None = field(default=None, compare=False)  # stated ≠ detected but a subgroup of it
+    space_group_rule: str = "exact"  # a key of SPACE_GROUP_RULES
 
     @property
     def valid(self) -> bool:
@@ -77,7 +91,46 @@ class ValidityReport:
 
     def to_dict(self) -> dict:
         return {"valid": self.valid, "formula": self.formula, "spacegroup": self.spacegroup,
+                "space_group_rule": self.space_group_rule,
                 "checks": {c.name: {"passed": c.passed, "reason": c.reason} for c in self.checks}}
+
+
+def judged_as_user_file(report: ValidityReport) -> ValidityReport:
+    """The report under the "subgroup" rule: a researcher's file that states P 1 (or any subgroup of
+    the detected group) describes its crystal correctly, so its space_group check passes and names
+    the detected group as information. The model's own text keeps the "exact" rule."""
+    checks = [CheckResult("space_group", True, f"{report.stated_spacegroup} as stated, a subgroup of the detected "
+                                                f"{report.spacegroup} (user file: subgroups allowed)")
+              if check.name == "space_group" and not check.passed and report.stated_is_subgroup else check
+              for check in report.checks]
+    return replace(report, checks=checks, space_group_rule="subgroup")
+
+
+@lru_cache(maxsize=None)
+def subgroup_numbers(number: int) -> frozenset[int]:
+    """International numbers of every subgroup type of space group `number`, itself included
+    (pymatgen's table of maximal subgroups, followed down; it has cycles, e.g. P4/mmm and I4/mmm)."""
+    from pymatgen.symmetry.groups import SYMM_DATA
+
+    found, frontier = {number}, [number]
+    while frontier:
+        for subgroup in SYMM_DATA["maximal_subgroups"][str(frontier.pop())]:
+            if subgroup not in found:
+                found.add(subgroup)
+                frontier.append(subgroup)
+    return frozenset(found)
+
+
+def space_group_number(symbol: str) -> int | None:
+    """The international number of an H-M symbol as CIFs write it ('P 1', 'P 1 21/c 1', 'Fm-3m')."""
+    from pymatgen.symmetry.groups import SpaceGroup
+
+    for candidate in (symbol, symbol.replace(" ", ""), re.sub(r"(\d)(\d)", r"\1_\2", symbol.replace(" ", ""))):
+        try:
+            return SpaceGroup(candidate).int_number
+        except Exception:
+            continue
+    return None
 
 
 def lattice_problem(lattice, config: ValidityConfig = ValidityConfig()) -> str | None:
@@ -105,8 +158,9 @@ def lattice_problem(lattice, config: ValidityConfig = ValidityConfig()) -> str |
 
 
 def structure_problem(structure: Structure, config: ValidityConfig = ValidityConfig()) -> str | None:
-    """Why a structure must not reach native code (spglib, CrystalNN, CHGNet, the surrogates);
-    None if it may. Cheap: no neighbour search."""
+    """Why a structure must not reach native or learned code (spglib, CrystalNN, CHGNet, the
+    surrogates, the XRD pattern); None if it may. Cheap: the cell first, then bounded neighbour
+    searches (`crowding.crowding_problem`: atoms closer than min_distance or too crowded)."""
     if structure is None or len(structure) == 0:
         return "no atoms"
     if len(structure) > config.max_sites:
@@ -116,24 +170,7 @@ def structure_problem(structure: Structure, config: ValidityConfig = ValidityCon
         return problem
     if not np.all(np.isfinite(structure.frac_coords)):
         return "atom coordinates are not finite numbers"
-    return None
-
-
-def closest_pair(structure: Structure) -> tuple[float, int, int] | None:
-    """(distance, i, j) of the closest two atoms (periodic images included), or None for one atom
-    whose images are the only neighbours. Only for structures `structure_problem` accepts."""
-    if len(structure) == 1:
-        return None
-    if len(structure) <= 200:
-        distances = structure.distance_matrix + np.eye(len(structure)) * 1e9
-        i, j = np.unravel_index(np.argmin(distances), distances.shape)
-        return float(distances[i, j]), int(i), int(j)
-    centres, neighbours, _, distances = structure.get_neighbor_list(4.0)
-    pairs = centres != neighbours
-    if not pairs.any():
-        return None
-    k = int(np.argmin(np.where(pairs, distances, np.inf)))
-    return float(distances[k]), int(centres[k]), int(neighbours[k])
+    return crowding_problem(structure, CrowdingLimits(min_distance=config.min_distance))
 
 
 def neighbour_search_size(structure: Structure) -> float:
@@ -234,6 +271,7 @@ class CifChecker:
         self.detected_spacegroup: str | None = None
         self.equivalent_atoms: np.ndarray | None = None  # spglib orbit label per site
         self.stated_spacegroup: str | None = None
+        self.stated_is_subgroup: bool | None = None
         self.sane = False
 
     def tag(self, name: str):
@@ -252,6 +290,8 @@ class CifChecker:
         try:
             parser = CifParser.from_str(self.cif, site_tolerance=self.config.site_tolerance)
             structures = parser.parse_structures(primitive=False, on_error="raise")
+        except MemoryError:
+            raise
         except Exception as error:
             raise CheckFailed(parse_error_text(error)) from None
         if not structures or len(structures[0]) == 0:
@@ -312,12 +352,6 @@ class CifChecker:
         problem = self.stated_cell_problem() or structure_problem(self.structure, self.config)
         if problem:
             raise CheckFailed(problem)
-        closest = closest_pair(self.structure)
-        if closest is not None and closest[0] < self.config.min_distance:
-            distance, i, j = closest
-            raise CheckFailed(f"atoms {i} ({self.structure[i].species_string}) and {j} "
-                              f"({self.structure[j].species_string}) are {distance:.2f} Å "
-                              f"apart (< {self.config.min_distance} Å)")
         self.sane = True
         return "cell lengths, angles and interatomic distances are plausible"
 
@@ -330,9 +364,20 @@ class CifChecker:
         self.detected_spacegroup = analyzer.get_space_group_symbol()
         self.equivalent_atoms = np.asarray(analyzer.get_symmetry_dataset().equivalent_atoms)
         if self.stated_spacegroup.replace(" ", "") != self.detected_spacegroup.replace(" ", ""):
+            stated = self.stated_number()
+            self.stated_is_subgroup = (stated is not None and
+                                       stated in subgroup_numbers(analyzer.get_space_group_number()))
             raise CheckFailed(f"CIF states {self.stated_spacegroup} but the atoms have "
                               f"{self.detected_spacegroup} symmetry (symprec {self.config.symprec})")
         return f"{self.detected_spacegroup} confirmed"
+
+    def stated_number(self) -> int | None:
+        """The stated group's international number: the CIF's number tag, else read from the symbol."""
+        for tag in ("_symmetry_Int_Tables_number", "_space_group_IT_number"):
+            value = str(self.tags.get(tag, "")).strip()
+            if value.isdigit() and 1 <= int(value) <= 230:
+                return int(value)
+        return space_group_number(self.stated_spacegroup)
 
     def check_bond_lengths(self) -> str:
         if not self.sane:
@@ -373,6 +418,8 @@ def run_check(name: str, check: Callable[[], str], seconds: float | None = None)
         return CheckResult(name, False, str(failure))
     except CheckTimeout:
         return CheckResult(name, False, f"timed out after {seconds:g} s")
+    except MemoryError:  # the isolated checker's memory ceiling: it replaces the worker and says so
+        raise
     except Exception as error:  # any crash is a failed check, never a failed batch
         return CheckResult(name, False, error_text(error))
 
@@ -398,4 +445,6 @@ def check_cif(cif_text: str, config: ValidityConfig = ValidityConfig(), time_lim
         structure=structure,
         formula=structure.composition.reduced_formula if structure is not None else None,
         spacegroup=checker.detected_spacegroup or checker.stated_spacegroup,
+        stated_spacegroup=checker.stated_spacegroup,
+        stated_is_subgroup=checker.stated_is_subgroup,
     )
