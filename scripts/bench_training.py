@@ -60,6 +60,8 @@ def main() -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--emulated-bf16", action="store_true")
+    parser.add_argument("--no-dropout", action="store_true",
+                        help="both paths without dropout (as align trains): attention then takes the fused kernel")
     args = parser.parse_args()
     device = torch.device("cpu")
     sequences = real_sequences(args.batch_size * (args.steps + 1) * 2, args.seed)
@@ -70,10 +72,11 @@ def main() -> int:
     bucketed = [by_length[i : i + args.batch_size] for i in range(0, n_batches * args.batch_size, args.batch_size)]
     cfg = TrainConfig(learning_rate=1e-5)
     source = resolve_model_dir(args.model)
-    models = {name: load_model_weights(source, dtype=torch.float32).train() for name in ("reference", "fast")}
+    models = {name: load_model_weights(source, dtype=torch.float32).train(not args.no_dropout)
+              for name in ("reference", "fast")}
     optimizers = {"reference": make_optimizer(models["reference"], cfg, fused=False),
                   "fast": make_optimizer(models["fast"], cfg, fused=True)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+    print(f"dropout {'off' if args.no_dropout else 'on'}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(device)}")
     for order, batches in (("shuffled", shuffled), ("length-bucketed", bucketed)):
         times = {"reference": [], "fast": []}
