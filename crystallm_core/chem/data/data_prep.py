@@ -330,12 +330,13 @@ def prepare(config: PrepConfig) -> dict:
     print(f"hull reference: {len(hull.table)} phases ({time.time() - start:.0f} s)", flush=True)
     results: list[dict] = []
     with row_mapper(RowProcessor(hull, config.max_tokens), config.workers) as map_rows:
-        for n, source in enumerate(SOURCES, 1):
+        present = [source for source in SOURCES if (rows["source"] == source).any() or source != "extra"]
+        for n, source in enumerate(present, 1):
             print(f"{source}: converting {(rows['source'] == source).sum()} rows", flush=True)
             results += process_rows(rows[rows["source"] == source], map_rows)
-            done = rows[rows["source"].isin(SOURCES[:n])]
-            summary = write_outputs(done, results, config, time.time() - start, list(SOURCES[:n]))
-            print(f"wrote outputs for {', '.join(SOURCES[:n])}: {sum(summary['rows_kept_by_source'].values())} rows "
+            done = rows[rows["source"].isin(present[:n])]
+            summary = write_outputs(done, results, config, time.time() - start, present[:n])
+            print(f"wrote outputs for {', '.join(present[:n])}: {sum(summary['rows_kept_by_source'].values())} rows "
                   f"({time.time() - start:.0f} s)", flush=True)
     return summary
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from pymatgen.core import Structure
 
-from crystallm_core.chem import stability as stability_estimates
+from crystallm_core.chem.judges import stability as stability_estimates
 from crystallm_core.chem.judges.crowding import chgnet_problem
 from crystallm_core.chem.judges.metrics import novelty_flags
 from crystallm_core.chem.judges.stability import RelaxSettings
