@@ -1,0 +1,75 @@
+"""Reward fine-tuning: the examples each signal makes, and a real (tiny) resumable run."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+from prototypes import rocksalt_nacl, rutile_tio2
+
+from crystallm_core.lm.checkpoints import load_model_weights
+from crystallm_core.lm.tokenizer import get_tokenizer
+from crystallm_core.product.align import (
+    AlignSettings,
+    AlignSignals,
+    align,
+    round_cells,
+    round_examples,
+    target_cells,
+)
+
+
+def judged_frame():
+    frame = pd.DataFrame({
+        "valid": [True, True, False], "unique": [True, True, None],
+        "band_gap_target": [3.72, 3.72, 3.72], "e_hull_target": [0.0, 0.0, 0.0],
+        "band_gap_pred": [3.1, 0.0, None], "band_gap_std": [0.3, 0.2, None], "p_metal": [0.1, 0.9, None],
+        "e_hull_pred": [0.05, 1.7, None], "reward": [0.8, 0.05, 0.0],
+    })
+    candidates = [SimpleNamespace(structure=rutile_tio2()), SimpleNamespace(structure=rocksalt_nacl()),
+                  SimpleNamespace(structure=None)]
+    return frame, candidates
+
+
+def test_each_signal_makes_its_examples():
+    frame, candidates = judged_frame()
+    relaxed = [{"valid": True, "structure": rocksalt_nacl(), "e_hull_pred": 0.02, "band_gap_pred": 4.9}]
+    settings = AlignSettings(keep_best=0.5, min_reward=0.3)
+    examples = round_examples(frame, candidates, relaxed, get_tokenizer(), settings, 1024)
+    by_signal = {s: [e for e in examples if e.signal == s] for s in ("hindsight", "rejection", "relaxed")}
+    # hindsight: every valid, unique sample, labelled with what it reached
+    assert [(e.band_gap, e.e_hull) for e in by_signal["hindsight"]] == [(3.1, 0.05), (0.0, 1.7)]
+    # rejection: the best half of the cell, only if good enough, labelled with the targets asked for
+    assert [(e.band_gap, e.e_hull) for e in by_signal["rejection"]] == [(3.72, 0.0)]
+    assert [(e.band_gap, e.e_hull) for e in by_signal["relaxed"]] == [(4.9, 0.02)]
+    assert all(e.tokens[0] == get_tokenizer().token_to_id["<bos>"] for e in examples)
+    off = AlignSettings(signals=AlignSignals(hindsight=False, rejection=False, relaxed_teachers=False))
+    assert round_examples(frame, candidates, relaxed, get_tokenizer(), off, 1024) == []
+
+
+def test_rounds_cycle_through_the_target_grid():
+    settings = AlignSettings(cells_per_round=9)
+    cells = target_cells()
+    assert len(cells) == 9 * 5 and (None, None) in cells and (12.145, 0.5) in cells
+    seen = {cell for r in range(5) for cell in round_cells(settings, r)}
+    assert len(seen) > 20 and round_cells(settings, 3) == round_cells(settings, 3)
+
+
+def test_a_tiny_run_learns_checkpoints_and_resumes(tmp_path):
+    tiny = dict(cells_per_round=1, samples_per_cell=2, relax_per_round=1, replay_per_round=0, free_samples=1)
+    first = align(tmp_path / "run", settings=AlignSettings(rounds=1, **tiny))
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    report = state["rounds"][0]
+    assert report["accepted"] and report["n"] == 2 and 0 <= report["valid"] <= 1
+    assert report["training"]["steps"] >= 1 or sum(report["examples"].values()) == 0
+    assert first == tmp_path / "run" / "round_000" / "model"
+    samples = pd.read_csv(tmp_path / "run" / "round_000" / "samples.csv")
+    assert len(samples) == 2 and "reward" in samples
+    second = align(tmp_path / "run", settings=AlignSettings(rounds=2, **tiny))  # resumes at round 1
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert [r["round"] for r in state["rounds"]] == [0, 1] and second.parent.name == "round_001"
+    a = load_model_weights(first, dtype=torch.float32).state_dict()
+    base = load_model_weights(state["base"], dtype=torch.float32).state_dict()
+    if report["training"]["steps"]:
+        assert any(not torch.equal(a[k], base[k]) for k in a if k in base)
+    assert np.isfinite(state["rounds"][1]["seconds"])
