@@ -89,6 +89,7 @@ def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):
     at.slider(key="band_gap").set_value(2.5)
     at.slider(key="e_hull").set_value(0.05)
     at.number_input(key="n").set_value(4)
+    at.selectbox(key="best_of").set_value(1)  # keep every sample
     at.number_input(key="seed").set_value(7)
     at.button[0].click().run()  # "Generate"
     assert not at.error, messages(at.error)
@@ -108,12 +109,54 @@ def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):
 def test_count_valid_only_draws_up_to_four_times_and_explains_a_shortfall(app_env):
     at = new_app("pages/generate.py")
     at.number_input(key="n").set_value(2)
+    at.selectbox(key="best_of").set_value(1)
     at.checkbox(key="until_valid").check()
     at.button[0].click().run()
     wait_for_job(at)
     run = at.session_state["run"]  # the tiny random model writes no valid CIF, so all 8 samples are drawn
     assert run.status == "done" and len(run.candidates) == 8 and run.requests[0]["stop_after_valid"] == 2
     assert "Only 0 of the 2 valid structures asked for after 8 samples" in messages(at.info)
+
+
+def test_best_of_k_samples_n_times_k_and_says_how_many_were_within_tolerance(app_env):
+    at = new_app("pages/generate.py")
+    assert at.number_input(key="n").value == 16 and at.selectbox(key="best_of").value == 4  # the app's default
+    at.number_input(key="n").set_value(2)
+    at.selectbox(key="best_of").set_value(2)
+    at.button[0].click().run()
+    wait_for_job(at)
+    run = at.session_state["run"]  # the tiny random model writes nothing valid: nothing is picked, all 4 kept
+    assert len(run.candidates) == 4 and run.requests[0]["keep_best"] == 2
+    assert all(c.pick == {"picked": False, "of": 4, "keep": 2} for c in run.candidates)
+    assert "0 of 4 samples were within the tolerance" in messages(at.info)
+    assert "not a measurement" in messages(at.caption)
+    table = at.dataframe[0].value
+    assert {"score", "picked"} <= set(table.columns) and (table["picked"] == "not picked (of 4)").all()
+
+
+def test_best_of_k_refuses_count_valid_only(app_env):
+    at = new_app("pages/generate.py")
+    at.checkbox(key="until_valid").check()
+    at.button[0].click().run()
+    assert "cannot be combined" in messages(at.error) and "job" not in at.session_state
+
+
+def test_a_picked_run_shows_its_picks_first_with_score_and_relaxed_e_hull(app_env):
+    run = prototype_run()
+    run.requests[0]["keep_best"] = 1
+    run.generation = [{"best_of": {"keep": 1, "sampled": 3, "valid": 2, "within_tolerance": 1, "picked": 1,
+                                   "tolerance": 0.5, "band_gap_target": 2.0}}]
+    for c, picked in zip(run.candidates, (False, True, False)):
+        c.pick = {"picked": picked, "of": 3, "keep": 1}
+    run.candidates[1].repairs = [{"kind": "relax", "valid": True, "cif": None, "details": {
+        "e_hull_before": 0.3, "e_hull_after": 0.05}, "reasons": []}]
+    at = new_app("pages/generate.py")
+    at.session_state["run"] = run
+    at.run()
+    table = at.dataframe[0].value
+    assert table["formula"].tolist()[0] == "TiO2" and table["picked"].tolist()[0] == "✓ picked from 3"
+    assert table["e_hull"].tolist()[0] == "0.300 → 0.050 relaxed"
+    assert "Best 1 of 3" in messages(at.markdown)
 
 
 @pytest.mark.parametrize("composition, z, spacegroup, elements, expected", [

@@ -19,6 +19,7 @@ from crystallm_core.chem.metrics import (  # noqa: F401 (the pages take PAPER_BY
     summarise,
 )
 from crystallm_core.chem.prompts import space_group_symbols
+from crystallm_core.chem.ranking import ranking_order
 from crystallm_core.chem.relaxation import relax_and_check  # noqa: F401 (for the pages)
 from crystallm_core.chem.stability import HULL_BIAS_NOTE, RelaxSettings  # noqa: F401 (for the pages)
 from crystallm_core.chem.structure_info import (  # noqa: F401
@@ -28,6 +29,12 @@ from crystallm_core.chem.structure_info import (  # noqa: F401
 )
 from crystallm_core.lm.checkpoints import LoadedModel
 from crystallm_core.lm.sampler import DECODINGS, GUIDES, SamplingSettings  # noqa: F401 (the pages take them from here)
+from crystallm_core.product.best_of import (  # noqa: F401 (the pages take them from here)
+    BEST_OF_CHOICES,
+    PREDICTION_NOTE,
+    best_of_counts,
+    shortfall_note,
+)
 from crystallm_core.product.campaign import MANIFEST as CAMPAIGN_MANIFEST
 from crystallm_core.product.campaign import campaign_run
 from crystallm_core.product.evaluate import evaluate_run
@@ -123,6 +130,15 @@ def run_table(run: Run, tolerance: float | None = None, threshold: float | None 
     own = run.metric_settings()
     return run.to_frame(MetricSettings(own.stability_threshold if threshold is None else threshold,
                                        own.hit_tolerance if tolerance is None else tolerance), unique)
+
+
+def ranked_table(run: Run, tolerance: float | None = None, unique: bool = True) -> pd.DataFrame:
+    """`run_table` in the page's order: best-of-K picks first, then by ranking score (best first),
+    rows without a score (invalid) last, each group in sampling order."""
+    frame = run_table(run, tolerance, unique=unique)
+    order = ranking_order(frame["score"])
+    picked = {label for label in order if pd.notna(frame.at[label, "picked"]) and bool(frame.at[label, "picked"])}
+    return frame.loc[[i for i in order if i in picked] + [i for i in order if i not in picked]].reset_index(drop=True)
 
 
 def stored_run_zip(store: HistoryStore, run_id: str, include_invalid: bool = False) -> bytes:
