@@ -72,17 +72,18 @@ E_HULL_TOLERANCE = 0.1  # eV/atom: an E_hull estimate this close to its target c
 
 
 def sweep_requests(base: GenerationRequest, low: float, high: float, m: int, k: int, fixed: float,
-                   swept: str = "band_gap") -> list[GenerationRequest]:
+                   swept: str = "band_gap", best_of: int = 1) -> list[GenerationRequest]:
     """K samples at each of M targets of `swept` from low to high, the other target at `fixed`;
-    each target its own seed."""
+    each target its own seed. With best_of B > 1: the best K of K × B samples per target."""
     if swept not in SWEEPABLE:
         raise ValueError(f"a sweep varies one of {', '.join(SWEEPABLE)}, not {swept!r}")
     if high <= low:
         raise ValueError("The highest target must be above the lowest.")
     targets = [round(float(t), 3) for t in np.linspace(low, high, int(m))]
     other = "e_hull" if swept == "band_gap" else "band_gap"
-    base = replace(base, composition=None, z=None, spacegroup=None, stop_after_valid=None, **{other: fixed})
-    return [replace(base, n=int(k), seed=base.seed + i, **{swept: target}) for i, target in enumerate(targets)]
+    base = replace(base, composition=None, z=None, spacegroup=None, stop_after_valid=None, **{other: fixed},
+                   **best_of_counts(int(k), int(best_of)))
+    return [replace(base, seed=base.seed + i, **{swept: target}) for i, target in enumerate(targets)]
 
 
 def hit_rate_vs_tolerance(frame: pd.DataFrame, tolerances: Sequence[float]) -> pd.DataFrame:
@@ -107,7 +108,8 @@ def hit_rate_vs_tolerance(frame: pd.DataFrame, tolerances: Sequence[float]) -> p
 
 def sweep_summary(frame: pd.DataFrame, swept: str = "band_gap", tolerance: float | None = None) -> pd.DataFrame:
     """Per target of the swept property: samples, valid and hit rates (over all samples), and the
-    mean, spread and median of the valid structures' estimate (surrogate gap or CHGNet E_hull)."""
+    mean, spread and median of the valid structures' estimate (surrogate gap or CHGNet E_hull);
+    `picked`: how many a best-of-K sweep picked there (NaN without a pick)."""
     rows = []
     for target, group in frame.dropna(subset=[f"{swept}_target"]).groupby(f"{swept}_target"):
         predicted = pd.to_numeric(group[f"{swept}_pred"].where(group["valid"]), errors="coerce")
@@ -120,8 +122,10 @@ def sweep_summary(frame: pd.DataFrame, swept: str = "band_gap", tolerance: float
         rows.append({"target": float(target), "n": len(group), "valid": valid, "hit": hit,
                      "mean_pred": float(predicted.mean()) if predicted.notna().any() else NAN,
                      "std_pred": float(predicted.std()) if predicted.notna().sum() > 1 else NAN,
-                     "median_pred": float(predicted.median()) if predicted.notna().any() else NAN})
-    return pd.DataFrame(rows, columns=["target", "n", "valid", "hit", "mean_pred", "std_pred", "median_pred"])
+                     "median_pred": float(predicted.median()) if predicted.notna().any() else NAN,
+                     "picked": float(group["picked"].eq(True).sum())
+                     if "picked" in group and group["picked"].notna().any() else NAN})
+    return pd.DataFrame(rows, columns=["target", "n", "valid", "hit", "mean_pred", "std_pred", "median_pred", "picked"])
 
 
 def run_table(run: Run, tolerance: float | None = None, threshold: float | None = None,
