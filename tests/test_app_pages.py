@@ -385,6 +385,35 @@ def test_model_page_renders_card_curves_and_histograms(app_env, short_model_dir,
     assert not at.exception and len(at.get("plotly_chart")) == 2  # density hints beside the sliders
 
 
+def test_model_page_shows_what_best_of_k_buys_on_the_same_targets(app_env, short_model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    def sweep(hit_rates, **extra):
+        points = [{"target": t, "n": 8, "n_valid": 8, "median": [t, t - 0.1, t + 0.1], "within_tolerance": 0.5,
+                   "hit_rate": h, **extra} for t, h in zip((0.5, 2.0), hit_rates)]
+        return {"e_hull": 0.0, "points": points, "spearman": 0.5}
+
+    hull = {"band_gap": 1.5, "spearman": 0.0, "points": [
+        {"target": t, "n": 8, "n_valid": 8, "median": [0.3, 0.2, 0.4], "within_tolerance": 0.1,
+         "median_relaxed": [0.1, 0.0, 0.2]} for t in (0.0, 0.5)], "median_difference_low_minus_high": [0.0, -0.1, 0.1],
+        "steers": False}
+    settings = {"guidance_scale": 1.0, "guide": "all"}
+    curves = {"samples_per_point": 8, "seed": 1, "tolerance": {"e_hull": 0.1, "band_gap": 0.5}, "variants": {
+        "default": {"settings": settings, "band_gap_sweep": sweep([0.3, 0.1]), "e_hull_sweep": hull},
+        "best-of-4": {"settings": settings, "best_of": 4, "e_hull_sweep": hull,
+                      "band_gap_sweep": sweep([1.0, 0.375], n_sampled=32, n_within_tolerance=3)}}}
+    model_dir = tmp_path / "model_with_curves"
+    shutil.copytree(short_model_dir, model_dir)
+    (model_dir / "response_curves.json").write_text(json.dumps(curves))
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir))
+    at = new_app("pages/model.py")
+    assert any("what best of K buys" in chart.proto.spec for chart in at.get("plotly_chart"))
+    ranked = [frame.value for frame in at.dataframe if "best of" in frame.value.columns][0]
+    assert ranked.loc[ranked["variant"] == "best-of-4", "hit rate"].tolist() == [1.0, 0.375]
+    assert "not a measurement" in messages(at.caption)
+
+
 def test_model_page_says_when_the_surrogates_parity_data_is_missing(app_env, tmp_path, monkeypatch):
     import crystallm_core.paths
 

@@ -207,6 +207,32 @@ def response_table(curves: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def point_hit_rate(point: dict) -> float | None:
+    """Hits over the samples asked for at one sweep point (older files: from within_tolerance)."""
+    if point.get("hit_rate") is not None:
+        return point["hit_rate"]
+    if point.get("within_tolerance") is None:
+        return None
+    return round(point["within_tolerance"] * point["n_valid"] / point["n"], 3)
+
+
+def best_of_table(curves: dict) -> pd.DataFrame:
+    """What best-of-K buys on the band-gap sweep: per variant (default, best-of-K) and paper
+    target, the hit rate within tolerance and the median gap of the structures delivered."""
+    rows = []
+    for name, variant in curves.get("variants", {}).items():
+        sweep = variant.get("band_gap_sweep")
+        if not sweep:
+            continue
+        for point in sweep["points"]:
+            rows.append({"variant": name, "best of": variant.get("best_of", 1), "target (eV)": point["target"],
+                         "hit rate": point_hit_rate(point), "median gap (eV)": point["median"][0],
+                         "within tolerance of all samples": point.get("n_within_tolerance"),
+                         "samples": point.get("n_sampled", point["n"]), "delivered": point["n"],
+                         "Spearman ρ (sweep)": sweep["spearman"]})
+    return pd.DataFrame(rows)
+
+
 def open_results(path: str) -> Run:
     """A campaign directory, a run directory or zip, or a folder of CIFs inside the server's data
     roots, as a Run for the Evaluate page (a campaign's stored checks and scores are reused; other
