@@ -128,6 +128,9 @@ def test_best_of_k_samples_n_times_k_and_says_how_many_were_within_tolerance(app
     run = at.session_state["run"]  # the tiny random model writes nothing valid: nothing is picked, all 4 kept
     assert len(run.candidates) == 4 and run.requests[0]["keep_best"] == 2
     assert all(c.pick == {"picked": False, "of": 4, "keep": 2} for c in run.candidates)
+    stored = HistoryStore(app_env / "history.sqlite").load(run.run_id)  # the picks are stored with the run
+    assert [c.pick for c in stored.candidates] == [c.pick for c in run.candidates]
+    assert stored.generation[0]["best_of"]["sampled"] == 4
     assert "0 of 4 samples were within the tolerance" in messages(at.info)
     assert "not a measurement" in messages(at.caption)
     table = at.dataframe[0].value

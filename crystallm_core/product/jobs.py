@@ -98,24 +98,6 @@ class QueuedJob:
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
 
-    def _pick(self, request: GenerationRequest, candidates: list[Candidate]) -> None:
-        """Best N of K: pick (and relax) the request's best once all its samples are in; stored again."""
-        if not request.keep_best or self.should_cancel():
-            return
-        self.phase = f"relaxing the {request.keep_best} picked structures" if request.relax else "picking"
-        try:
-            changed = best_of.finish(self.run, candidates, request, self.scorer())
-        except Exception as error:  # the samples stay; only the pick is lost
-            LOG.exception("best-of pick of run %s failed", self.run.run_id)
-            self.run.error = f"picking the best failed ({type(error).__name__}: {error})"
-            changed = []
-        self.phase = None
-        for candidate in changed if self.store is not None else []:
-            try:
-                self.store.add(self.run, candidate)
-            except Exception:
-                LOG.exception("could not store a candidate of run %s", self.run.run_id)
-
     def _work(self) -> None:
         raise NotImplementedError
 
@@ -193,6 +175,10 @@ class GenerationJob(QueuedJob):
                 score_candidates([candidate], scorer)
             except Exception as error:
                 candidate.scores.notes.append(f"scoring failed: {type(error).__name__}: {error}")
+        self._store(candidate)
+
+    def _store(self, candidate: Candidate) -> None:
+        """Store a candidate in the history (again, after a change); a failure is logged, not raised."""
         if self.store is not None:
             try:
                 self.store.add(self.run, candidate)
@@ -211,11 +197,8 @@ class GenerationJob(QueuedJob):
             self.run.error = f"picking the best failed ({type(error).__name__}: {error})"
             changed = []
         self.phase = None
-        for candidate in changed if self.store is not None else []:
-            try:
-                self.store.add(self.run, candidate)
-            except Exception:
-                LOG.exception("could not store a candidate of run %s", self.run.run_id)
+        for candidate in changed:
+            self._store(candidate)
 
     def _work(self) -> None:
         status = "cancelled"
