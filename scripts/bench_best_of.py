@@ -12,6 +12,7 @@ picked (with --relax: relaxed, re-checked and re-scored) on screen.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from crystallm_core.chem.scoring import default_scorer
@@ -36,7 +37,7 @@ def main() -> None:
 
     request = GenerationRequest(**best_of_counts(args.n, args.best_of), seed=args.seed, relax=args.relax)
     run = new_run(loaded, [request])
-    clicked = time.perf_counter()
+    clicked, cpu = time.perf_counter(), time.process_time()
     job = GenerationJob(loaded, [request], run).start()
     first = first_valid = sampled = None
     while not job.finished:
@@ -57,6 +58,8 @@ def main() -> None:
           f"all {request.n} sampled {sampled or float('nan'):.1f} s; "
           f"{summary.get('picked')} picked on screen {done:.1f} s "
           f"({summary.get('within_tolerance')} of {request.n} within the tolerance, {summary.get('valid')} valid)")
+    print(f"CPU seconds of this process over the request: {time.process_time() - cpu:.1f} (the checker's own "
+          f"process not counted); load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.relax:
         relaxed = [r for c in run.candidates for r in c.repairs if r["kind"] == "relax"]
         print(f"relaxed {len(relaxed)} picks, {sum(r['valid'] for r in relaxed)} still valid; relaxation took "

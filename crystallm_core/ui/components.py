@@ -101,6 +101,12 @@ def format_gap(mean, std) -> str:
     return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def format_pair(first, second) -> str:
+    if pd.isna(first) and pd.isna(second):
+        return "—"
+    return " / ".join("—" if pd.isna(v) else f"{v:.2f}" for v in (first, second))
+
+
 def format_hull(static, relaxed) -> str:
     if pd.isna(static) and pd.isna(relaxed):
         return "not available"
@@ -115,12 +121,13 @@ def results_table(run: Run, tolerance: float, unique: bool = True) -> None:
     shown = frame.assign(  # the free-text reason goes last so the numbers stay in view
         valid=frame["valid"].map({True: "✓", False: "✗"}),
         band_gap=[format_gap(mean, std) for mean, std in zip(frame["band_gap_pred"], frame["band_gap_std"])],
+        independent_gap=[format_pair(a, b) for a, b in zip(frame["band_gap_gnn"], frame["band_gap_gbm"])],
         e_hull=[format_hull(s, r) for s, r in zip(frame["e_hull_pred"], frame["e_hull_relaxed"])],
         hit=frame["hit"].map(lambda h: "—" if pd.isna(h) else ("✓" if h else "✗")),
         picked=[picked_label(p, n) for p, n in zip(frame["picked"], frame["picked_from"])],
     )
-    columns = ["index", "formula", "space_group", "valid", "band_gap", "e_hull", "hit", "score", "picked", "rewinds",
-               "repairs", "reason"]
+    columns = ["index", "formula", "space_group", "valid", "band_gap", "independent_gap", "e_hull", "hit", "score",
+               "picked", "rewinds", "repairs", "reason"]
     st.dataframe(
         shown[[c for c in columns if c != "picked" or frame["picked_from"].notna().any()]],
         hide_index=True, width="stretch",
@@ -129,6 +136,9 @@ def results_table(run: Run, tolerance: float, unique: bool = True) -> None:
             "band_gap": st.column_config.TextColumn(
                 "surrogate gap (eV)", help="Band-gap surrogate (PBE gaps); ± is its calibrated spread: on held-out "
                 "structures read as non-metals, the DFT gap lies within ±1 for about 68 %."),
+            "independent_gap": st.column_config.TextColumn(
+                "GNN / LightGBM gap (eV)", help="The older surrogates' readings, independent of the CHGNet head "
+                "that ranks, picks and shows the hit: where they disagree, treat the hit with care."),
             "e_hull": st.column_config.TextColumn(
                 "E_hull est. (eV/atom)", help="Static CHGNet estimate of the structure as written, and after the "
                 "relaxation where there was one. " + HULL_BIAS_NOTE),
