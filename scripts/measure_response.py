@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--skip-gap-sweep", action="store_true", help="only the E_hull sweep (for the variants)")
+    parser.add_argument("--skip-e-hull-sweep", action="store_true",
+                        help="only the band-gap sweep (what best of K buys on the paper's targets)")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "response_curves.json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other variants already in --out (same model weights only); each variant "
@@ -162,25 +164,27 @@ def main() -> None:
         settings = replace(DEFAULT_SAMPLING, **VARIANTS[name])
         started = time.perf_counter()
         best_of = BEST_OF.get(name, 1)
-        hull_points = [measure_point(loaded, scorer, FIXED_GAP, e, args.n, args.seed, settings, args.relax, best_of)
-                       for e in E_HULL_TARGETS]
         variant = {"settings": {k: getattr(settings, k) for k in ("temperature", "top_k", "top_p", "guidance_scale",
                                                                    "guide", "decoding")},
-                   "best_of": best_of, "samples_per_point": args.n, "seed": args.seed,
-                   "e_hull_sweep": {"band_gap": FIXED_GAP, **summarise(hull_points, "e_hull", rng)}}
+                   "best_of": best_of, "samples_per_point": args.n, "seed": args.seed}
+        if not args.skip_e_hull_sweep:
+            hull_points = [measure_point(loaded, scorer, FIXED_GAP, e, args.n, args.seed, settings, args.relax,
+                                         best_of) for e in E_HULL_TARGETS]
+            variant["e_hull_sweep"] = {"band_gap": FIXED_GAP, **summarise(hull_points, "e_hull", rng)}
         if not args.skip_gap_sweep and (name == "default" or best_of > 1):
             gap_points = [measure_point(loaded, scorer, g, 0.0, args.n, args.seed, settings, 0, best_of)
                           for g in GAP_TARGETS]
             variant["band_gap_sweep"] = {"e_hull": 0.0, **summarise(gap_points, "band_gap", rng)}
         variant["seconds"] = round(time.perf_counter() - started, 1)
         results["variants"][name] = variant
-        sweep = variant["e_hull_sweep"]
-        print(f"{name}: E_hull medians {[p['median'][0] for p in sweep['points']]} "
-              f"(targets {list(E_HULL_TARGETS)}), Spearman {sweep['spearman']}, "
-              f"difference 0 - 0.5: {sweep['median_difference_low_minus_high']}, steers: {sweep['steers']}")
+        if "e_hull_sweep" in variant:
+            sweep = variant["e_hull_sweep"]
+            print(f"{name}: E_hull medians {[p['median'][0] for p in sweep['points']]} "
+                  f"(targets {list(E_HULL_TARGETS)}), Spearman {sweep['spearman']}, "
+                  f"difference 0 - 0.5: {sweep['median_difference_low_minus_high']}, steers: {sweep['steers']}")
         if "band_gap_sweep" in variant:
             gap = variant["band_gap_sweep"]
-            print(f"  band-gap medians {[p['median'][0] for p in gap['points']]}, Spearman {gap['spearman']}, "
+            print(f"{name}: band-gap medians {[p['median'][0] for p in gap['points']]}, Spearman {gap['spearman']}, "
                   f"hit rates {[p['hit_rate'] for p in gap['points']]}")
         args.out.write_text(json.dumps(results, indent=1))  # after every variant: nothing lost
     print(f"wrote {args.out}")
