@@ -92,3 +92,18 @@ def test_finish_relaxes_only_the_picks_together_and_rescores_them():
     [repair] = relaxed[0].repairs
     assert repair["valid"] and repair["cif"] and repair["details"]["scores_after"]["band_gap_pred"] == 2.2
     assert run.to_frame()["e_hull_relaxed"][0] == pytest.approx(repair["details"]["e_hull_after"])
+
+
+def test_a_reading_that_fails_in_the_batch_fails_only_its_structure(monkeypatch):
+    from crystallm_core.chem import batch_relaxation
+
+    real = batch_relaxation.efs_readings
+
+    def fails_for_silicon(model, graphs):
+        if any(g.composition == "Si8" for g in graphs):
+            raise RuntimeError("no reading")
+        return real(model, graphs)
+
+    monkeypatch.setattr(batch_relaxation, "efs_readings", fails_for_silicon)
+    results = relax_batch(small_set(), RelaxSettings(max_steps=3))
+    assert [isinstance(r, str) for r in results] == [False, False, True] and "no reading" in results[2]

@@ -66,7 +66,6 @@ def efs_readings(model, graphs: list) -> list[dict]:
     each building a differentiable graph for training (create_graph=True); at inference one pass
     over positions and strains together gives the same numbers for about half the cost."""
     import torch
-    from chgnet.graph.crystalgraph import CrystalGraph  # noqa: F401 (the graphs' type)
     from chgnet.model.model import BatchedGraph
 
     model.eval()
@@ -90,6 +89,21 @@ def plain_structure(atoms) -> Structure:
     return Structure(atoms.cell.array, atoms.numbers, atoms.positions, coords_are_cartesian=True)
 
 
+def batch_or_one_by_one(model, graphs: list) -> list[dict | str]:
+    """`efs_readings` of the batch; if it fails, of each graph alone, so one bad structure
+    (its failure message in its place) does not stop the others."""
+    try:
+        return efs_readings(model, graphs)
+    except Exception:
+        readings = []
+        for graph in graphs:
+            try:
+                readings += efs_readings(model, [graph])
+            except Exception as error:
+                readings.append(f"{type(error).__name__}: {error}")
+        return readings
+
+
 def read_batch(model, items: list[RelaxingStructure], batch_size: int) -> None:
     """Batched CHGNet readings of `items`' current geometries (`batch_size` per forward), stored
     as each calculator's results, so ASE's get_forces / get_stress / get_potential_energy read
@@ -103,9 +117,13 @@ def read_batch(model, items: list[RelaxingStructure], batch_size: int) -> None:
             readable.append(item)
         except Exception as error:
             item.error = f"CHGNet relaxation failed: {error}"
-    readings = [reading for start in range(0, len(graphs), batch_size)
-                for reading in efs_readings(model, graphs[start:start + batch_size])]
+    readings = []
+    for first in range(0, len(graphs), batch_size):
+        readings += batch_or_one_by_one(model, graphs[first:first + batch_size])
     for item, reading in zip(readable, readings):
+        if isinstance(reading, str):
+            item.error = f"CHGNet relaxation failed: {reading}"
+            continue
         calculator = item.atoms.calc
         energy = reading["e"] * (len(item.atoms) if model.is_intensive else 1)
         calculator.results = {"energy": energy, "free_energy": energy, "forces": reading["f"],
