@@ -192,6 +192,7 @@ def test_cancel_keeps_finished_structures(app_env, monkeypatch):
     monkeypatch.setenv("CRYSTALLM_MAX_STRUCTURES", "5000")  # a run that cannot end before the cancel
     at = new_app("pages/generate.py")
     at.number_input(key="n").set_value(5000)
+    at.selectbox(key="best_of").set_value(1)
     at.button[0].click().run()
     deadline = time.time() + 120
     while len(at.session_state["job"].candidates()) < 2 and time.time() < deadline:
