@@ -212,6 +212,7 @@ def test_a_second_user_waits_in_the_queue_with_its_position(app_env):
     try:
         at = new_app("pages/generate.py")
         at.number_input(key="n").set_value(2)
+        at.selectbox(key="best_of").set_value(1)
         at.checkbox(key="any_hull").check()  # this model can leave a property out
         at.button[0].click().run()
         at.run()
