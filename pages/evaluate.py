@@ -8,6 +8,7 @@ import streamlit as st
 
 from crystallm_core.product.generation import GenerationRequest
 from crystallm_core.product.service import (
+    BEST_OF_CHOICES,
     DEFAULT_METRICS,
     E_HULL_TOLERANCE,
     HULL_BIAS_NOTE,
@@ -106,6 +107,9 @@ def sweep_form() -> None:
         high = cols[1].number_input("Highest target", 0.0, 12.0, 4.0, 0.05, key="sweep_high")
         m = cols[2].number_input("Targets M", 2, 12, 4, key="sweep_m")
         k = cols[3].number_input("Samples per target K", 1, 64, 4, key="sweep_k")
+        best_of = st.selectbox("Best of", BEST_OF_CHOICES, key="sweep_best_of",
+                               format_func=lambda b: "off (keep every sample)" if b == 1 else
+                               f"best K of {b}·K per target (picked by the ranking score)")
         fixed = st.number_input("The other target (E_hull in eV/atom when sweeping the band gap; the band gap in "
                                 "eV when sweeping E_hull)", 0.0, 12.0, 0.0, 0.05, key="sweep_fixed")
         submitted = st.form_submit_button("Run sweep")
@@ -117,7 +121,7 @@ def sweep_form() -> None:
     # the last Generate request's sampling settings; its single target must not pass for the sweep's
     base = st.session_state.get("last_request") or GenerationRequest()
     try:
-        requests = sweep_requests(base, low, high, int(m), int(k), fixed, swept)
+        requests = sweep_requests(base, low, high, int(m), int(k), fixed, swept, int(best_of))
     except ValueError as error:
         st.error(str(error))
         return

@@ -12,12 +12,14 @@ from crystallm_core.product.generation import (
 )
 from crystallm_core.product.server_settings import server_settings
 from crystallm_core.product.service import (
+    BEST_OF_CHOICES,
     DECODINGS,
     DEFAULT_METRICS,
     DEFAULT_SAMPLING,
     GUIDES,
     RESPONSE_CURVES,
     SamplingSettings,
+    best_of_counts,
     e_hull_steering_note,
     known_space_groups,
     space_group_choices,
@@ -36,6 +38,7 @@ from crystallm_core.ui.components import (
 
 BAND_GAP_SLIDER_MAX = 12.0  # eV; the published model's highest evaluation target is 12.1 eV
 E_HULL_SLIDER_MAX = 0.5  # eV/atom; near-hull phases are what one asks for
+DEFAULT_DELIVERED, DEFAULT_BEST_OF = 16, 4  # the app's default: the best 16 of 64 samples
 
 
 def space_group_label(choice, known: set[str]) -> str:
@@ -81,7 +84,15 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
             z = cols[1].number_input("Z, formula units per cell (0 = as written)", 0, 20, 0, key="z")
         with st.expander("Sampling", expanded=True):
             cols = st.columns(3)
-            n = cols[0].number_input("Number of structures", 1, limit, min(8, limit), key="n")
+            n = cols[0].number_input("Number of structures", 1, limit, min(DEFAULT_DELIVERED, limit), key="n")
+            best_of = cols[0].selectbox(
+                "Best of K", BEST_OF_CHOICES, index=BEST_OF_CHOICES.index(DEFAULT_BEST_OF), key="best_of",
+                format_func=lambda k: "off (keep every sample)" if k == 1 else f"best of {k}",
+                help="Sample K × the number of structures, rank them by the score (chance the gap is within "
+                     "the tolerance, E_hull above its target, duplicates, known structures) and pick the best; "
+                     "the others stay in the run, marked not picked. With relaxation, only the picked ones are "
+                     "relaxed, together. The score uses the same band-gap head as the hit column: a picked hit "
+                     "is a prediction, not a measurement.")
             until_valid = cols[0].checkbox(
                 "Count valid ones only", key="until_valid",
                 help=f"Keep sampling until this many structures are valid, drawing at most "
@@ -113,14 +124,23 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
             relax = st.checkbox(
                 "Relax valid structures with CHGNet (a few seconds each)", key="relax",
                 help="A bounded FIRE relaxation within the written space group, with the E_hull estimate "
-                     "before and after; also for structures that fail only on bond lengths.")
+                     "before and after; also for structures that fail only on bond lengths. With best of K, "
+                     "only the picked structures are relaxed, together (one CHGNet pass per step for all).")
         submitted = st.form_submit_button("Generate", type="primary")
     if not submitted:
         return None
     settings = SamplingSettings(temperature=temperature, top_k=int(top_k), top_p=top_p, guidance_scale=guidance,
                                 guide=guide, decoding=decoding)
+    if best_of > 1 and until_valid:
+        st.error("'Best of K' and 'Count valid ones only' cannot be combined: choose one.")
+        return None
+    if int(n) * best_of > limit:
+        st.error(f"Best of {best_of} draws {int(n) * best_of} samples; this server allows at most {limit}: "
+                 "ask for fewer structures or a smaller K.")
+        return None
+    counts = best_of_counts(int(n), best_of) if best_of > 1 else sample_counts(int(n), until_valid)
     request = GenerationRequest(band_gap=None if any_gap else band_gap, e_hull=None if any_hull else e_hull,
-                                **sample_counts(int(n), until_valid),
+                                **counts,
                                 composition=composition.strip() or None, z=int(z) or None,
                                 spacegroup=spacegroup[1] if spacegroup else None, settings=settings, seed=int(seed),
                                 elements=[e.strip() for e in elements.replace(",", " ").split()] or None,

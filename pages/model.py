@@ -11,11 +11,14 @@ import streamlit as st
 from crystallm_core.paths import DEFAULT_MODEL_DIR, SURROGATE_DIR
 from crystallm_core.product.service import (
     HULL_BIAS_NOTE,
+    PREDICTION_NOTE,
+    best_of_table,
     RESPONSE_CURVES,
     e_hull_steering_note,
     response_table,
 )
 from crystallm_core.ui.charts import (
+    best_of_figure,
     histogram_figure,
     reliability_figure,
     response_figure,
@@ -114,6 +117,16 @@ else:
     st.dataframe(response_table(curves), hide_index=True)
     st.caption(f"{curves['samples_per_point']} samples per target, seed {curves['seed']}, constrained decoding; "
                "medians over valid structures with 90 % bootstrap intervals. " + HULL_BIAS_NOTE)
+    ranked = best_of_table(curves)
+    st.subheader("What best of K buys (measured on the same targets)")
+    if ranked.empty or (ranked["best of"] <= 1).all():
+        st.info("Best of K: not measured for this model yet (`python scripts/measure_response.py --variant "
+                "best-of-4 best-of-8 --merge --out MODEL_DIR/response_curves.json`).")
+    else:
+        st.plotly_chart(best_of_figure(ranked, curves["tolerance"]["band_gap"]), key="best_of_response")
+        st.dataframe(ranked, hide_index=True)
+    st.caption(PREDICTION_NOTE + " The hit rate of 'default' counts hits over all samples; a best-of-K "
+               "variant's, over the structures it delivers (picked only among samples within the tolerance).")
 
 try:
     predictions = pd.read_csv(SURROGATE_PREDICTIONS)

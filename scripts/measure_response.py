@@ -13,7 +13,14 @@ Spearman's rank correlation between target and outcome over all valid structures
 E_hull the difference of medians between targets 0 and 0.5 with its 90 % interval (E_hull
 steers in the right direction when that interval lies below 0). Variants: the default
 settings; `guide-e_hull` (guidance 2 contrasting E_hull with "E_hull unknown" only); `guide-all`
-(guidance 2 against both unknown). The results feed the Model page and the model card.
+(guidance 2 against both unknown); `best-of-4` and `best-of-8`, the ranked variants: n × K
+samples per point, all scored, the n best picked by `product.best_of` (chem/judges/ranking.py's
+score, only samples whose gap reading is within tolerance; fewer when fewer are) and the
+statistics taken over the picked ones. `hit_rate` is hits over the n asked for (over all n
+samples for the unranked variants, as the paper counts). The ranked hit rate is what the same
+gap head predicts, not a measurement. The results feed the Model page and the model card.
+
+    python scripts/measure_response.py --variant default best-of-4 best-of-8 --n 16
 """
 from __future__ import annotations
 
@@ -26,10 +33,11 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from crystallm_core.chem.decoding.repair import relax
+from crystallm_core.chem.decoding.repair import relax_many
 from crystallm_core.chem.judges.scoring import StructureScorer
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.paths import DEFAULT_MODEL_DIR
+from crystallm_core.product.best_of import best_of_counts, pick
 from crystallm_core.product.evaluate import score_candidates
 from crystallm_core.product.generation import GenerationRequest, generate
 from crystallm_core.product.service import DEFAULT_SAMPLING
@@ -42,7 +50,10 @@ VARIANTS = {
     "default": {},
     "guide-e_hull": {"guidance_scale": 2.0, "guide": "e_hull"},
     "guide-all": {"guidance_scale": 2.0, "guide": "all"},
+    "best-of-4": {},
+    "best-of-8": {},
 }
+BEST_OF = {"best-of-4": 4, "best-of-8": 8}  # ranked variants: default settings, n × K samples, n picked
 
 
 def median_interval(values: np.ndarray, rng: np.random.Generator, n_boot: int = 2000) -> list[float | None]:
@@ -64,20 +75,27 @@ def difference_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, 
 
 
 def measure_point(loaded, scorer: StructureScorer, band_gap: float, e_hull: float, n: int, seed: int,
-                  settings, n_relax: int) -> dict:
-    """One target pair: sample, score the valid structures, relax the first few."""
+                  settings, n_relax: int, best_of: int = 1) -> dict:
+    """One target pair: sample (n × best_of, keeping the n best), score, relax the first few."""
     started = time.perf_counter()
-    run = generate(loaded, GenerationRequest(band_gap=band_gap, e_hull=e_hull, n=n, seed=seed, settings=settings))
+    request = GenerationRequest(band_gap=band_gap, e_hull=e_hull, seed=seed, settings=settings,
+                                **best_of_counts(n, best_of))
+    run = generate(loaded, request)
     sampled = time.perf_counter() - started
     valid = [c for c in run.candidates if c.valid]
     score_candidates(valid, scorer)
+    point = {"band_gap_target": band_gap, "e_hull_target": e_hull, "n": n, "n_valid": len(valid)}
+    if best_of > 1:
+        run.settings["hit_tolerance"] = TOLERANCE["band_gap"]
+        summary = pick(run, run.candidates, n, band_gap)
+        valid = [c for c in run.candidates if c.pick["picked"]]
+        point.update(n_sampled=len(run.candidates), n_valid=len(valid), n_sampled_valid=summary["valid"],
+                     n_within_tolerance=summary["within_tolerance"])
     scored = time.perf_counter() - started - sampled
-    relaxed = []
-    for candidate in valid[:n_relax]:
-        repair = relax(candidate.structure, candidate.report)
-        if repair is not None and repair.details.get("e_hull_after") is not None:
-            relaxed.append(repair.details["e_hull_after"])
-    return {"band_gap_target": band_gap, "e_hull_target": e_hull, "n": n, "n_valid": len(valid),
+    chosen = valid[:n_relax]
+    repairs = relax_many([c.structure for c in chosen], [c.report for c in chosen]) if chosen else []
+    relaxed = [r.details["e_hull_after"] for r in repairs if r is not None and r.details.get("e_hull_after") is not None]
+    return {**point,
             "band_gap": [c.scores.band_gap_pred for c in valid if c.scores.band_gap_pred is not None],
             "e_hull": [c.scores.e_hull_pred for c in valid if c.scores.e_hull_pred is not None],
             "e_hull_relaxed": relaxed,
@@ -91,10 +109,12 @@ def summarise(points: list[dict], swept: str, rng: np.random.Generator) -> dict:
     rows, targets, outcomes = [], [], []
     for point in points:
         values = np.array(point[swept], dtype=float)
+        within = int(np.sum(np.abs(values - point[target_key]) <= TOLERANCE[swept]))
         row = {"target": point[target_key], "n": point["n"], "n_valid": point["n_valid"],
                "median": median_interval(values, rng),
-               "within_tolerance": round(float(np.mean(np.abs(values - point[target_key]) <= TOLERANCE[swept])), 3)
-               if len(values) else None}
+               "within_tolerance": round(within / len(values), 3) if len(values) else None,
+               "hit_rate": round(within / point["n"], 3)}
+        row.update({k: point[k] for k in ("n_sampled", "n_within_tolerance") if k in point})
         if swept == "e_hull":
             row["median_relaxed"] = median_interval(np.array(point["e_hull_relaxed"], dtype=float), rng)
             row["n_relaxed"] = len(point["e_hull_relaxed"])
@@ -120,33 +140,52 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--skip-gap-sweep", action="store_true", help="only the E_hull sweep (for the variants)")
+    parser.add_argument("--skip-e-hull-sweep", action="store_true",
+                        help="only the band-gap sweep (what best of K buys on the paper's targets)")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "response_curves.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other variants already in --out (same model weights only); each variant "
+                             "records its own samples per point and seed")
     args = parser.parse_args()
     loaded = load_model()
     scorer = StructureScorer(novelty=False)
     rng = np.random.default_rng(0)
     results = {"model": loaded.info.name, "weights_sha256": loaded.info.weights_sha256,
                "samples_per_point": args.n, "seed": args.seed, "tolerance": TOLERANCE, "variants": {}}
+    if args.merge and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        if previous.get("weights_sha256") != loaded.info.weights_sha256:
+            raise SystemExit(f"{args.out} was measured on other weights: not merging")
+        for kept in previous.get("variants", {}).values():
+            kept.setdefault("samples_per_point", previous["samples_per_point"])
+            kept.setdefault("seed", previous["seed"])
+        results.update({k: previous[k] for k in ("samples_per_point", "seed")}, variants=previous["variants"])
     for name in args.variant:
         settings = replace(DEFAULT_SAMPLING, **VARIANTS[name])
         started = time.perf_counter()
-        hull_points = [measure_point(loaded, scorer, FIXED_GAP, e, args.n, args.seed, settings, args.relax)
-                       for e in E_HULL_TARGETS]
+        best_of = BEST_OF.get(name, 1)
         variant = {"settings": {k: getattr(settings, k) for k in ("temperature", "top_k", "top_p", "guidance_scale",
                                                                    "guide", "decoding")},
-                   "e_hull_sweep": {"band_gap": FIXED_GAP, **summarise(hull_points, "e_hull", rng)}}
-        if not args.skip_gap_sweep and name == "default":
-            gap_points = [measure_point(loaded, scorer, g, 0.0, args.n, args.seed, settings, 0) for g in GAP_TARGETS]
+                   "best_of": best_of, "samples_per_point": args.n, "seed": args.seed}
+        if not args.skip_e_hull_sweep:
+            hull_points = [measure_point(loaded, scorer, FIXED_GAP, e, args.n, args.seed, settings, args.relax,
+                                         best_of) for e in E_HULL_TARGETS]
+            variant["e_hull_sweep"] = {"band_gap": FIXED_GAP, **summarise(hull_points, "e_hull", rng)}
+        if not args.skip_gap_sweep and (name == "default" or best_of > 1):
+            gap_points = [measure_point(loaded, scorer, g, 0.0, args.n, args.seed, settings, 0, best_of)
+                          for g in GAP_TARGETS]
             variant["band_gap_sweep"] = {"e_hull": 0.0, **summarise(gap_points, "band_gap", rng)}
         variant["seconds"] = round(time.perf_counter() - started, 1)
         results["variants"][name] = variant
-        sweep = variant["e_hull_sweep"]
-        print(f"{name}: E_hull medians {[p['median'][0] for p in sweep['points']]} "
-              f"(targets {list(E_HULL_TARGETS)}), Spearman {sweep['spearman']}, "
-              f"difference 0 - 0.5: {sweep['median_difference_low_minus_high']}, steers: {sweep['steers']}")
+        if "e_hull_sweep" in variant:
+            sweep = variant["e_hull_sweep"]
+            print(f"{name}: E_hull medians {[p['median'][0] for p in sweep['points']]} "
+                  f"(targets {list(E_HULL_TARGETS)}), Spearman {sweep['spearman']}, "
+                  f"difference 0 - 0.5: {sweep['median_difference_low_minus_high']}, steers: {sweep['steers']}")
         if "band_gap_sweep" in variant:
             gap = variant["band_gap_sweep"]
-            print(f"  band-gap medians {[p['median'][0] for p in gap['points']]}, Spearman {gap['spearman']}")
+            print(f"{name}: band-gap medians {[p['median'][0] for p in gap['points']]}, Spearman {gap['spearman']}, "
+                  f"hit rates {[p['hit_rate'] for p in gap['points']]}")
         args.out.write_text(json.dumps(results, indent=1))  # after every variant: nothing lost
     print(f"wrote {args.out}")
 

@@ -115,6 +115,12 @@ def open_page(page, name: str) -> None:
     page.get_by_test_id("stSidebarNav").get_by_role("link", name=name, exact=True).click()
 
 
+def keep_every_sample(page) -> None:
+    """Generate page: 'Best of K' off, so the structures asked for are the samples drawn."""
+    page.get_by_role("combobox", name="Best of K").click()
+    page.get_by_role("option", name="off (keep every sample)").click()
+
+
 def press(page, slider, key: str, times: int) -> None:
     slider.focus()
     for _ in range(times):

@@ -89,6 +89,7 @@ def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):
     at.slider(key="band_gap").set_value(2.5)
     at.slider(key="e_hull").set_value(0.05)
     at.number_input(key="n").set_value(4)
+    at.selectbox(key="best_of").set_value(1)  # keep every sample
     at.number_input(key="seed").set_value(7)
     at.button[0].click().run()  # "Generate"
     assert not at.error, messages(at.error)
@@ -108,12 +109,57 @@ def test_generate_streams_rows_into_the_table_and_stores_the_run(app_env):
 def test_count_valid_only_draws_up_to_four_times_and_explains_a_shortfall(app_env):
     at = new_app("pages/generate.py")
     at.number_input(key="n").set_value(2)
+    at.selectbox(key="best_of").set_value(1)
     at.checkbox(key="until_valid").check()
     at.button[0].click().run()
     wait_for_job(at)
     run = at.session_state["run"]  # the tiny random model writes no valid CIF, so all 8 samples are drawn
     assert run.status == "done" and len(run.candidates) == 8 and run.requests[0]["stop_after_valid"] == 2
     assert "Only 0 of the 2 valid structures asked for after 8 samples" in messages(at.info)
+
+
+def test_best_of_k_samples_n_times_k_and_says_how_many_were_within_tolerance(app_env):
+    at = new_app("pages/generate.py")
+    assert at.number_input(key="n").value == 16 and at.selectbox(key="best_of").value == 4  # the app's default
+    at.number_input(key="n").set_value(2)
+    at.selectbox(key="best_of").set_value(2)
+    at.button[0].click().run()
+    wait_for_job(at)
+    run = at.session_state["run"]  # the tiny random model writes nothing valid: nothing is picked, all 4 kept
+    assert len(run.candidates) == 4 and run.requests[0]["keep_best"] == 2
+    assert all(c.pick == {"picked": False, "of": 4, "keep": 2} for c in run.candidates)
+    stored = HistoryStore(app_env / "history.sqlite").load(run.run_id)  # the picks are stored with the run
+    assert [c.pick for c in stored.candidates] == [c.pick for c in run.candidates]
+    assert stored.generation[0]["best_of"]["sampled"] == 4
+    assert "0 of 4 samples were within the tolerance" in messages(at.info)
+    assert "not a measurement" in messages(at.caption)
+    table = at.dataframe[0].value
+    assert {"score", "picked"} <= set(table.columns) and (table["picked"] == "not picked (of 4)").all()
+
+
+def test_best_of_k_refuses_count_valid_only(app_env):
+    at = new_app("pages/generate.py")
+    at.checkbox(key="until_valid").check()
+    at.button[0].click().run()
+    assert "cannot be combined" in messages(at.error) and "job" not in at.session_state
+
+
+def test_a_picked_run_shows_its_picks_first_with_score_and_relaxed_e_hull(app_env):
+    run = prototype_run()
+    run.requests[0]["keep_best"] = 1
+    run.generation = [{"best_of": {"keep": 1, "sampled": 3, "valid": 2, "within_tolerance": 1, "picked": 1,
+                                   "tolerance": 0.5, "band_gap_target": 2.0}}]
+    for c, picked in zip(run.candidates, (False, True, False)):
+        c.pick = {"picked": picked, "of": 3, "keep": 1}
+    run.candidates[1].repairs = [{"kind": "relax", "valid": True, "cif": None, "details": {
+        "e_hull_before": 0.3, "e_hull_after": 0.05}, "reasons": []}]
+    at = new_app("pages/generate.py")
+    at.session_state["run"] = run
+    at.run()
+    table = at.dataframe[0].value
+    assert table["formula"].tolist()[0] == "TiO2" and table["picked"].tolist()[0] == "✓ picked from 3"
+    assert table["e_hull"].tolist()[0] == "0.300 → 0.050 relaxed"
+    assert "Best 1 of 3" in messages(at.markdown)
 
 
 @pytest.mark.parametrize("composition, z, spacegroup, elements, expected", [
@@ -146,6 +192,7 @@ def test_cancel_keeps_finished_structures(app_env, monkeypatch):
     monkeypatch.setenv("CRYSTALLM_MAX_STRUCTURES", "5000")  # a run that cannot end before the cancel
     at = new_app("pages/generate.py")
     at.number_input(key="n").set_value(5000)
+    at.selectbox(key="best_of").set_value(1)
     at.button[0].click().run()
     deadline = time.time() + 120
     while len(at.session_state["job"].candidates()) < 2 and time.time() < deadline:
@@ -165,6 +212,7 @@ def test_a_second_user_waits_in_the_queue_with_its_position(app_env):
     try:
         at = new_app("pages/generate.py")
         at.number_input(key="n").set_value(2)
+        at.selectbox(key="best_of").set_value(1)
         at.checkbox(key="any_hull").check()  # this model can leave a property out
         at.button[0].click().run()
         at.run()
@@ -340,6 +388,35 @@ def test_model_page_renders_card_curves_and_histograms(app_env, short_model_dir,
     assert "WBM rows" in reliability.proto.spec and "Materials Project rows" in reliability.proto.spec
     at.switch_page("pages/generate.py").run()
     assert not at.exception and len(at.get("plotly_chart")) == 2  # density hints beside the sliders
+
+
+def test_model_page_shows_what_best_of_k_buys_on_the_same_targets(app_env, short_model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    def sweep(hit_rates, **extra):
+        points = [{"target": t, "n": 8, "n_valid": 8, "median": [t, t - 0.1, t + 0.1], "within_tolerance": 0.5,
+                   "hit_rate": h, **extra} for t, h in zip((0.5, 2.0), hit_rates)]
+        return {"e_hull": 0.0, "points": points, "spearman": 0.5}
+
+    hull = {"band_gap": 1.5, "spearman": 0.0, "points": [
+        {"target": t, "n": 8, "n_valid": 8, "median": [0.3, 0.2, 0.4], "within_tolerance": 0.1,
+         "median_relaxed": [0.1, 0.0, 0.2]} for t in (0.0, 0.5)], "median_difference_low_minus_high": [0.0, -0.1, 0.1],
+        "steers": False}
+    settings = {"guidance_scale": 1.0, "guide": "all"}
+    curves = {"samples_per_point": 8, "seed": 1, "tolerance": {"e_hull": 0.1, "band_gap": 0.5}, "variants": {
+        "default": {"settings": settings, "band_gap_sweep": sweep([0.3, 0.1]), "e_hull_sweep": hull},
+        "best-of-4": {"settings": settings, "best_of": 4, "e_hull_sweep": hull,
+                      "band_gap_sweep": sweep([1.0, 0.375], n_sampled=32, n_within_tolerance=3)}}}
+    model_dir = tmp_path / "model_with_curves"
+    shutil.copytree(short_model_dir, model_dir)
+    (model_dir / "response_curves.json").write_text(json.dumps(curves))
+    monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir))
+    at = new_app("pages/model.py")
+    assert any("what best of K buys" in chart.proto.spec for chart in at.get("plotly_chart"))
+    ranked = [frame.value for frame in at.dataframe if "best of" in frame.value.columns][0]
+    assert ranked.loc[ranked["variant"] == "best-of-4", "hit rate"].tolist() == [1.0, 0.375]
+    assert "not a measurement" in messages(at.caption)
 
 
 def test_model_page_says_when_the_surrogates_parity_data_is_missing(app_env, tmp_path, monkeypatch):

@@ -112,3 +112,28 @@ def test_a_campaign_opens_as_one_run_with_its_stored_checks(tiny_model_dir, tmp_
     assert [r for r in frame["reason"] if r] == [r for r in stored["reason"] if r]  # reasons as stored
     with pytest.raises(ValueError, match="holds no campaign"):
         campaign_run(tmp_path)
+
+
+def test_top_csv_ranks_by_score_and_best_of_picks_per_target_without_padding():
+    from crystallm_core.product.campaign import top_candidates
+
+    def row(target, index, gap, hull, valid=True, hit=None):
+        return dict(target=target, index=index, file=f"t{target}_{index}.cif", formula="X", space_group="P1",
+                    valid=valid, band_gap_target=2.0 if target == 0 else 4.0, band_gap_pred=gap, band_gap_std=0.2,
+                    p_metal=0.0, e_hull_target=0.0, e_hull_pred=hull, unique=None, novel=True,
+                    hit=hit if hit is not None else abs(gap - (2.0 if target == 0 else 4.0)) <= 0.5)
+
+    table = pd.DataFrame([row(0, 0, 2.0, 0.3), row(0, 1, 2.1, 0.0), row(0, 2, 0.5, 0.0), row(0, 3, 2.0, 0.0, False),
+                          row(1, 0, 1.0, 0.0), row(1, 1, 3.9, 0.05), row(1, 2, 0.0, 0.0), row(1, 3, 0.2, 0.0)])
+    top = top_candidates(table)
+    assert top["file"].tolist()[:2] == ["t0_1.cif", "t1_1.cif"] and top["score"].is_monotonic_decreasing
+    picked = top_candidates(table, best_of=2)  # 2 of 4 per target: target 1 has one within tolerance only
+    assert picked["file"].tolist() == ["t0_1.cif", "t0_0.cif", "t1_1.cif"]
+    assert (picked["picked_from"] == 4).all()
+
+
+def test_spec_best_of_is_checked_and_absent_by_default(tiny_model_dir):
+    assert "best_of" not in parse_spec(spec_data(tiny_model_dir)).to_dict()
+    assert parse_spec(spec_data(tiny_model_dir, best_of=4)).best_of == 4
+    with pytest.raises(ValueError, match="best_of must be between"):
+        parse_spec(spec_data(tiny_model_dir, best_of=0))

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from app_server import CHROMIUM, REPO, AppServer, launch_chromium, open_page, press
+from app_server import CHROMIUM, REPO, AppServer, keep_every_sample, launch_chromium, open_page, press
 
 from crystallm_core.product.history import HistoryStore
 
@@ -58,6 +58,7 @@ def submit(page, n: int, presses: int) -> None:
     open_page(page, "Generate")
     press(page, page.get_by_role("slider", name="Target band gap (eV)"), "ArrowRight", presses)
     page.get_by_label("Number of structures").fill(str(n))
+    keep_every_sample(page)
     page.get_by_role("button", name="Generate", exact=True).click()
 
 

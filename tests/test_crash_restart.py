@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_server import CHROMIUM, REPO, AppServer, children, launch_chromium, open_page
+from app_server import CHROMIUM, REPO, AppServer, children, keep_every_sample, launch_chromium, open_page
 from run_samples import sample_run
 
 from crystallm_core.product.history import HistoryStore
@@ -62,6 +62,7 @@ def test_kill_9_during_a_generation_loses_nothing_that_finished(short_model_dir,
             page.goto(server.url, wait_until="domcontentloaded")
             open_page(page, "Generate")
             page.get_by_label("Number of structures").fill(str(N))
+            keep_every_sample(page)
             page.get_by_role("button", name="Generate", exact=True).click()
             shown = wait_for_finished(page, 3)
             helpers = children(server.pid)  # the isolated checker, if a sample got as far as checking

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_server import CHROMIUM, REPO, AppServer, launch_chromium, open_page, press
+from app_server import CHROMIUM, REPO, AppServer, keep_every_sample, launch_chromium, open_page, press
 
 THREEDMOL = REPO / "static" / "vendor" / "3Dmol-min.js"
 ARTIFACTS = REPO / "test-artifacts"
@@ -112,11 +112,12 @@ def test_generate_view_evaluate_and_download(app_url, tmp_path):
             press(page, page.get_by_role("slider", name="Target band gap (eV)"), "ArrowRight", 10)
             press(page, page.get_by_role("slider", name="Temperature"), "ArrowLeft", 4)
             page.get_by_label("Number of structures").fill("4")
+            keep_every_sample(page)
             page.get_by_role("button", name="Generate", exact=True).click()
             expect(page.get_by_test_id("stProgress")).to_be_visible()
             expect(page.get_by_text("of 4 structures valid")).to_be_visible(timeout=600_000)
 
-            assert table_cells(page)[:2] == ["0", "NaCl"] and len(table_cells(page)) == 4 * 10  # 4 rows × 10 columns
+            assert table_cells(page)[:2] == ["0", "NaCl"] and len(table_cells(page)) == 4 * 12  # 4 rows × 12 columns
             page.screenshot(path=str(ARTIFACTS / "e2e_generate.png"), full_page=True)
 
             with page.expect_download(timeout=120_000) as download:

@@ -214,6 +214,7 @@ def test_cli_until_valid_says_when_it_fell_short(tiny_model_dir, tmp_path, capsy
         (["generate", "--band-gap", "abc", "--out", "x"], "invalid optional_float value"),
         (["generate", "--out", "x"], "required"),
         (["generate", "--band-gap", "1", "--max-samples", "9", "--out", "x"], "only applies with --until-valid"),
+        (["generate", "--band-gap", "1", "--best-of", "2", "--until-valid", "--out", "x"], "cannot be combined"),
     ],
 )
 def test_cli_bad_arguments_one_line_exit_2(argv, message, capsys):
@@ -234,3 +235,24 @@ def test_prepare_for_requests_leaves_the_checker_running(tiny):
     figures = prepare_for_requests(tiny)
     assert figures["threads"] >= 1 and figures["seconds"] > 0
     assert CHECKER.process is not None and CHECKER.process.poll() is None
+
+
+def test_cli_best_of_marks_every_sample_and_says_when_none_is_within_tolerance(tiny_model_dir, tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "x"
+    code = main([*GENERATE, "-n", "2", "--best-of", "2", "--out", str(out), "--model", str(tiny_model_dir)])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_candidates"] == 4 and manifest["requests"][0]["keep_best"] == 2
+    assert manifest["generation"][0]["best_of"]["picked"] == 0  # an untrained model writes nothing valid
+    table = pd.read_csv(out / "results.csv")
+    assert not table["picked"].any() and (table["picked_from"] == 4).all() and "score" in table
+    assert "0 of 4 samples were within the tolerance" in capsys.readouterr().err
+
+
+def test_best_of_requests_are_checked(tiny):
+    with pytest.raises(ValueError, match="cannot be combined"):
+        prepare(tiny, small_request(n=4, keep_best=2, stop_after_valid=1))
+    with pytest.raises(ValueError, match="to keep must be between 1"):
+        prepare(tiny, small_request(n=4, keep_best=5))

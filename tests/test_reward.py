@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crystallm_core.chem.judges.reward import RewardSettings, gap_within_probability, reached_targets, reward
+from crystallm_core.chem.judges.reward import RewardSettings, reached_targets, reward
 
 readings = st.fixed_dictionaries({
     "valid": st.booleans(),
@@ -33,13 +33,13 @@ def test_stability_term_asks_for_the_target_not_for_zero():
     assert at(1.0, 0.5) == pytest.approx(math.exp(-0.4 / RewardSettings().e_hull_scale))
 
 
-def test_gap_probability_uses_the_metal_reading_and_the_spread():
-    assert gap_within_probability(0.0, 0.1, 1.0, 0.072, 0.5) == pytest.approx(1.0)
-    assert gap_within_probability(0.0, 0.1, 1.0, 3.72, 0.5) == 0.0  # a metal never hits 3.7 eV
-    sharp = gap_within_probability(3.7, 0.1, 0.0, 3.72, 0.5)
-    vague = gap_within_probability(3.7, 2.0, 0.0, 3.72, 0.5)
-    assert sharp > 0.99 and vague < 0.25
-    assert gap_within_probability(None, None, None, 1.0, 0.5) == 0.0
+def test_gap_term_uses_the_metal_reading_and_the_spread():
+    at = lambda gap, std, metal, target: reward(  # noqa: E731
+        {"valid": True, "band_gap_pred": gap, "band_gap_std": std, "p_metal": metal}, target, None)
+    assert at(0.0, 0.1, 1.0, 0.072) == pytest.approx(1.0)
+    assert at(0.0, 0.1, 1.0, 3.72) == 0.0  # a metal never hits 3.7 eV
+    assert at(3.7, 0.1, 0.0, 3.72) > 0.99 and at(3.7, 2.0, 0.0, 3.72) < 0.25
+    assert at(None, None, None, 1.0) == 0.0
 
 
 def test_reached_targets_clip_to_the_model_range_and_keep_unknowns():

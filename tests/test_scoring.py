@@ -77,8 +77,16 @@ def test_the_gap_model_reuses_the_stability_pass_chgnet_features(monkeypatch):
     monkeypatch.setattr(stability, "load_chgnet", lambda: None)
     monkeypatch.setattr(stability, "estimate_stability", estimates)
     monkeypatch.setattr(scoring, "load_gap_model", lambda: Surrogate())
-    rows = scoring.StructureScorer(novelty=False).score([rocksalt_nacl(), rutile_tio2()])
+    rows = scoring.StructureScorer(novelty=False, independent_gap=False).score([rocksalt_nacl(), rutile_tio2()])
     assert seen["chgnet"][0] is features[0] and seen["chgnet"][1] is None  # no second CHGNet pass here
     assert rows[0] == {"band_gap_pred": 2.0, "band_gap_std": 0.3, "p_metal": 0.1, "e_form_pred": -1.0,
                        "e_hull_pred": 0.05}  # readings of non-members (NaN) are left out
     assert rows[1]["band_gap_pred"] == 0.0 and "isolated atom" in rows[1]["notes"]
+
+
+def test_the_older_ensemble_reads_beside_the_head_independently():
+    """The shipped head picks and shows the hit; the GNN + LightGBM reading is filled beside it."""
+    [row] = scoring.StructureScorer(stability=False, novelty=False).score([rutile_tio2()])
+    assert {"band_gap_pred", "band_gap_gnn", "band_gap_gbm"} <= set(row)
+    [alone] = scoring.StructureScorer(stability=False, novelty=False, independent_gap=False).score([rutile_tio2()])
+    assert "band_gap_gnn" not in alone and alone["band_gap_pred"] == pytest.approx(row["band_gap_pred"])

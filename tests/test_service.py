@@ -54,6 +54,13 @@ def test_sweep_requests_share_settings_and_differ_in_target_and_seed():
         sweep_requests(base, 2.0, 1.0, 4, 5, fixed=0.0)
 
 
+def test_best_of_sweep_draws_k_times_and_keeps_k_per_target():
+    base = GenerationRequest(band_gap=2.0, n=64, keep_best=16, seed=7)  # the last Generate request's best-of
+    requests = sweep_requests(base, 0.5, 2.0, 4, 5, fixed=0.1, best_of=4)
+    assert all(r.n == 20 and r.keep_best == 5 for r in requests)
+    assert all(r.n == 5 and r.keep_best is None for r in sweep_requests(base, 0.5, 2.0, 4, 5, fixed=0.1))
+
+
 def test_e_hull_sweep_varies_e_hull_at_a_fixed_gap_and_summarises_its_estimates():
     base = GenerationRequest(band_gap=2.0, e_hull=0.3, n=3, seed=1)
     requests = sweep_requests(base, 0.0, 0.5, 3, 4, fixed=1.5, swept="e_hull")

@@ -25,6 +25,7 @@ attaches to a running cluster unchanged (every node needs this package installed
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from crystallm_core.chem.judges.metrics import MetricSettings
+from crystallm_core.chem.judges.ranking import RankingSettings, pick_best, rank_scores, ranking_order
 from crystallm_core.chem.judges.scoring import StructureScorer
 from crystallm_core.chem.judges.stability import RelaxSettings
 from crystallm_core.chem.judges.structure_info import parse_cif
@@ -176,7 +179,7 @@ def run_campaign(spec: CampaignSpec, out_dir: str | Path, address: str | None = 
     directory.write_manifest(manifest)
     summary = summarise_targets(directory.rows(), spec)
     summary.to_csv(directory.path / "summary.csv", index=False)
-    top_candidates(directory.rows()).to_csv(directory.path / "top.csv", index=False)
+    top_candidates(directory.rows(), best_of=spec.best_of).to_csv(directory.path / "top.csv", index=False)
     return summary
 
 
@@ -260,17 +263,30 @@ def summarise_targets(rows: pd.DataFrame, spec: CampaignSpec) -> pd.DataFrame:
     return pd.DataFrame(summaries)
 
 
-def top_candidates(rows: pd.DataFrame, k: int = 50) -> pd.DataFrame:
-    """The ranking: hits first, then the lowest E_hull estimate, then the closest surrogate gap."""
+TOP_COLUMNS = ["target", "file", "formula", "space_group", "band_gap_target", "band_gap_pred", "band_gap_std",
+               "p_metal", "e_hull_target", "e_hull_pred", "hit", "novel", "p_hit", "score", "picked_from"]
+
+
+def top_candidates(rows: pd.DataFrame, k: int = 50, best_of: int = 1, tolerance: float | None = None) -> pd.DataFrame:
+    """The ranking (`chem.judges.ranking`'s score; uniqueness is not judged across chunks): the k best
+    valid rows of the campaign, or with best_of K > 1 per target the best ⌈samples / K⌉ whose gap
+    reading is within the tolerance (fewer when fewer are: never padded with misses)."""
     if not len(rows):
         return rows
+    tolerance = MetricSettings().hit_tolerance if tolerance is None else tolerance
     valid = rows[rows["valid"]].copy()
-    valid["gap_error"] = (valid["band_gap_pred"] - valid["band_gap_target"]).abs()
-    valid["is_hit"] = valid["hit"].fillna(False).astype(bool)
-    ranked = valid.sort_values(["is_hit", "e_hull_pred", "gap_error"], ascending=[False, True, True],
-                               na_position="last")
-    return ranked.head(k)[["target", "file", "formula", "space_group", "band_gap_target", "band_gap_pred",
-                           "band_gap_std", "e_hull_target", "e_hull_pred", "hit", "novel"]]
+    valid[["p_hit", "score"]] = rank_scores(valid, RankingSettings(gap_tolerance=tolerance))[["p_hit", "score"]]
+    sampled = rows.groupby("target").size()
+    valid["picked_from"] = valid["target"].map(sampled)
+    if best_of <= 1:
+        return valid.loc[ranking_order(valid["score"])].head(k)[TOP_COLUMNS]
+    parts = []
+    for target, group in valid.groupby("target", sort=True):
+        has_target = group["band_gap_target"].notna().any()
+        eligible = group["hit"].fillna(False).astype(bool) if has_target else pd.Series(True, index=group.index)
+        picked = pick_best(group["score"], math.ceil(sampled[target] / best_of), eligible)
+        parts.append(group.loc[[i for i in ranking_order(group["score"]) if picked[i]]])
+    return pd.concat(parts)[TOP_COLUMNS] if parts else valid.head(0)[TOP_COLUMNS]
 
 
 def campaign_status(out_dir: str | Path) -> str:

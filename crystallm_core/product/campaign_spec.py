@@ -14,6 +14,8 @@
     novelty = true
     samples_per_target = 10000                            # or, with valid_per_target, the cap
     valid_per_target = 500                                # optional: stop a target at this many valid
+    best_of = 4                                           # optional: top.csv keeps per target the best
+                                                          #   samples / best_of within tolerance
     chunk_size = 64
     seed = 1
     model = "path/to/model"                               # optional: the shipped model by default
@@ -35,7 +37,8 @@ from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.sampler import SamplingSettings
 from crystallm_core.product.generation import GenerationRequest
 
-TOP_KEYS = {"targets", "sampling", "scores", "samples_per_target", "valid_per_target", "chunk_size", "seed", "model"}
+TOP_KEYS = {"targets", "sampling", "scores", "samples_per_target", "valid_per_target", "chunk_size", "seed", "model",
+            "best_of"}
 TARGET_KEYS = {"band_gap", "e_hull", "composition", "z", "spacegroup", "elements"}
 SCORE_KEYS = {"surrogate", "stability", "relax", "novelty"}
 MAX_GRID = 10_000  # targets in one campaign
@@ -73,6 +76,7 @@ class CampaignSpec:
     prompt: dict = field(default_factory=dict)  # composition, z, spacegroup, elements
     model: str | None = None
     valid_per_target: int | None = None  # stop a target at this many valid samples (campaign_plan)
+    best_of: int = 1  # top.csv: per target, the best samples / best_of (1: the campaign's best 50)
 
     def targets(self) -> list[Target]:
         grid = [(g, e) for g in self.band_gaps for e in self.e_hulls]
@@ -92,6 +96,8 @@ class CampaignSpec:
 
     def to_dict(self) -> dict:
         stop = {} if self.valid_per_target is None else {"valid_per_target": self.valid_per_target}
+        if self.best_of != 1:  # absent by default, so a campaign begun before the option resumes
+            stop["best_of"] = self.best_of
         return {"targets": {"band_gap": self.band_gaps, "e_hull": self.e_hulls, **self.prompt},
                 "sampling": asdict(self.sampling), "scores": dict(self.scores),
                 "samples_per_target": self.samples_per_target, **stop, "chunk_size": self.chunk_size,
@@ -147,7 +153,10 @@ def parse_spec(data: dict) -> CampaignSpec:
         seed=int(data.get("seed", 0)), sampling=SamplingSettings(**sampling), scores=scores,
         prompt={k: targets[k] for k in ("composition", "z", "spacegroup", "elements") if k in targets},
         model=data.get("model"),
-        valid_per_target=int(data["valid_per_target"]) if data.get("valid_per_target") is not None else None)
+        valid_per_target=int(data["valid_per_target"]) if data.get("valid_per_target") is not None else None,
+        best_of=int(data.get("best_of", 1)))
+    if not 1 <= spec.best_of <= 1000:
+        raise ValueError(f"best_of must be between 1 and 1000, got {spec.best_of}")
     if not 1 <= spec.samples_per_target <= 10_000_000:
         raise ValueError(f"samples_per_target must be between 1 and 10,000,000, got {spec.samples_per_target}")
     if spec.valid_per_target is not None and not 1 <= spec.valid_per_target <= spec.samples_per_target:

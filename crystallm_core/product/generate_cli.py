@@ -17,11 +17,15 @@ def optional_float(text: str) -> float | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--band-gap", type=optional_float, required=True, help="target band gap in eV ('none' = unknown)")
     parser.add_argument("--e-hull", type=optional_float, default=0.0, help="target E_hull in eV/atom (default 0)")
-    parser.add_argument("-n", "--num-samples", type=int, default=16, help="structures to generate (1–256)")
+    parser.add_argument("-n", "--num-samples", type=int, default=16,
+                        help="structures to generate (1–256; with --best-of K, structures delivered, n×K ≤ 256)")
     parser.add_argument("--until-valid", action="store_true",
                         help="-n counts valid structures: keep sampling until that many are valid")
     parser.add_argument("--max-samples", type=int, default=None,
                         help="with --until-valid, the most samples to draw (default 4×n, at most 256)")
+    parser.add_argument("--best-of", type=int, default=1, metavar="K",
+                        help="sample n×K, keep the n best by the ranking score (chem/judges/ranking.py); the rest stay in "
+                             "the run, marked not picked; with --relax only the picked ones are relaxed, together")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True,
                         help="run directory to write (an unfinished run of the same command there is resumed)")
@@ -60,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from crystallm_core.chem.judges.scoring import StructureScorer
     from crystallm_core.lm.checkpoints import load_model
     from crystallm_core.lm.sampler import warm_up
+    from crystallm_core.product import best_of
+    from crystallm_core.product.best_of import best_of_counts
     from crystallm_core.product.evaluate import check_candidate, score_candidates
     from crystallm_core.product.generation import (
         GenerationRequest,
@@ -74,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
                                 guide=args.guide, decoding=args.decoding)
     if args.max_samples is not None and not args.until_valid:
         raise ValueError("--max-samples only applies with --until-valid")
-    request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull,
-                                **sample_counts(args.num_samples, args.until_valid, args.max_samples),
+    if args.best_of != 1 and args.until_valid:
+        raise ValueError("--best-of and --until-valid cannot be combined")
+    counts = best_of_counts(args.num_samples, args.best_of) if args.best_of != 1 else \
+        sample_counts(args.num_samples, args.until_valid, args.max_samples)
+    request = GenerationRequest(band_gap=args.band_gap, e_hull=args.e_hull, **counts,
                                 composition=args.composition, z=args.z, spacegroup=args.spacegroup,
                                 elements=[e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None,
                                 settings=settings, seed=args.seed, rescale=args.rescale, relax=args.relax)
@@ -93,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming {args.out}: {len(done)} structures already there", file=sys.stderr)
     writer = RunWriter(run, args.out, resume=previous is not None)
     scorer = StructureScorer() if args.score else None
+    if scorer is not None and request.keep_best and previous is not None:  # the pick needs every sample's scores
+        score_candidates([c for c in run.candidates if c.valid], scorer)
     # The bar counts what was asked for: valid structures with --until-valid, samples otherwise.
     bar = (tqdm(total=request.stop_after_valid, initial=run.n_valid, desc="valid structures", unit="valid")
            if request.stop_after_valid else
@@ -113,6 +124,17 @@ def run(args: argparse.Namespace) -> int:
     with bar:
         if left is not None:
             generate(loaded, left, run, on_candidate=arrived)
+    if request.keep_best:
+        if not run.generation:  # everything was sampled before a resume: a record for the pick
+            run.generation.append({"n_requested": request.n, "n_finished": len(run.candidates)})
+        for candidate in best_of.finish(run, run.candidates, request, scorer):
+            writer.add(candidate)  # the relaxed CIFs under repaired/
+        summary = run.generation[-1]["best_of"]
+        print(f"picked {summary['picked']} of {summary['sampled']} samples (best {request.keep_best} of "
+              f"{request.n} asked for); {best_of.PREDICTION_NOTE}", file=sys.stderr)
+        note = best_of.shortfall_note(summary)
+        if note:
+            print(note, file=sys.stderr)
     if scorer is not None:
         run.unavailable = dict(scorer.unavailable)
     run.status = "done"
@@ -134,4 +156,4 @@ def remaining(request, run):
     if n < 1 or (wanted is not None and wanted < 1):
         return None
     return replace(request, n=n, stop_after_valid=None if wanted is None else min(wanted, n),
-                   seed=continuation_seed(request.seed, done))
+                   seed=continuation_seed(request.seed, done), keep_best=None)  # the CLI picks over the whole run

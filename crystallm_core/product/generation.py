@@ -58,11 +58,21 @@ class GenerationRequest:
     stop_after_valid: int | None = None
     rescale: bool = False  # repair: rescale the cell of a sample that fails only on bond lengths
     relax: bool = False  # repair: relax valid (and bond-only) samples with CHGNet, E_hull before/after
+    # Best N of K (`best_of`): keep the best this many of the n samples; with relax, only those are
+    # relaxed (together). None = keep every sample.
+    keep_best: int | None = None
 
     def validate(self) -> None:
         limit = server_settings().max_structures
         if not (1 <= int(self.n) <= limit):
-            raise ValueError(f"number of structures must be between 1 and {limit}, got {self.n}")
+            raise ValueError(f"number of structures must be between 1 and {limit}, got {self.n}"
+                             + (" (best-of-K draws N × K samples)" if self.keep_best else ""))
+        if self.keep_best is not None:
+            if not 1 <= int(self.keep_best) <= self.n:
+                raise ValueError(f"the number of structures to keep must be between 1 and the number of samples "
+                                 f"({self.n}), got {self.keep_best}")
+            if self.stop_after_valid is not None:
+                raise ValueError("best-of-K and 'count valid ones only' cannot be combined: choose one")
         if self.stop_after_valid is not None and not (1 <= int(self.stop_after_valid) <= self.n):
             raise ValueError(f"the number of valid structures to stop at must be between 1 and the number of "
                              f"samples ({self.n}), got {self.stop_after_valid}")
@@ -120,8 +130,9 @@ def repairs_of(candidate: Candidate, request: GenerationRequest) -> list[dict]:
     """The optional repairs the request asks for, each recorded beside the model's own CIF."""
     if candidate.structure is None:
         return []
+    relax_now = request.relax and not request.keep_best  # best-of-K relaxes its picks together at the end
     done = [repair(candidate.structure, candidate.report)
-            for wanted, repair in ((request.rescale, rescale), (request.relax, relax)) if wanted]
+            for wanted, repair in ((request.rescale, rescale), (relax_now, relax)) if wanted]
     return [r.to_dict() for r in done if r is not None]
 
 

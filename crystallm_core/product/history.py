@@ -81,7 +81,7 @@ def candidate_row(run_id: str, candidate: Candidate) -> tuple:
               "band_gap_target": candidate.band_gap_target,
               "e_hull_target": candidate.e_hull_target, "scores": candidate.scores.to_dict(),
               "seconds": candidate.seconds, "n_tokens": candidate.n_tokens, "stop_reason": candidate.stop_reason,
-              "retries": candidate.retries, "repairs": candidate.repairs}
+              "retries": candidate.retries, "repairs": candidate.repairs, "pick": candidate.pick}
     structure = json.dumps(candidate.structure.as_dict()) if candidate.structure is not None else None
     return run_id, candidate.index, int(candidate.valid), json.dumps(record, default=str), structure
 
@@ -94,7 +94,7 @@ def candidate_of(index: int, record_json: str, structure_json: str | None) -> Ca
     return Candidate(index, record["name"], record["cif"], report, structure, record["raw_text"],
                      record["band_gap_target"], record["e_hull_target"], Scores.from_dict(record["scores"]),
                      record["seconds"], record["n_tokens"], record["stop_reason"], record["retries"],
-                     record["repairs"])
+                     record["repairs"], record.get("pick"))  # runs stored before best-of-K have no pick
 
 
 def process_alive(pid: int | None) -> bool:

@@ -4,7 +4,8 @@
   waits its turn and sees its position.
 - `GenerationJob`: generates the requests into its Run. Each candidate is scored (surrogate
   band gap, CHGNet E_hull, novelty) as it arrives and stored in the history at once, so a
-  crash of the server loses nothing that had finished. The page polls `progress()`; Cancel
+  crash of the server loses nothing that had finished. A best-N-of-K request is picked (and
+  its picks relaxed) when its samples are all in (`best_of.finish`). The page polls `progress()`; Cancel
   sets an event the sampler checks between steps. A job nobody has polled for ABANDON_SECONDS
   (its tab was closed) cancels itself and frees the queue. The thread touches no Streamlit API.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from crystallm_core.chem.judges.scoring import StructureScorer, default_scorer
+from crystallm_core.product import best_of
 from crystallm_core.product.evaluate import score_candidates
 from crystallm_core.product.generation import GenerationRequest, generate
 from crystallm_core.product.history import HistoryStore
@@ -81,6 +83,7 @@ class Progress:
     elapsed: float
     eta: float | None
     position: int | None  # place in the generation queue while queued
+    phase: str | None = None  # what runs after sampling (best of K: picking, relaxing the picks)
 
 
 class QueuedJob:
@@ -130,6 +133,7 @@ class GenerationJob(QueuedJob):
         self.request_start = 0  # index of the first candidate of the request being sampled
         self.finished_at: float | None = None
         self.last_polled = time.monotonic()  # progress() is the page's heartbeat
+        self.phase: str | None = None  # after sampling: "picking", "relaxing the N picked structures"
 
     def should_cancel(self) -> bool:
         """Cancel was pressed, or the page stopped polling (tab closed): either way, stop."""
@@ -160,7 +164,7 @@ class GenerationJob(QueuedJob):
         eta = elapsed / fraction * (1 - fraction) if fraction and not self.finished else None
         position = self.queue.position(self.ticket) if self.status == "queued" else None
         return Progress(self.status, len(candidates), self.total, sum(c.valid for c in candidates), self.valid_target,
-                        fraction, elapsed, eta, position)
+                        fraction, elapsed, eta, position, self.phase)
 
     def _add(self, candidate: Candidate) -> None:
         """A candidate arrived: score it if valid, then store it (a failure costs its scores only)."""
@@ -171,11 +175,30 @@ class GenerationJob(QueuedJob):
                 score_candidates([candidate], scorer)
             except Exception as error:
                 candidate.scores.notes.append(f"scoring failed: {type(error).__name__}: {error}")
+        self._store(candidate)
+
+    def _store(self, candidate: Candidate) -> None:
+        """Store a candidate in the history (again, after a change); a failure is logged, not raised."""
         if self.store is not None:
             try:
                 self.store.add(self.run, candidate)
             except Exception:
                 LOG.exception("could not store a candidate of run %s", self.run.run_id)
+
+    def _pick(self, request: GenerationRequest, candidates: list[Candidate]) -> None:
+        """Best N of K: pick (and relax) the request's best once all its samples are in; stored again."""
+        if not request.keep_best or self.should_cancel():
+            return
+        self.phase = f"relaxing the {request.keep_best} picked structures" if request.relax else "picking"
+        try:
+            changed = best_of.finish(self.run, candidates, request, self.scorer())
+        except Exception as error:  # the samples stay; only the pick is lost
+            LOG.exception("best-of pick of run %s failed", self.run.run_id)
+            self.run.error = f"picking the best failed ({type(error).__name__}: {error})"
+            changed = []
+        self.phase = None
+        for candidate in changed:
+            self._store(candidate)
 
     def _work(self) -> None:
         status = "cancelled"
@@ -189,6 +212,7 @@ class GenerationJob(QueuedJob):
                         break
                     generate(self.loaded_model, request, self.run, on_candidate=self._add,
                              should_cancel=self.should_cancel)
+                    self._pick(request, self.run.candidates[self.request_start:])
                     self.requests_done, self.request_start = self.requests_done + 1, len(self.run.candidates)
                 status = "cancelled" if self._cancel.is_set() else "done"
         except ValueError as error:  # bad request: the core's message is meant for the user

@@ -4,7 +4,8 @@ A `Candidate` is one structure: what the model wrote, the CIF, the parsed Struct
 nothing parses a CIF twice), the validity report, the targets it was asked for, typed
 `Scores`, post-decoding repairs and timings. A `Run` is the requests, model, settings and
 candidates of one generation, target sweep or evaluation. It has ONE table (`to_frame`: the
-live table in the app, results.csv on disk, evaluation.csv) and ONE manifest; `run_files`
+live table in the app, results.csv on disk, evaluation.csv; with each row's ranking score,
+`chem.judges.ranking`, and for "best N of K" whether it was picked) and ONE manifest; `run_files`
 writes and reads it as a directory or zip, `history` stores and reloads it.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 from pymatgen.core import Structure
 
 from crystallm_core.chem.judges.metrics import MetricSettings, add_flags, uniqueness_flags
+from crystallm_core.chem.judges.ranking import RankingSettings, rank_scores
 from crystallm_core.chem.judges.validity import ValidityReport
 from crystallm_core.product.versions import package_versions
 
@@ -68,6 +70,13 @@ class Candidate:
     stop_reason: str | None = None  # "eos", "length", "gave up"
     retries: dict | None = None  # constrained decoding's rewinds
     repairs: list[dict] = field(default_factory=list)  # post-decoding repairs, each with its kind
+    pick: dict | None = None  # best N of K: {"picked": bool, "of": samples drawn, "keep": N}; None: no pick
+
+    @property
+    def e_hull_relaxed(self) -> float | None:
+        """The E_hull estimate after the relaxation repair, if there was one."""
+        return next((r["details"].get("e_hull_after") for r in self.repairs
+                     if r["kind"] == "relax" and r.get("details", {}).get("e_hull_after") is not None), None)
 
     @property
     def valid(self) -> bool:
@@ -114,7 +123,8 @@ def candidate_name(index: int, formula: str | None) -> str:
 
 TABLE_COLUMNS = ["index", "file", "formula", "space_group", "valid", "reason", "space_group_rule", "band_gap_target", "band_gap_pred",
                  "band_gap_std", "band_gap_gnn", "band_gap_gbm", "p_metal", "e_hull_target", "e_form_pred",
-                 "e_hull_pred", "unique", "novel", "stable", "hit", "vsun", "seconds", "n_tokens", "stop_reason",
+                 "e_hull_pred", "e_hull_relaxed", "unique", "novel", "stable", "hit", "vsun", "p_hit", "score",
+                 "picked", "picked_from", "seconds", "n_tokens", "stop_reason",
                  "rewinds", "repairs", "valid_after_repair", "notes"]
 
 
@@ -179,7 +189,9 @@ class Run:
                 **{name: getattr(scores, name) for name in ("band_gap_pred", "band_gap_std", "band_gap_gnn",
                                                             "band_gap_gbm", "p_metal")},
                 "e_hull_target": candidate.e_hull_target, "e_form_pred": scores.e_form_pred,
-                "e_hull_pred": scores.e_hull_pred, "unique": is_unique, "novel": scores.novel,
+                "e_hull_pred": scores.e_hull_pred, "e_hull_relaxed": candidate.e_hull_relaxed, "unique": is_unique,
+                "novel": scores.novel, "picked": None if candidate.pick is None else candidate.pick["picked"],
+                "picked_from": None if candidate.pick is None else candidate.pick["of"],
                 "seconds": candidate.seconds, "n_tokens": candidate.n_tokens, "stop_reason": candidate.stop_reason,
                 "rewinds": sum(candidate.retries.get(k, 0) for k in ("row", "cell", "restart"))
                 if candidate.retries else None,
@@ -187,17 +199,21 @@ class Run:
                 "valid_after_repair": candidate.valid_after_repair,
                 "notes": "; ".join([*self.unavailable.values(), *scores.notes]),
             })
-        frame = pd.DataFrame(rows, columns=[c for c in TABLE_COLUMNS if c not in ("stable", "hit", "vsun")])
+        derived = ("stable", "hit", "vsun", "p_hit", "score")
+        frame = pd.DataFrame(rows, columns=[c for c in TABLE_COLUMNS if c not in derived])
         numeric = ["band_gap_target", "band_gap_pred", "band_gap_std", "band_gap_gnn", "band_gap_gbm", "p_metal",
-                   "e_hull_target", "e_form_pred", "e_hull_pred", "seconds"]
+                   "e_hull_target", "e_form_pred", "e_hull_pred", "e_hull_relaxed", "seconds"]
         frame[numeric] = frame[numeric].astype(float)
-        frame[["n_tokens", "rewinds"]] = frame[["n_tokens", "rewinds"]].astype("Int64")
+        frame[["n_tokens", "rewinds", "picked_from"]] = frame[["n_tokens", "rewinds", "picked_from"]].astype("Int64")
         if frame.empty:
             return frame.reindex(columns=TABLE_COLUMNS)
         # a hit needs each row's own target (a sweep has several): flag per target group
         parts = [add_flags(group, None if pd.isna(target) else float(target), settings)
                  for target, group in frame.groupby("band_gap_target", dropna=False, sort=False)]
-        return pd.concat(parts).sort_index()[TABLE_COLUMNS]
+        frame = pd.concat(parts).sort_index()
+        frame[["p_hit", "score"]] = rank_scores(frame, RankingSettings(gap_tolerance=settings.hit_tolerance))[
+            ["p_hit", "score"]]
+        return frame[TABLE_COLUMNS]
 
     def manifest(self) -> dict:
         """Everything needed to reproduce and read the run: model id + hash, requests (targets,

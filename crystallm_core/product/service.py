@@ -21,6 +21,7 @@ from crystallm_core.chem.judges.metrics import (  # noqa: F401 (the pages take P
     summarise,
 )
 from crystallm_core.chem.cif.prompts import space_group_symbols
+from crystallm_core.chem.judges.ranking import ranking_order
 from crystallm_core.chem.judges.relaxation import relax_and_check  # noqa: F401 (for the pages)
 from crystallm_core.chem.judges.stability import HULL_BIAS_NOTE, RelaxSettings  # noqa: F401 (for the pages)
 from crystallm_core.chem.judges.structure_info import (  # noqa: F401
@@ -31,6 +32,12 @@ from crystallm_core.chem.judges.structure_info import (  # noqa: F401
 from crystallm_core.chem.judges.validity import SPACE_GROUP_RULES, ValidityReport, judged_as_user_file  # noqa: F401
 from crystallm_core.lm.checkpoints import LoadedModel
 from crystallm_core.lm.sampler import DECODINGS, GUIDES, SamplingSettings  # noqa: F401 (the pages take them from here)
+from crystallm_core.product.best_of import (  # noqa: F401 (the pages take them from here)
+    BEST_OF_CHOICES,
+    PREDICTION_NOTE,
+    best_of_counts,
+    shortfall_note,
+)
 from crystallm_core.product.campaign import MANIFEST as CAMPAIGN_MANIFEST
 from crystallm_core.product.campaign import campaign_run
 from crystallm_core.product.evaluate import evaluate_run
@@ -68,17 +75,18 @@ E_HULL_TOLERANCE = 0.1  # eV/atom: an E_hull estimate this close to its target c
 
 
 def sweep_requests(base: GenerationRequest, low: float, high: float, m: int, k: int, fixed: float,
-                   swept: str = "band_gap") -> list[GenerationRequest]:
+                   swept: str = "band_gap", best_of: int = 1) -> list[GenerationRequest]:
     """K samples at each of M targets of `swept` from low to high, the other target at `fixed`;
-    each target its own seed."""
+    each target its own seed. With best_of B > 1: the best K of K × B samples per target."""
     if swept not in SWEEPABLE:
         raise ValueError(f"a sweep varies one of {', '.join(SWEEPABLE)}, not {swept!r}")
     if high <= low:
         raise ValueError("The highest target must be above the lowest.")
     targets = [round(float(t), 3) for t in np.linspace(low, high, int(m))]
     other = "e_hull" if swept == "band_gap" else "band_gap"
-    base = replace(base, composition=None, z=None, spacegroup=None, stop_after_valid=None, **{other: fixed})
-    return [replace(base, n=int(k), seed=base.seed + i, **{swept: target}) for i, target in enumerate(targets)]
+    base = replace(base, composition=None, z=None, spacegroup=None, stop_after_valid=None, **{other: fixed},
+                   **best_of_counts(int(k), int(best_of)))
+    return [replace(base, seed=base.seed + i, **{swept: target}) for i, target in enumerate(targets)]
 
 
 def hit_rate_vs_tolerance(frame: pd.DataFrame, tolerances: Sequence[float]) -> pd.DataFrame:
@@ -103,7 +111,8 @@ def hit_rate_vs_tolerance(frame: pd.DataFrame, tolerances: Sequence[float]) -> p
 
 def sweep_summary(frame: pd.DataFrame, swept: str = "band_gap", tolerance: float | None = None) -> pd.DataFrame:
     """Per target of the swept property: samples, valid and hit rates (over all samples), and the
-    mean, spread and median of the valid structures' estimate (surrogate gap or CHGNet E_hull)."""
+    mean, spread and median of the valid structures' estimate (surrogate gap or CHGNet E_hull);
+    `picked`: how many a best-of-K sweep picked there (NaN without a pick)."""
     rows = []
     for target, group in frame.dropna(subset=[f"{swept}_target"]).groupby(f"{swept}_target"):
         predicted = pd.to_numeric(group[f"{swept}_pred"].where(group["valid"]), errors="coerce")
@@ -116,8 +125,10 @@ def sweep_summary(frame: pd.DataFrame, swept: str = "band_gap", tolerance: float
         rows.append({"target": float(target), "n": len(group), "valid": valid, "hit": hit,
                      "mean_pred": float(predicted.mean()) if predicted.notna().any() else NAN,
                      "std_pred": float(predicted.std()) if predicted.notna().sum() > 1 else NAN,
-                     "median_pred": float(predicted.median()) if predicted.notna().any() else NAN})
-    return pd.DataFrame(rows, columns=["target", "n", "valid", "hit", "mean_pred", "std_pred", "median_pred"])
+                     "median_pred": float(predicted.median()) if predicted.notna().any() else NAN,
+                     "picked": float(group["picked"].eq(True).sum())
+                     if "picked" in group and group["picked"].notna().any() else NAN})
+    return pd.DataFrame(rows, columns=["target", "n", "valid", "hit", "mean_pred", "std_pred", "median_pred", "picked"])
 
 
 def run_table(run: Run, tolerance: float | None = None, threshold: float | None = None,
@@ -126,6 +137,15 @@ def run_table(run: Run, tolerance: float | None = None, threshold: float | None 
     own = run.metric_settings()
     return run.to_frame(MetricSettings(own.stability_threshold if threshold is None else threshold,
                                        own.hit_tolerance if tolerance is None else tolerance), unique)
+
+
+def ranked_table(run: Run, tolerance: float | None = None, unique: bool = True) -> pd.DataFrame:
+    """`run_table` in the page's order: best-of-K picks first, then by ranking score (best first),
+    rows without a score (invalid) last, each group in sampling order."""
+    frame = run_table(run, tolerance, unique=unique)
+    order = ranking_order(frame["score"])
+    picked = {label for label in order if pd.notna(frame.at[label, "picked"]) and bool(frame.at[label, "picked"])}
+    return frame.loc[[i for i in order if i in picked] + [i for i in order if i not in picked]].reset_index(drop=True)
 
 
 def stored_run_zip(store: HistoryStore, run_id: str, include_invalid: bool = False) -> bytes:
@@ -186,6 +206,32 @@ def response_table(curves: dict) -> pd.DataFrame:
                          "valid": f"{point['n_valid']}/{point['n']}", "median E_hull": point["median"][0],
                          "median after relaxation": (point.get("median_relaxed") or [None])[0],
                          f"within ±{curves['tolerance']['e_hull']:g}": point["within_tolerance"],
+                         "Spearman ρ (sweep)": sweep["spearman"]})
+    return pd.DataFrame(rows)
+
+
+def point_hit_rate(point: dict) -> float | None:
+    """Hits over the samples asked for at one sweep point (older files: from within_tolerance)."""
+    if point.get("hit_rate") is not None:
+        return point["hit_rate"]
+    if point.get("within_tolerance") is None:
+        return None
+    return round(point["within_tolerance"] * point["n_valid"] / point["n"], 3)
+
+
+def best_of_table(curves: dict) -> pd.DataFrame:
+    """What best-of-K buys on the band-gap sweep: per variant (default, best-of-K) and paper
+    target, the hit rate within tolerance and the median gap of the structures delivered."""
+    rows = []
+    for name, variant in curves.get("variants", {}).items():
+        sweep = variant.get("band_gap_sweep")
+        if not sweep:
+            continue
+        for point in sweep["points"]:
+            rows.append({"variant": name, "best of": variant.get("best_of", 1), "target (eV)": point["target"],
+                         "hit rate": point_hit_rate(point), "median gap (eV)": point["median"][0],
+                         "within tolerance of all samples": point.get("n_within_tolerance"),
+                         "samples": point.get("n_sampled", point["n"]), "delivered": point["n"],
                          "Spearman ρ (sweep)": sweep["spearman"]})
     return pd.DataFrame(rows)
 

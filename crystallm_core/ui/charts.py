@@ -92,6 +92,17 @@ def response_figure(sweep: dict, title: str, unit: str, relaxed: bool = False) -
     return figure
 
 
+def best_of_figure(table: pd.DataFrame, tolerance: float) -> go.Figure:
+    """Hit rate against the band-gap target, one line per variant (`service.best_of_table`)."""
+    figure = go.Figure()
+    for name, group in table.groupby("variant", sort=False):
+        figure.add_trace(go.Scatter(x=group["target (eV)"], y=group["hit rate"], mode="lines+markers", name=name))
+    figure.update_layout(height=320, title=f"Hit rate within ±{tolerance:g} eV: what best of K buys",
+                         xaxis_title="band-gap target (eV)", yaxis_title="hit rate (of the structures delivered)",
+                         yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=40, b=40))
+    return figure
+
+
 def hit_rate_figure(curve: pd.DataFrame, tolerance: float) -> go.Figure:
     """Hit rate vs tolerance; the band between certain and possible hits is where the surrogate's
     ± band and the tolerance band disagree (`service.hit_rate_vs_tolerance`)."""

@@ -20,7 +20,12 @@ from crystallm_core.product.history import HistoryStore, default_db_path
 from crystallm_core.product.jobs import GenerationJob
 from crystallm_core.product.run import Run
 from crystallm_core.product.run_files import run_zip
-from crystallm_core.product.service import run_table, submit
+from crystallm_core.product.service import (
+    PREDICTION_NOTE,
+    ranked_table,
+    shortfall_note,
+    submit,
+)
 
 POLL_SECONDS = 0.5  # progress refresh while a job runs: a finished structure is on screen within this
 
@@ -96,32 +101,82 @@ def format_gap(mean, std) -> str:
     return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def format_pair(first, second) -> str:
+    if pd.isna(first) and pd.isna(second):
+        return "—"
+    return " / ".join("—" if pd.isna(v) else f"{v:.2f}" for v in (first, second))
+
+
+def format_hull(static, relaxed) -> str:
+    if pd.isna(static) and pd.isna(relaxed):
+        return "not available"
+    shown = "—" if pd.isna(static) else f"{static:.3f}"
+    return shown if pd.isna(relaxed) else f"{shown} → {relaxed:.3f} relaxed"
+
+
 def results_table(run: Run, tolerance: float, unique: bool = True) -> None:
-    """The results table: formula, space group, validity/reason, surrogate gap ± spread, E_hull, hit."""
-    frame = run_table(run, tolerance, unique=unique)
+    """The results table: formula, space group, validity/reason, surrogate gap ± spread, E_hull
+    (static, and relaxed beside it), hit, ranking score; best-of-K picks first, then by score."""
+    frame = ranked_table(run, tolerance, unique)
     shown = frame.assign(  # the free-text reason goes last so the numbers stay in view
         valid=frame["valid"].map({True: "✓", False: "✗"}),
         band_gap=[format_gap(mean, std) for mean, std in zip(frame["band_gap_pred"], frame["band_gap_std"])],
-        e_hull=frame["e_hull_pred"].map(lambda e: "not available" if pd.isna(e) else f"{e:.3f}"),
+        independent_gap=[format_pair(a, b) for a, b in zip(frame["band_gap_gnn"], frame["band_gap_gbm"])],
+        e_hull=[format_hull(s, r) for s, r in zip(frame["e_hull_pred"], frame["e_hull_relaxed"])],
         hit=frame["hit"].map(lambda h: "—" if pd.isna(h) else ("✓" if h else "✗")),
+        picked=[picked_label(p, n) for p, n in zip(frame["picked"], frame["picked_from"])],
     )
+    columns = ["index", "formula", "space_group", "valid", "band_gap", "independent_gap", "e_hull", "hit", "score",
+               "picked", "rewinds", "repairs", "reason"]
     st.dataframe(
-        shown[["index", "formula", "space_group", "valid", "band_gap", "e_hull", "hit", "rewinds", "repairs",
-               "reason"]],
+        shown[[c for c in columns if c != "picked" or frame["picked_from"].notna().any()]],
         hide_index=True, width="stretch",
         column_config={
             "index": "#", "space_group": "space group", "reason": "why not valid",
             "band_gap": st.column_config.TextColumn(
                 "surrogate gap (eV)", help="Band-gap surrogate (PBE gaps); ± is its calibrated spread: on held-out "
                 "structures read as non-metals, the DFT gap lies within ±1 for about 68 %."),
-            "e_hull": st.column_config.TextColumn("E_hull est. (eV/atom)", help=HULL_BIAS_NOTE),
+            "independent_gap": st.column_config.TextColumn(
+                "GNN / LightGBM gap (eV)", help="The older surrogates' readings, independent of the CHGNet head "
+                "that ranks, picks and shows the hit: where they disagree, treat the hit with care."),
+            "e_hull": st.column_config.TextColumn(
+                "E_hull est. (eV/atom)", help="Static CHGNet estimate of the structure as written, and after the "
+                "relaxation where there was one. " + HULL_BIAS_NOTE),
             "hit": f"hit (±{tolerance:g} eV)",
+            "score": st.column_config.ProgressColumn(
+                "score", min_value=0.0, max_value=1.0, format="%.2f",
+                help="Ranking score (0–1): P(gap within the tolerance) from the surrogate's P(metal) and gap ± "
+                     "spread, × a factor for E_hull above its target (relaxed when relaxed), × penalties for a "
+                     "duplicate within the run and a known (training-set) structure. A prediction of the same "
+                     "band-gap head, not a measurement."),
+            "picked": st.column_config.TextColumn("picked", help="Best N of K: picked as one of the N best, or "
+                                                                 "kept in the run but not picked."),
             "repairs": st.column_config.TextColumn(
                 "repairs", help="Optional repairs after decoding and their outcome (valid counts as written)."),
             "rewinds": st.column_config.NumberColumn(
                 "rewinds", help="Constrained decoding: how often a site row, the cell or the sample was rewritten."),
         },
     )
+
+
+def picked_label(picked, picked_from) -> str:
+    if pd.isna(picked_from):
+        return ""
+    return f"✓ picked from {picked_from}" if pd.notna(picked) and bool(picked) else f"not picked (of {picked_from})"
+
+
+def best_of_notes(run: Run) -> None:
+    """What a best-N-of-K run picked, when fewer were within the tolerance, and what a hit means."""
+    summaries = [record["best_of"] for record in run.generation if record.get("best_of")]
+    if not summaries:
+        return
+    for summary in summaries:
+        note = shortfall_note(summary)
+        st.write(f"**Best {summary['keep']} of {summary['sampled']}**: {summary['picked']} picked "
+                 f"({summary['within_tolerance']} within the tolerance, {summary['valid']} valid).")
+        if note:
+            st.info(note)
+    st.caption(PREDICTION_NOTE)
 
 
 def run_tolerance(run: Run) -> float:
@@ -145,7 +200,11 @@ def job_fragment() -> None:
     counted = (f"{progress.valid}/{progress.valid_target} valid ({progress.done} sampled, at most {progress.total})"
                if progress.valid_target else f"{progress.done}/{progress.total} structures")
     label = f"{counted} · elapsed {format_seconds(progress.elapsed)} · ETA {format_seconds(progress.eta)}"
+    if progress.phase:
+        label = f"{label} · {progress.phase}"
     st.progress(min(progress.fraction, 1.0), text=label)
+    if any(r.get("keep_best") for r in job.run.requests):
+        st.caption("Best N of K: ranked by score as they come; the N best are picked once every sample is in.")
     st.button("Cancel", key="cancel_job", on_click=job.cancel, help="Stop now; finished structures are kept.")
     results_table(job.run, tolerance, unique=False)  # structure matching waits for the finished run
     if job.finished:
@@ -168,6 +227,7 @@ def run_summary(run: Run) -> None:
     if run.status == "done" and wanted and run.n_valid < wanted:
         st.info(f"Only {run.n_valid} of the {wanted} valid structures asked for after {len(run.candidates)} samples: "
                 "lower the temperature, or loosen the composition and symmetry prompt.")
+    best_of_notes(run)
     results_table(run, tolerance)
     for family, reason in run.unavailable.items():
         st.caption(f"{family}: {reason}")

@@ -18,7 +18,7 @@ from pymatgen.core import Structure
 
 from crystallm_core.chem.cif.cif_format import structure_to_model_cif
 from crystallm_core.chem.judges.isolation import check_sample
-from crystallm_core.chem.judges.relaxation import relax_and_check
+from crystallm_core.chem.judges.relaxation import RelaxationReport, relax_and_check, relax_and_check_many
 from crystallm_core.chem.judges.stability import RelaxSettings
 from crystallm_core.chem.judges.validity import (
     ValidityConfig,
@@ -80,12 +80,36 @@ def rescale(structure: Structure, report: ValidityReport) -> Repair | None:
 
 def relax(structure: Structure, report: ValidityReport, settings: RelaxSettings | None = None) -> Repair | None:
     """A bounded CHGNet relaxation of a valid structure or one that fails only on bond lengths."""
-    if not (report.valid or only_bonds_fail(report)) or structure_problem(structure):
+    if not relaxable(structure, report):
         return None
     try:
-        result = relax_and_check(structure, settings)
+        return relax_repair(relax_and_check(structure, settings))
     except Exception as error:  # e.g. isolated atoms: CHGNet has no energy for them
-        return Repair("relax", False, None, {}, [f"CHGNet could not relax it: {type(error).__name__}: {error}"])
+        return relax_repair(f"{type(error).__name__}: {error}")
+
+
+def relax_many(structures: list[Structure], reports: list[ValidityReport],
+               settings: RelaxSettings | None = None) -> list[Repair | None]:
+    """`relax` of many structures, relaxed together (one CHGNet forward per FIRE step for all)."""
+    chosen = [i for i, (s, r) in enumerate(zip(structures, reports)) if relaxable(s, r)]
+    repairs: list[Repair | None] = [None] * len(structures)
+    try:
+        results = relax_and_check_many([structures[i] for i in chosen], settings)
+    except Exception as error:  # CHGNet missing or broken: every structure says so
+        results = [f"{type(error).__name__}: {error}"] * len(chosen)
+    for i, result in zip(chosen, results):
+        repairs[i] = relax_repair(result)
+    return repairs
+
+
+def relaxable(structure: Structure, report: ValidityReport) -> bool:
+    return (report.valid or only_bonds_fail(report)) and not structure_problem(structure)
+
+
+def relax_repair(result: RelaxationReport | str) -> Repair:
+    """The Repair of a relaxation, or of the reason there is none."""
+    if isinstance(result, str):
+        return Repair("relax", False, None, {}, [f"CHGNet could not relax it: {result}"])
     details = {"e_hull_before": result.before.e_hull, "e_hull_after": result.after.e_hull,
                "volume_change": round(result.volume_change, 4), "steps": result.relaxation.steps,
                "converged": result.relaxation.converged, "seconds": round(result.relaxation.seconds, 2)}

@@ -6,7 +6,7 @@ so they are cheap and testable without a model. The reward lies in [0, 1]:
 - stability: 1 within `stability_threshold` of the E_hull target, decaying as
   exp(-distance / e_hull_scale) beyond it (a target of 0.5 eV/atom asks for 0.5, not for 0);
 - band gap: the probability that the gap lies within `gap_tolerance` of the target, from the
-  head's own uncertainty (a metal reading counts as 0 eV with probability P(metal));
+  head's own uncertainty, as the ranking computes it (`ranking.gap_within_probability`);
 - the mean of the terms whose target is known; an invalid structure gets 0.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from crystallm_core.chem.judges.ranking import gap_within_probability
 from crystallm_core.lm.conditions import BAND_GAP_MAX, E_HULL_MAX
 
 
@@ -22,22 +23,6 @@ class RewardSettings:
     stability_threshold: float = 0.1  # eV/atom of slack around the E_hull target
     e_hull_scale: float = 0.25  # eV/atom over which the stability term falls by 1/e
     gap_tolerance: float = 0.5  # eV, as the hit rate's
-
-
-def normal_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
-def gap_within_probability(gap: float | None, std: float | None, p_metal: float | None, target: float,
-                           tolerance: float) -> float:
-    """P(|true gap − target| ≤ tolerance) under the head's reading: with P(metal) the gap is 0 eV,
-    otherwise normal around `gap` with spread `std` (at least 0.05 eV). 0 without a reading."""
-    if gap is None or not math.isfinite(gap):
-        return 0.0
-    metal = min(max(p_metal if p_metal is not None and math.isfinite(p_metal) else 0.0, 0.0), 1.0)
-    sigma = max(std if std is not None and math.isfinite(std) else 0.0, 0.05)
-    window = normal_cdf((target + tolerance - gap) / sigma) - normal_cdf((target - tolerance - gap) / sigma)
-    return metal * float(target <= tolerance) + (1.0 - metal) * window
 
 
 def stability_term(e_hull: float | None, target: float, settings: RewardSettings) -> float:
@@ -57,8 +42,9 @@ def reward(readings: dict, band_gap_target: float | None, e_hull_target: float |
     if e_hull_target is not None:
         terms.append(stability_term(readings.get("e_hull_pred"), e_hull_target, settings))
     if band_gap_target is not None:
-        terms.append(gap_within_probability(readings.get("band_gap_pred"), readings.get("band_gap_std"),
-                                            readings.get("p_metal"), band_gap_target, settings.gap_tolerance))
+        p_hit = gap_within_probability(band_gap_target, readings.get("band_gap_pred"), readings.get("band_gap_std"),
+                                       readings.get("p_metal"), settings.gap_tolerance)
+        terms.append(0.0 if p_hit is None else p_hit)  # no reading: nothing to reward
     return sum(terms) / len(terms) if terms else 1.0
 
 

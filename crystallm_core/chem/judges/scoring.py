@@ -38,21 +38,35 @@ def why(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+@lru_cache(maxsize=1)
+def load_independent_gap_model():
+    """The older GNN + LightGBM ensemble (v1): a band-gap reading independent of the CHGNet head
+    that the ranking picks with, shown beside it (band_gap_gnn, band_gap_gbm)."""
+    from crystallm_core.chem.judges.surrogates.ensemble import V1_CONFIG, BandGapSurrogate
+
+    return BandGapSurrogate.load(config=V1_CONFIG)
+
+
 class StructureScorer:
     """Scores keyed like `SCORE_COLUMNS` (band_gap_pred, band_gap_std, e_hull_pred, novel, …),
     so the metrics functions apply to both the app's tables and `evaluate`'s CSV."""
 
     def __init__(self, stability: bool = True, relax: RelaxSettings | None = None, novelty: bool = True,
-                 surrogate: bool = True, max_sites: int = MAX_SCORED_SITES):
+                 surrogate: bool = True, max_sites: int = MAX_SCORED_SITES, independent_gap: bool = True):
         self.relax, self.max_sites = relax, max_sites
         self.unavailable: dict[str, str] = {}  # score family -> why it is missing
-        self.gap_model = self.novelty_index = None
+        self.gap_model = self.independent_gap_model = self.novelty_index = None
         self.with_stability = stability
         if surrogate:
             try:
                 self.gap_model = load_gap_model()
             except Exception as error:
                 self.unavailable["band gap"] = f"band-gap surrogate unavailable ({why(error)})"
+        if surrogate and independent_gap and self.gap_model is not None:
+            try:  # the shipped ensemble (the head) no longer reads these: the older models give an independent reading
+                self.independent_gap_model = load_independent_gap_model()
+            except Exception as error:
+                self.unavailable["independent band gap"] = f"GNN + LightGBM reading unavailable ({why(error)})"
         if stability:
             try:  # once here, not per structure: a missing CHGNet would otherwise be retried every time
                 stability_estimates.load_chgnet()
@@ -115,6 +129,22 @@ class StructureScorer:
                 values = dict(band_gap_gnn=gap.gnn, band_gap_gbm=gap.gbm, band_gap_pred=gap.mean,
                               band_gap_std=gap.std, p_metal=gap.p_metal)
                 row.update({name: value for name, value in values.items() if math.isfinite(value)})
+        wanted = [i for i, row in enumerate(rows) if "band_gap_pred" in row and "band_gap_gnn" not in row]
+        if self.independent_gap_model is not None and wanted:
+            self.add_independent_gaps([structures[i] for i in wanted], [rows[i] for i in wanted],
+                                      [notes[i] for i in wanted])
+
+    def add_independent_gaps(self, structures: list[Structure], rows: list[dict], notes: list[list[str]]) -> None:
+        """band_gap_gnn / band_gap_gbm from the older ensemble, beside the head's reading."""
+        try:
+            predictions = self.independent_gap_model.predict(structures)
+        except Exception as error:
+            for row_notes in notes:
+                row_notes.append(f"independent band gap failed: {why(error)}")
+            return
+        for row, gap in zip(rows, predictions):
+            values = dict(band_gap_gnn=gap.gnn, band_gap_gbm=gap.gbm)
+            row.update({name: value for name, value in values.items() if math.isfinite(value)})
 
     def add_stability(self, structures: list[Structure], rows: list[dict], notes: list[list[str]]) -> list | None:
         """Add E_form / E_hull; return each structure's CHGNet features (None where missing)."""

@@ -1,0 +1,98 @@
+"""Batched vs one-at-a-time CHGNet relaxation: structures per minute, side by side in one run.
+
+    OMP_NUM_THREADS=1 python scripts/bench_relax.py [--n 16] [--max-steps 100] [--threads 1]
+
+The same `--n` structures are relaxed twice with the same bounds (space group kept): by default
+the first valid structures the shipped model writes at the app's default targets (what the
+Generate page relaxes; seed 1), or with `--prototypes` small prototypes strained by -6 … +6 %
+in volume (they converge in a few steps, so fixed per-structure costs dominate). One at a
+time with `stability.relax_structure` (one CHGNet forward per structure per FIRE step), and
+together with `batch_relaxation.relax_batch` (one forward per step for all of them). Prints
+both rates, their ratio (wall clock, and CPU time of this process, which other load on a
+shared machine disturbs less), and the largest final-energy difference between the two.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from pymatgen.core import Lattice, Structure
+
+from crystallm_core.chem.judges.batch_relaxation import relax_batch
+from crystallm_core.chem.judges.stability import RelaxSettings, load_chgnet, relax_structure
+
+PROTOTYPES = [  # (space group, lattice, species, coordinates)
+    ("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    ("Fd-3m", Lattice.cubic(5.43), ["Si"], [[0, 0, 0]]),
+    ("P4_2/mnm", Lattice.tetragonal(4.594, 2.959), ["Ti", "O"], [[0, 0, 0], [0.3048, 0.3048, 0]]),
+    ("Pm-3m", Lattice.cubic(3.905), ["Sr", "Ti", "O"], [[0.5, 0.5, 0.5], [0, 0, 0], [0.5, 0, 0]]),
+    ("P6_3mc", Lattice.hexagonal(3.25, 5.207), ["Zn", "O"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.382]]),
+    ("Fm-3m", Lattice.cubic(3.615), ["Cu"], [[0, 0, 0]]),
+    ("Fm-3m", Lattice.cubic(4.21), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    ("F-43m", Lattice.cubic(5.65), ["Ga", "As"], [[0, 0, 0], [0.25, 0.25, 0.25]]),
+]
+
+
+def strained_prototypes(n: int) -> list[Structure]:
+    """n structures: the prototypes in turn, each copy with another volume strain."""
+    structures = []
+    for i in range(n):
+        group, lattice, species, coords = PROTOTYPES[i % len(PROTOTYPES)]
+        structure = Structure.from_spacegroup(group, lattice, species, coords)
+        strain = -0.06 + 0.12 * ((i * 5) % n) / max(n - 1, 1)
+        structure.scale_lattice(structure.volume * (1 + strain))
+        structures.append(structure)
+    return structures
+
+
+def generated_structures(n: int, seed: int) -> list[Structure]:
+    """The first n valid structures of the shipped model at the app's default targets."""
+    from crystallm_core.lm.checkpoints import load_model
+    from crystallm_core.product.generation import GenerationRequest, generate, sample_counts
+
+    run = generate(load_model(), GenerationRequest(**sample_counts(n, until_valid=True), seed=seed))
+    return [c.structure for c in run.candidates if c.valid][:n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16, help="structures relaxed in each mode")
+    parser.add_argument("--max-steps", type=int, default=RelaxSettings.max_steps)
+    parser.add_argument("--prototypes", action="store_true", help="strained prototypes instead of generated structures")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = RelaxSettings(max_steps=args.max_steps, max_seconds=1e9)  # steps bound both: a fair comparison
+    structures = strained_prototypes(args.n) if args.prototypes else generated_structures(args.n, args.seed)
+    load_chgnet()  # loaded before either clock starts
+    relax_structure(structures[0].copy(), RelaxSettings(max_steps=2))  # warm both paths once
+    relax_batch([structures[0].copy()], RelaxSettings(max_steps=2))
+
+    started, cpu = time.perf_counter(), time.process_time()
+    alone = [relax_structure(s.copy(), settings) for s in structures]
+    alone_seconds, alone_cpu = time.perf_counter() - started, time.process_time() - cpu
+    started, cpu = time.perf_counter(), time.process_time()
+    together = relax_batch([s.copy() for s in structures], settings, batch_size=args.n)
+    batch_seconds, batch_cpu = time.perf_counter() - started, time.process_time() - cpu
+
+    failed = [r for r in together if isinstance(r, str)]
+    if failed:
+        raise SystemExit(f"batched relaxation failed: {failed}")
+    differences = [abs(a.energy_per_atom - b.energy_per_atom) for a, b in zip(alone, together)]
+    steps_alone, steps_batch = sum(r.steps for r in alone), sum(r.steps for r in together)
+    rate_alone, rate_batch = len(structures) / alone_seconds * 60, len(structures) / batch_seconds * 60
+    print(f"{len(structures)} structures, max {args.max_steps} FIRE steps, {args.threads} torch thread(s)")
+    print(f"one at a time: {alone_seconds:6.1f} s, {rate_alone:6.1f} structures/min, {steps_alone} steps, "
+          f"{sum(r.converged for r in alone)} converged")
+    print(f"batched:       {batch_seconds:6.1f} s, {rate_batch:6.1f} structures/min, {steps_batch} steps, "
+          f"{sum(r.converged for r in together)} converged")
+    print(f"CPU seconds (this process; less sensitive to other load on a shared machine): one at a time "
+          f"{alone_cpu:.1f}, batched {batch_cpu:.1f}, ratio {alone_cpu / batch_cpu:.2f}x")
+    print(f"ratio (batched / one at a time, wall clock): {rate_batch / rate_alone:.2f}x; "
+          f"largest final-energy difference {max(differences) * 1000:.2f} meV/atom")
+
+
+if __name__ == "__main__":
+    main()
