@@ -18,7 +18,7 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
 from crystallm_core.chem.judges.crowding import CrowdingLimits, chgnet_problem, crowding_problem, graph_size
-from crystallm_core.chem.fuzz_corpus import crowded_cifs
+from fuzz_corpus import crowded_cifs
 from crystallm_core.chem.judges.stability import graph_batches
 from crystallm_core.chem.judges.validity import check_cif, structure_problem
 
@@ -60,7 +60,7 @@ def test_real_crystals_pass_the_crowding_guard():
 
 
 def test_a_big_fair_cell_is_sane_but_too_large_for_one_chgnet_pass():
-    from crystallm_core.chem.fuzz_corpus import copper_supercell
+    from fuzz_corpus import copper_supercell
     from crystallm_core.chem.judges.relaxation import relax_and_check
     from crystallm_core.chem.judges.scoring import StructureScorer
 

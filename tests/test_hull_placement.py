@@ -8,7 +8,7 @@ from prototypes import rocksalt_nacl
 from test_app_pages import messages, new_app, prototype_run
 
 from crystallm_core.chem.judges import stability
-from crystallm_core.chem.fuzz_corpus import crowded_cifs
+from fuzz_corpus import crowded_cifs
 from crystallm_core.chem.data.hull import HullReference
 from crystallm_core.chem.judges.hull_placement import CANDIDATE_NAME, place_on_hull, structure_on_hull
 from crystallm_core.ui.hull_panel import hull_figure
