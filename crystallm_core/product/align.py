@@ -36,11 +36,11 @@ from tqdm import tqdm
 from crystallm_core.chem.cif.cif_format import structure_to_model_cif, training_text
 from crystallm_core.chem.data.data_prep import RowProcessor, load_sources
 from crystallm_core.chem.data.splits import split_of
-from crystallm_core.chem.judges.isolation import check_cif_isolated
 from crystallm_core.chem.judges.metrics import MetricSettings, summarise
 from crystallm_core.chem.judges.reward import RewardSettings, reached_targets, reward
 from crystallm_core.chem.judges.scoring import StructureScorer
-from crystallm_core.chem.judges.stability import RelaxSettings, relax_structure
+from crystallm_core.chem.judges.relaxation import relax_and_check_many
+from crystallm_core.chem.judges.stability import RelaxSettings
 from crystallm_core.lm.checkpoints import inference_dtype, load_model, load_model_weights, resolve_model_dir, save_model
 from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.packed_batch import PackedBatch
@@ -150,22 +150,27 @@ def free_validity(loaded, settings: AlignSettings, round_index: int) -> float | 
 
 def relax_share(frame: pd.DataFrame, candidates, scorer: StructureScorer, settings: AlignSettings,
                 round_index: int) -> list[dict]:
-    """Relax a random share of the valid samples; each result re-checked and re-scored."""
+    """Relax a random share of the valid samples together (`relax_and_check_many`: one CHGNet
+    forward per FIRE step for the batch, symmetry kept); each result re-checked and re-scored."""
     valid = frame.index[frame["valid"].astype(bool)].tolist()
     rng = np.random.default_rng([settings.seed, round_index, 7])
     picks = [valid[i] for i in rng.permutation(len(valid))[: settings.relax_per_round]]
+    if not picks:
+        return []
+    try:
+        reports = relax_and_check_many([candidates[i].structure for i in picks], settings.relax)
+    except Exception as error:  # a failed relaxation costs the relaxed teachers, never the round
+        return [{"index": i, "error": f"{type(error).__name__}: {error}"} for i in picks]
     results = []
-    for i in picks:
-        candidate = candidates[i]
-        try:
-            relaxed = relax_structure(candidate.structure, settings.relax).structure
-            report = check_cif_isolated(structure_to_model_cif(relaxed))
-        except Exception as error:  # one failed relaxation is a note, never the round
-            results.append({"index": i, "error": f"{type(error).__name__}: {error}"})
+    for i, report in zip(picks, reports):
+        if isinstance(report, str):
+            results.append({"index": i, "error": report})
             continue
-        readings = scorer.score([relaxed])[0] if report.valid else {}
-        results.append({"index": i, "structure": relaxed, "valid": report.valid,
-                        "e_hull_static": frame.at[i, "e_hull_pred"], **readings})
+        valid_after = report.validity.valid
+        readings = scorer.score([report.relaxation.structure])[0] if valid_after else {}
+        results.append({"index": i, "structure": report.relaxation.structure, "valid": valid_after,
+                        "e_hull_static": frame.at[i, "e_hull_pred"], **readings,
+                        "error": None if valid_after else "; ".join(report.validity.failed_reasons[:2])})
     return results
 
 
@@ -264,7 +269,7 @@ def round_report(frame: pd.DataFrame, relaxed: list[dict], examples: list[Exampl
         "band_gap_spearman": spearman(with_gap["band_gap_target"], with_gap["band_gap_pred"]),
         "mean_reward": round(float(frame["reward"].mean()), 4),
         "relaxed_n": sum(1 for r in relaxed if r.get("valid")),
-        "relax_failures": [r.get("error") or "relaxed structure not valid" for r in relaxed if not r.get("valid")][:3],
+        "relax_failures": [r.get("error") for r in relaxed if not r.get("valid")][:3],
         "median_e_hull_relaxed": median_or_none([r.get("e_hull_pred") for r in relaxed if r.get("valid")]),
         "median_e_hull_static_of_relaxed": median_or_none([r.get("e_hull_static") for r in relaxed if r.get("valid")]),
         "free_decoding_valid": free_valid,
