@@ -52,7 +52,3 @@ class PackedBatch:
         """The same batch with other "unknown" flags (conditioning dropout)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return PackedBatch(**{**values, "present": present})
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.tokens.shape[0])

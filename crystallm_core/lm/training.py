@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from crystallm_core.lm.checkpoints import load_model_weights, save_model
+from crystallm_core.lm.checkpoints import inference_dtype, load_model_weights, save_model
 from crystallm_core.lm.conditions import (
     BAND_GAP_EXPONENT,
     BAND_GAP_MAX,
@@ -154,12 +154,12 @@ def balanced_batches(rows: np.ndarray, batch_size: int, labelled: np.ndarray, hi
     at least a third of its labelled rows: h high rows balance L other labelled rows when 2h ≥ L."""
     batches, position, cursor = [], 0, drawn * batch_size
     while position < len(rows):
-        take = 0
+        take = others = 0
         while position + take < len(rows):
-            others = labelled[rows[position : position + take + 1]].sum()
-            if take + 1 + -(-int(others) // 2) > batch_size:
+            with_next = others + int(labelled[rows[position + take]])
+            if take + 1 + -(-with_next // 2) > batch_size:
                 break
-            take += 1
+            take, others = take + 1, with_next
         take = max(take, 1)
         own = rows[position : position + take]
         n_high = -(-int(labelled[own].sum()) // 2)
@@ -197,7 +197,7 @@ def native_bf16(device: torch.device) -> bool:
     """Does this device compute bf16 matrix products in hardware (else autocast only emulates it)?"""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return device.type == "cpu" and inference_dtype(device) == torch.bfloat16  # the sampler's own test
 
 
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -316,7 +316,8 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
     print(f"model {count_parameters(model):,} parameters on {device} ({'bf16' if uses_bf16(cfg, device) else 'fp32'}); "
           f"train {len(train_data)} / val {len(val_data)} rows", flush=True)
 
-    steps_per_epoch = len(train_data.epoch_batches(cfg.batch_size, cfg.seed, 0, cfg.balance_e_hull))
+    epoch_plan = {0: train_data.epoch_batches(cfg.batch_size, cfg.seed, 0, cfg.balance_e_hull)}  # one epoch's at a time
+    steps_per_epoch = len(epoch_plan[0])
     best_path = out / "resume" / "best.safetensors"
     best_state = load_file(str(best_path)) if resume and state["step"] and best_path.is_file() else None
     t0, tokens_seen = time.perf_counter() - state["elapsed_s"], 0
@@ -333,7 +334,9 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at_step: int | None = None
         if should_stop is not None and should_stop():
             return None
         epoch, position = divmod(step, steps_per_epoch)
-        batches = train_data.epoch_batches(cfg.batch_size, cfg.seed, epoch, cfg.balance_e_hull)
+        if epoch not in epoch_plan:  # built once per epoch, not at every step
+            epoch_plan = {epoch: train_data.epoch_batches(cfg.batch_size, cfg.seed, epoch, cfg.balance_e_hull)}
+        batches = epoch_plan[epoch]
         picks = batches[position % len(batches)]  # balanced epochs may differ by a batch
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout + conditioning dropout, resumable
         batch = condition_dropout(train_data.packed(picks, device), cfg.condition_dropout)

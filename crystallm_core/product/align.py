@@ -39,6 +39,7 @@ from crystallm_core.chem.data.splits import split_of
 from crystallm_core.chem.judges.metrics import MetricSettings, summarise
 from crystallm_core.chem.judges.reward import RewardSettings, reached_targets, reward
 from crystallm_core.chem.judges.scoring import StructureScorer
+from crystallm_core.chem.judges.surrogates.generated_gap import spearman as rank_correlation
 from crystallm_core.chem.judges.relaxation import relax_and_check_many
 from crystallm_core.chem.judges.stability import RelaxSettings
 from crystallm_core.lm.checkpoints import inference_dtype, load_model, load_model_weights, resolve_model_dir, save_model
@@ -190,9 +191,8 @@ def round_examples(frame: pd.DataFrame, candidates, relaxed: list[dict], tokeniz
             keep = max(1, int(round(settings.keep_best * len(cell))))
             for i in cell.sort_values("reward", ascending=False).index[:keep]:
                 if frame.at[i, "reward"] >= settings.min_reward and tokens[i] is not None:
-                    target = lambda v: None if pd.isna(v) else float(v)  # noqa: E731
-                    examples.append(Example(tokens[i], target(frame.at[i, "band_gap_target"]),
-                                            target(frame.at[i, "e_hull_target"]), "rejection"))
+                    examples.append(Example(tokens[i], known(frame.at[i, "band_gap_target"]),
+                                            known(frame.at[i, "e_hull_target"]), "rejection"))
     if signals.relaxed_teachers:
         for result in relaxed:
             if result.get("valid"):
@@ -242,10 +242,18 @@ def replay_pool(size: int, max_tokens: int, seed: int, source: Path | None = Non
 
 
 # ---- the report ----------------------------------------------------------------------------
+def known(value) -> float | None:
+    """A table cell as a target: None where it is missing ("unknown")."""
+    return None if pd.isna(value) else float(value)
+
+
 def spearman(x, y) -> float | None:
+    """Rank correlation over the rows where both are known (None with fewer than 5 or a constant x)."""
     x, y = pd.Series(x, dtype=float), pd.Series(y, dtype=float)
     keep = x.notna() & y.notna()
-    return float(x[keep].rank().corr(y[keep].rank())) if keep.sum() >= 5 and x[keep].nunique() > 1 else None
+    if keep.sum() < 5 or x[keep].nunique() < 2:
+        return None
+    return rank_correlation(x[keep].to_numpy(), y[keep].to_numpy())
 
 
 def median_or_none(values) -> float | None:
@@ -281,9 +289,8 @@ def round_report(frame: pd.DataFrame, relaxed: list[dict], examples: list[Exampl
 # ---- the loop ------------------------------------------------------------------------------
 def add_rewards(frame: pd.DataFrame, settings: AlignSettings) -> pd.DataFrame:
     frame = frame.copy()
-    target = lambda v: None if pd.isna(v) else float(v)  # noqa: E731
     frame["reward"] = [reward({k: (None if pd.isna(v) else v) for k, v in row.items()},
-                              target(row["band_gap_target"]), target(row["e_hull_target"]), settings.reward)
+                              known(row["band_gap_target"]), known(row["e_hull_target"]), settings.reward)
                        for row in frame.to_dict("records")]
     return frame
 
