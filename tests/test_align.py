@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from prototypes import rocksalt_nacl, rutile_tio2
 
@@ -13,6 +14,9 @@ from crystallm_core.product.align import (
     AlignSettings,
     AlignSignals,
     align,
+    encoded_samples,
+    pooled_vun,
+    preference_pairs,
     round_cells,
     round_examples,
     target_cells,
@@ -35,7 +39,8 @@ def test_each_signal_makes_its_examples():
     frame, candidates = judged_frame()
     relaxed = [{"valid": True, "structure": rocksalt_nacl(), "e_hull_pred": 0.02, "band_gap_pred": 4.9}]
     settings = AlignSettings(keep_best=0.5, min_reward=0.3)
-    examples = round_examples(frame, candidates, relaxed, get_tokenizer(), settings, 1024)
+    tokens = encoded_samples(frame, candidates, get_tokenizer(), 1024)
+    examples = round_examples(frame, tokens, relaxed, get_tokenizer(), settings, 1024)
     by_signal = {s: [e for e in examples if e.signal == s] for s in ("hindsight", "rejection", "relaxed")}
     # hindsight: every valid, unique sample, labelled with what it reached
     assert [(e.band_gap, e.e_hull) for e in by_signal["hindsight"]] == [(3.1, 0.05), (0.0, 1.7)]
@@ -44,7 +49,34 @@ def test_each_signal_makes_its_examples():
     assert [(e.band_gap, e.e_hull) for e in by_signal["relaxed"]] == [(4.9, 0.02)]
     assert all(e.tokens[0] == get_tokenizer().token_to_id["<bos>"] for e in examples)
     off = AlignSettings(signals=AlignSignals(hindsight=False, rejection=False, relaxed_teachers=False))
-    assert round_examples(frame, candidates, relaxed, get_tokenizer(), off, 1024) == []
+    assert round_examples(frame, tokens, relaxed, get_tokenizer(), off, 1024) == []
+
+
+def test_rejection_rewards_each_kind_once_per_run():
+    frame, candidates = judged_frame()
+    frame["formula"], frame["space_group"] = ["TiO2", "NaCl", None], ["P4_2/mnm", "Fm-3m", None]
+    tokens = encoded_samples(frame, candidates, get_tokenizer(), 1024)
+    only_rejection = AlignSettings(keep_best=0.5, min_reward=0.3,
+                                   signals=AlignSignals(hindsight=False, relaxed_teachers=False))
+    taught: set[str] = set()
+    first = round_examples(frame, tokens, [], get_tokenizer(), only_rejection, 1024, taught)
+    assert len(first) == 1 and taught == {"TiO2|P4_2/mnm"}
+    assert round_examples(frame, tokens, [], get_tokenizer(), only_rejection, 1024, taught) == []  # already taught
+
+
+def test_preference_pairs_best_against_worst_of_a_cell():
+    frame, candidates = judged_frame()
+    tokens = encoded_samples(frame, candidates, get_tokenizer(), 1024)
+    pairs = preference_pairs(frame, tokens, AlignSettings(pairs_per_cell=2, min_reward_gap=0.2))
+    assert len(pairs) == 1  # two usable samples make one pair; the invalid one is never used
+    assert np.array_equal(pairs[0].chosen, tokens[0]) and np.array_equal(pairs[0].rejected, tokens[1])
+    assert pairs[0].present.all()
+    assert preference_pairs(frame, tokens, AlignSettings(min_reward_gap=0.9)) == []  # 0.8 − 0.05 is too close
+
+
+def test_the_collapse_guard_pools_rounds():
+    rounds = [{"n": 64, "valid_unique_novel": 0.9}, {"n": 64, "valid_unique_novel": 0.8}]
+    assert pooled_vun(rounds, 2) == pytest.approx(0.85) and pooled_vun(rounds, 1) == pytest.approx(0.8)
 
 
 def test_rounds_cycle_through_the_target_grid():
@@ -56,7 +88,8 @@ def test_rounds_cycle_through_the_target_grid():
 
 
 def test_a_tiny_run_learns_checkpoints_and_resumes(tmp_path):
-    tiny = dict(cells_per_round=1, samples_per_cell=2, relax_per_round=1, replay_per_round=0, free_samples=1)
+    tiny = dict(cells_per_round=1, samples_per_cell=2, relax_per_round=1, replay_per_round=0, free_samples=1,
+                min_reward_gap=0.0, signals=AlignSignals(preference=True))
     first = align(tmp_path / "run", settings=AlignSettings(rounds=1, **tiny))
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     report = state["rounds"][0]
@@ -72,4 +105,6 @@ def test_a_tiny_run_learns_checkpoints_and_resumes(tmp_path):
     base = load_model_weights(state["base"], dtype=torch.float32).state_dict()
     if report["training"]["steps"]:
         assert any(not torch.equal(a[k], base[k]) for k in a if k in base)
+    if report["examples"]["preference_pairs"]:  # DPO against the frozen base ran on the pair
+        assert report["training"]["dpo_steps"] == 1 and np.isfinite(report["training"]["dpo_loss"])
     assert np.isfinite(state["rounds"][1]["seconds"])

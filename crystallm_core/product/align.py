@@ -48,6 +48,7 @@ from crystallm_core.chem.judges.stability import RelaxSettings
 from crystallm_core.lm.checkpoints import inference_dtype, load_model, load_model_weights, resolve_model_dir, save_model
 from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.packed_batch import PackedBatch
+from crystallm_core.lm.preference import PreferencePair, preference_step
 from crystallm_core.lm.sampler import SamplingSettings
 from crystallm_core.lm.training import TrainConfig, condition_dropout, make_optimizer, training_step
 from crystallm_core.paths import data_dir
@@ -66,6 +67,7 @@ class AlignSignals:
     rejection: bool = True
     relaxed_teachers: bool = True
     replay: bool = True
+    preference: bool = False  # DPO on best-vs-worst pairs of a cell against the frozen base model (`--with`)
 
 
 @dataclass
@@ -76,6 +78,9 @@ class AlignSettings:
     samples_per_cell: int = 8
     relax_per_round: int = 8  # valid samples relaxed (a random share: an unbiased relaxed E_hull too)
     relax: RelaxSettings = field(default_factory=lambda: RelaxSettings(max_steps=60, max_seconds=20.0))
+    pairs_per_cell: int = 2  # preference pairs: the i-th best against the i-th worst of a cell …
+    min_reward_gap: float = 0.2  # … when their rewards differ by at least this
+    dpo_beta: float = 0.1  # DPO's β: how far from the base model the preferences may pull
     keep_best: float = 0.25  # rejection sampling keeps this fraction of each cell, best reward first
     min_reward: float = 0.3  # … and only samples at least this good
     replay_per_round: int = 32
@@ -184,14 +189,23 @@ def structure_kind(row: pd.Series) -> str:
     return f"{row.get('formula')}|{row.get('space_group')}"
 
 
-def round_examples(frame: pd.DataFrame, candidates, relaxed: list[dict], tokenizer, settings: AlignSettings,
-                   max_tokens: int, taught: set[str] | None = None) -> list[Example]:
+def usable_rows(frame: pd.DataFrame) -> pd.Series:
+    """Valid samples, first of their kind within the round: the ones worth learning from."""
+    return frame["valid"].astype(bool) & frame["unique"].fillna(False).astype(bool)
+
+
+def encoded_samples(frame: pd.DataFrame, candidates, tokenizer, max_tokens: int) -> dict[int, np.ndarray | None]:
+    """Canonical token ids of each usable sample (None where it does not fit the context)."""
+    return {i: encode_structure(tokenizer, candidates[i].structure, max_tokens) for i in frame.index[usable_rows(frame)]}
+
+
+def round_examples(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None], relaxed: list[dict], tokenizer,
+                   settings: AlignSettings, max_tokens: int, taught: set[str] | None = None) -> list[Example]:
     """The round's judged samples as training examples, by the signals switched on. Rejection
     sampling skips kinds in `taught` (those earlier rounds rewarded) and adds the ones it keeps."""
     taught = set() if taught is None else taught
     signals, examples = settings.signals, []
-    usable = frame["valid"].astype(bool) & frame["unique"].fillna(False).astype(bool)
-    tokens = {i: encode_structure(tokenizer, candidates[i].structure, max_tokens) for i in frame.index[usable]}
+    usable = usable_rows(frame)
     if signals.hindsight:
         for i, ids in tokens.items():
             gap, hull = reached_targets(frame.loc[i].to_dict())
@@ -214,6 +228,35 @@ def round_examples(frame: pd.DataFrame, candidates, relaxed: list[dict], tokeniz
                 if ids is not None and hull is not None:
                     examples.append(Example(ids, gap, hull, "relaxed"))
     return examples
+
+
+def preference_pairs(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None],
+                     settings: AlignSettings) -> list[PreferencePair]:
+    """Per target cell (one prompt), the i-th best usable sample against the i-th worst, for
+    pairs whose rewards differ by at least `min_reward_gap`, conditioned on the cell's targets."""
+    pairs = []
+    for _, cell in frame[usable_rows(frame)].groupby(["band_gap_target", "e_hull_target"], dropna=False):
+        ranked = [i for i in cell.sort_values("reward", ascending=False).index if tokens.get(i) is not None]
+        vector, present = condition_vector(known(cell["band_gap_target"].iloc[0]), known(cell["e_hull_target"].iloc[0]))
+        for k in range(min(settings.pairs_per_cell, len(ranked) // 2)):
+            best, worst = ranked[k], ranked[-1 - k]
+            if frame.at[best, "reward"] - frame.at[worst, "reward"] >= settings.min_reward_gap:
+                pairs.append(PreferencePair(tokens[best], tokens[worst], np.asarray(vector, np.float32),
+                                            np.asarray(present, bool)))
+    return pairs
+
+
+def preference_round(model, reference, optimizer, pairs: list[PreferencePair], settings: AlignSettings,
+                     round_index: int) -> dict:
+    """DPO steps over the round's pairs in seeded order (half a batch of pairs: a full batch of rows)."""
+    rng = np.random.default_rng([settings.seed, round_index, 13])
+    order, per_step = rng.permutation(len(pairs)), max(1, settings.batch_size // 2)
+    model.eval()
+    results = [preference_step(model, reference, optimizer, [pairs[i] for i in order[start : start + per_step]],
+                               settings.dpo_beta, grad_clip=1.0)
+               for start in range(0, len(order), per_step)]
+    return {"dpo_steps": len(results), "dpo_loss": float(np.mean([r[0] for r in results])) if results else None,
+            "dpo_accuracy": float(np.mean([r[1] for r in results])) if results else None}
 
 
 def fine_tune_round(model, optimizer, examples: list[Example], settings: AlignSettings, cfg: TrainConfig,
@@ -324,6 +367,13 @@ def add_rewards(frame: pd.DataFrame, settings: AlignSettings) -> pd.DataFrame:
     return frame
 
 
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in eval mode with no gradients: DPO's reference."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
 def align(out: Path, base: str | Path | None = None, settings: AlignSettings | None = None,
           replay_source: Path | None = None, on_round: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> Path:
@@ -345,6 +395,8 @@ def align(out: Path, base: str | Path | None = None, settings: AlignSettings | N
     max_tokens = model.config.max_cif_tokens
     replay = replay_pool(settings.replay_per_round * settings.rounds, max_tokens, settings.seed, replay_source) \
         if settings.signals.replay else []
+    reference = frozen(load_model_weights(Path(state["base"]), dtype=torch.float32)) \
+        if settings.signals.preference else None
     scorer = StructureScorer(stability=True, novelty=True)
     started = time.perf_counter()
     first = len(state["rounds"])
@@ -367,10 +419,13 @@ def align(out: Path, base: str | Path | None = None, settings: AlignSettings | N
             warnings.simplefilter("ignore")
             relaxed = relax_share(frame, run.candidates, scorer, settings, r)
         taught = set(state.setdefault("taught", []))
-        examples = round_examples(frame, run.candidates, relaxed, loaded.tokenizer, settings, max_tokens, taught)
+        tokens = encoded_samples(frame, run.candidates, loaded.tokenizer, max_tokens)
+        examples = round_examples(frame, tokens, relaxed, loaded.tokenizer, settings, max_tokens, taught)
         state["taught"] = sorted(taught)
         examples += replay[r * settings.replay_per_round : (r + 1) * settings.replay_per_round]
+        pairs = preference_pairs(frame, tokens, settings) if reference is not None else []
         report = round_report(frame, relaxed, examples, free_valid)
+        report["examples"]["preference_pairs"] = len(pairs)
         state["first_vun"] = report["valid_unique_novel"] if state["first_vun"] is None else state["first_vun"]
         vun = pooled_vun([*state["rounds"][1:], report], settings.guard_window)  # round 0 is the base model
         round_dir = out / f"round_{r:03d}"
@@ -383,6 +438,8 @@ def align(out: Path, base: str | Path | None = None, settings: AlignSettings | N
             report["accepted"] = False
         else:
             report["training"] = fine_tune_round(model, optimizer, examples, settings, cfg, r)
+            if pairs:
+                report["training"].update(preference_round(model, reference, optimizer, pairs, settings, r))
             current = save_model(model, round_dir / "model", {
                 "name": f"crystallm-studio-pkv-aligned-r{r}", "aligned_from": state["base"], "round": r,
                 "trained_on": "reward fine-tuning rounds on the model's own judged samples + MP-20 replay"},
@@ -420,14 +477,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=AlignSettings.seed)
     parser.add_argument("--no", nargs="*", default=[], choices=[f.name for f in AlignSignals.__dataclass_fields__.values()],
                         help="signals to switch off (ablations)")
+    parser.add_argument("--with", dest="extra", nargs="*", default=[], choices=["preference"],
+                        help="signals off by default to switch on (preference: DPO against the base model)")
     parser.add_argument("--data-dir", type=Path, default=None, help="shared data for replay (default: ../shared/data)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if set(args.no) & set(args.extra):
+        print(f"error: a signal cannot be both switched off and on: {', '.join(sorted(set(args.no) & set(args.extra)))}")
+        return 2
     settings = AlignSettings(rounds=args.rounds, minutes=args.minutes, cells_per_round=args.cells,
                              samples_per_cell=args.samples_per_cell, relax_per_round=args.relax_per_round,
                              replay_per_round=args.replay_per_round, learning_rate=args.learning_rate, seed=args.seed,
-                             signals=AlignSignals(**{name: False for name in args.no}))
+                             signals=AlignSignals(**{name: False for name in args.no},
+                                                  **{name: True for name in args.extra}))
     final = align(args.out, args.base, settings, args.data_dir,
                   on_round=lambda report: tqdm.write(json.dumps({k: report[k] for k in (
                       "round", "valid", "stable", "vsun", "valid_unique_novel", "median_e_hull", "band_gap_spearman",
