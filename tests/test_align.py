@@ -13,10 +13,12 @@ from crystallm_core.lm.tokenizer import get_tokenizer
 from crystallm_core.product.align import (
     AlignSettings,
     AlignSignals,
+    add_rewards,
     align,
     encoded_samples,
     pooled_vun,
     preference_pairs,
+    region_grid,
     round_cells,
     round_examples,
     target_cells,
@@ -108,3 +110,16 @@ def test_a_tiny_run_learns_checkpoints_and_resumes(tmp_path):
     if report["examples"]["preference_pairs"]:  # DPO against the frozen base ran on the pair
         assert report["training"]["dpo_steps"] == 1 and np.isfinite(report["training"]["dpo_loss"])
     assert np.isfinite(state["rounds"][1]["seconds"])
+
+
+def test_a_target_region_is_its_own_grid_and_required_elements_gate_the_reward():
+    grid = region_grid(2.0, 3.0, 0.0)
+    assert grid == [(2.0, 0.0), (2.5, 0.0), (3.0, 0.0)] and region_grid(2.0, 2.0, None) == [(2.0, None)]
+    settings = AlignSettings(grid=grid, cells_per_round=2)
+    assert set(round_cells(settings, 0)) <= set(grid) and len(round_cells(settings, 0)) == 2
+    with pytest.raises(ValueError):
+        region_grid(3.0, 2.0, 0.0)
+    frame, _ = judged_frame()
+    frame["formula"] = ["TiO2", "NaCl", None]
+    rewards = add_rewards(frame, AlignSettings(required_elements=["O"]))["reward"].tolist()
+    assert rewards[0] > 0 and rewards[1] == 0 and rewards[2] == 0  # NaCl holds no O; no formula earns nothing

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from pymatgen.core import Composition
 from tqdm import tqdm
 
 from crystallm_core.chem.cif.cif_format import structure_to_model_cif, training_text
@@ -94,6 +95,12 @@ class AlignSettings:
     seed: int = 1_000_000
     signals: AlignSignals = field(default_factory=AlignSignals)
     reward: RewardSettings = field(default_factory=RewardSettings)
+    # A user's own target region (the Fine-tune page): the cells to cycle through instead of both
+    # sliders' whole grid, the elements the sampler may write, and elements a sample must contain
+    # to earn any reward (say, O for oxides).
+    grid: list[tuple[float | None, float | None]] | None = None
+    elements: list[str] | None = None
+    required_elements: list[str] | None = None
 
     def validate(self) -> None:
         if self.rounds < 1 or self.cells_per_round < 1 or self.samples_per_cell < 1:
@@ -102,6 +109,8 @@ class AlignSettings:
             raise ValueError("learning rate must lie in (0, 1) and the batch size be at least 1")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError("--minutes must be > 0")
+        if self.grid is not None and not self.grid:
+            raise ValueError("the target region holds no target")
 
 
 @dataclass
@@ -119,9 +128,17 @@ def target_cells(band_gaps=PAPER_BAND_GAPS, e_hulls=E_HULL_TARGETS) -> list[tupl
     return [(g, e) for g in (*band_gaps, None) for e in (*e_hulls, None)]
 
 
+def region_grid(gap_low: float, gap_high: float, e_hull: float | None, n_gaps: int = 3) -> list[tuple[float, float | None]]:
+    """A target region as cells: `n_gaps` band gaps spread over [gap_low, gap_high] at one E_hull."""
+    if not 0 <= gap_low <= gap_high:
+        raise ValueError(f"the band-gap range must be 0 ≤ low ≤ high, got {gap_low}–{gap_high} eV")
+    gaps = np.linspace(gap_low, gap_high, n_gaps if gap_high > gap_low else 1)
+    return [(round(float(g), 3), e_hull) for g in gaps]
+
+
 def round_cells(settings: AlignSettings, round_index: int) -> list[tuple[float | None, float | None]]:
     """This round's cells: a seeded draw without replacement, so the rounds cycle through the grid."""
-    cells = target_cells()
+    cells = [tuple(cell) for cell in settings.grid] if settings.grid else target_cells()
     rng = np.random.default_rng([settings.seed, round_index])
     return [cells[i] for i in rng.permutation(len(cells))[: settings.cells_per_round]]
 
@@ -136,13 +153,17 @@ def encode_structure(tokenizer, structure, max_tokens: int) -> np.ndarray | None
 
 
 # ---- one round ---------------------------------------------------------------------------
-def sample_round(loaded, settings: AlignSettings, round_index: int, on_sample: Callable[[], None]):
-    """Sample every cell of the round into one run (constrained decoding, the paper's sampling)."""
+def sample_round(loaded, settings: AlignSettings, round_index: int, on_sample: Callable[[], None],
+                 should_stop: Callable[[], bool] | None = None):
+    """Sample every cell of the round into one run (constrained decoding, the paper's sampling);
+    None when `should_stop` turns true between cells."""
     sampling = SamplingSettings(temperature=settings.temperature, top_k=30, top_p=0.95, decoding="constrained")
     run = None
     for k, (gap, hull) in enumerate(round_cells(settings, round_index)):
+        if should_stop is not None and should_stop():
+            return None
         request = GenerationRequest(band_gap=gap, e_hull=hull, n=settings.samples_per_cell, settings=sampling,
-                                    seed=settings.seed + 1000 * round_index + k)
+                                    elements=settings.elements, seed=settings.seed + 1000 * round_index + k)
         run = generate(loaded, request, run, on_candidate=lambda _: on_sample())
     return run
 
@@ -359,10 +380,21 @@ def round_report(frame: pd.DataFrame, relaxed: list[dict], examples: list[Exampl
 
 
 # ---- the loop ------------------------------------------------------------------------------
+def has_elements(formula, required: list[str] | None) -> bool:
+    """Whether a formula holds every required element (True when none are required)."""
+    if not required:
+        return True
+    try:
+        return set(required) <= {el.symbol for el in Composition(str(formula)).elements}
+    except Exception:  # no formula (an invalid sample): nothing to reward
+        return False
+
+
 def add_rewards(frame: pd.DataFrame, settings: AlignSettings) -> pd.DataFrame:
     frame = frame.copy()
     frame["reward"] = [reward({k: (None if pd.isna(v) else v) for k, v in row.items()},
                               known(row["band_gap_target"]), known(row["e_hull_target"]), settings.reward)
+                       if has_elements(row.get("formula"), settings.required_elements) else 0.0
                        for row in frame.to_dict("records")]
     return frame
 
@@ -411,7 +443,9 @@ def align(out: Path, base: str | Path | None = None, settings: AlignSettings | N
         loaded = load_model(current, dtype=inference_dtype("cpu"))
         n_samples = settings.cells_per_round * settings.samples_per_cell
         with tqdm(total=n_samples, desc=f"round {r} samples", unit="cif", leave=False) as samples_bar:
-            run = sample_round(loaded, settings, r, lambda: samples_bar.update(1))
+            run = sample_round(loaded, settings, r, lambda: samples_bar.update(1), should_stop)
+        if run is None:
+            break
         free_valid = free_validity(loaded, settings, r)
         score_candidates(run.candidates, scorer)
         frame = add_rewards(run.to_frame(MetricSettings()), settings)
