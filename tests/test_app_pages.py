@@ -162,6 +162,21 @@ def test_a_picked_run_shows_its_picks_first_with_score_and_relaxed_e_hull(app_en
     assert "Best 1 of 3" in messages(at.markdown)
 
 
+def test_a_run_shows_a_structure_on_its_hull_static_and_relaxed(app_env):
+    run = prototype_run()
+    run.candidates[1].scores.e_form_pred = -3.2
+    run.candidates[1].repairs = [{"kind": "relax", "valid": True, "cif": None, "details": {
+        "e_hull_before": 0.3, "e_hull_after": 0.05}, "reasons": []}]
+    at = new_app("pages/generate.py")
+    at.session_state["run"] = run
+    at.run()
+    at.toggle(key=f"hull_{run.run_id}").set_value(True).run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: float(m.value) for m in at.metric if m.value != "—"}
+    static, relaxed = metrics["E_hull, as written (eV/atom)"], metrics["E_hull, relaxed (eV/atom)"]
+    assert relaxed == pytest.approx(static - 0.25, abs=2e-3)  # the relaxation's drop, on the same hull
+
+
 @pytest.mark.parametrize("composition, z, spacegroup, elements, expected", [
     ("Ti2Q3", 0, None, "", "not a chemical element"),
     ("TiO2!", 0, None, "", "not a chemical formula"),

@@ -26,6 +26,7 @@ from crystallm_core.product.service import (
     shortfall_note,
     submit,
 )
+from crystallm_core.ui.hull_panel import run_stability_section
 
 POLL_SECONDS = 0.5  # progress refresh while a job runs: a finished structure is on screen within this
 
@@ -231,6 +232,8 @@ def run_summary(run: Run) -> None:
     results_table(run, tolerance)
     for family, reason in run.unavailable.items():
         st.caption(f"{family}: {reason}")
+    if st.toggle("Show a structure on its chemical system's convex hull", key=f"hull_{run.run_id}"):
+        run_stability_section(run)
     include_invalid = st.checkbox("Include invalid structures (subfolder invalid/)", key=f"invalid_{run.run_id}")
     st.download_button("Download zip", data=zip_of(run, include_invalid),
                        file_name=f"crystallm_run_{run.run_id}.zip", mime="application/zip",

@@ -68,4 +68,13 @@ def run_stability_section(run) -> None:
     index = st.selectbox("Structure", list(scored), key="hull_structure",
                          format_func=lambda i: f"#{i:03d} {scored[i].formula or '?'} ({scored[i].space_group or '?'})")
     chosen = scored[index]
-    stability_section(f"{run.run_id}_{index}", chosen.structure, chosen.scores.e_form_pred, None)
+    stability_section(f"{run.run_id}_{index}", chosen.structure, chosen.scores.e_form_pred, relaxed_e_form(chosen))
+
+
+def relaxed_e_form(candidate) -> float | None:
+    """The formation energy after the relaxation repair: the composition (so the hull below it)
+    is unchanged, so it moves by exactly the change in E_hull."""
+    static, relaxed = candidate.scores.e_hull_pred, candidate.e_hull_relaxed
+    if static is None or relaxed is None or candidate.scores.e_form_pred is None:
+        return None
+    return candidate.scores.e_form_pred + (relaxed - static)
