@@ -4,9 +4,10 @@ The job runs `align` (sample → judge → fine-tune rounds) over the cells of o
 stable oxides with 2–3 eV gaps, and waits its turn in the generation queue like fine-tuning.
 The rounds go to `<fine-tune folder>/<name>/rounds/` (each round's model, samples and report);
 when the job ends, the last accepted round's model is copied to `<fine-tune folder>/<name>/`, a
-model folder the Home page loads like any fine-tuned one. Cancel (or the time budget) stops it
-between target cells; the rounds finished by then are kept and their last model published. With
-no finished round nothing is left behind. The page polls `progress()`; the thread touches no
+model folder the Home page loads like any fine-tuned one. Cancel stops it within a sampling step
+(the round in progress is dropped); at the time budget the running round finishes and no new one
+starts. Either way the finished rounds are kept and the last accepted model published; with no
+finished round nothing is left behind. The page polls `progress()`; the thread touches no
 Streamlit API.
 """
 from __future__ import annotations

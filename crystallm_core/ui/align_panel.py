@@ -97,7 +97,7 @@ def draw_progress(job: AlignJob) -> None:
     st.progress(progress.fraction, text=f"round {progress.rounds_done}/{progress.rounds} · elapsed "
                                         f"{format_seconds(progress.elapsed)} · ETA {format_seconds(progress.eta)}")
     st.button("Cancel", key="align_cancel", on_click=job.cancel,
-              help="Stop before the next target cell; finished rounds are kept.")
+              help="Stop now: the round in progress is dropped, finished rounds are kept.")
     show_reports(progress.reports, "align_live_reports")
 
 
