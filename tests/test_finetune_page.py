@@ -177,3 +177,26 @@ def test_a_running_job_shows_round_progress_and_cancels(page_env, monkeypatch):
     assert "round 1/4" in at.get("progress")[0].proto.text and "ETA 6:" in at.get("progress")[0].proto.text
     next(b for b in at.button if b.label == "Cancel").click().run()
     assert job._cancel.is_set()
+
+
+def test_a_queued_region_job_shows_its_place_and_cancels(page_env, monkeypatch):
+    from crystallm_core.product.jobs import GENERATION_QUEUE
+
+    at = open_align_tab(page_env, monkeypatch)
+    at.text_input(key="align_name").set_value("oxides")
+    at.text_input(key="align_required").set_value("O")
+    ahead = GENERATION_QUEUE.join()  # another job holds the CPU: this one waits in the queue
+    try:
+        start_button(at).click().run()
+        assert not at.exception and not at.error, errors(at)
+        job = at.session_state["align_job"]
+        assert job.settings.required_elements == ["O"] and job.settings.grid == [(2.0, 0.0), (2.5, 0.0), (3.0, 0.0)]
+        assert any("position 1 in the queue" in info.value for info in at.info)
+        next(b for b in at.button if b.label == "Cancel").click().run()
+        assert job.join(timeout=10)
+        at.run()
+    finally:
+        GENERATION_QUEUE.leave(ahead)
+    assert "align_job" not in at.session_state and at.session_state["align_result"].status == "cancelled"
+    assert any("no model was written" in warning.value for warning in at.warning)
+    assert not (page_env / "models" / "tuned" / "oxides").exists()
