@@ -1,5 +1,6 @@
 """Reward fine-tuning: the examples each signal makes, and a real (tiny) resumable run."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -123,3 +124,16 @@ def test_a_target_region_is_its_own_grid_and_required_elements_gate_the_reward()
     frame["formula"] = ["TiO2", "NaCl", None]
     rewards = add_rewards(frame, AlignSettings(required_elements=["O"]))["reward"].tolist()
     assert rewards[0] > 0 and rewards[1] == 0 and rewards[2] == 0  # NaCl holds no O; no formula earns nothing
+
+
+def test_a_stop_while_sampling_drops_the_round(tmp_path):
+    calls = []
+
+    def stop_mid_sampling() -> bool:  # the round's check and the cell's pass; then the sampler's steps stop it
+        calls.append(1)
+        return len(calls) > 5
+
+    settings = AlignSettings(rounds=1, cells_per_round=1, samples_per_cell=2, replay_per_round=0, free_samples=0)
+    final = align(tmp_path / "run", settings=settings, should_stop=stop_mid_sampling)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["rounds"] == [] and final == Path(state["base"]) and not (tmp_path / "run" / "round_000").exists()

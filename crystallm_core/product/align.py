@@ -156,7 +156,7 @@ def encode_structure(tokenizer, structure, max_tokens: int) -> np.ndarray | None
 def sample_round(loaded, settings: AlignSettings, round_index: int, on_sample: Callable[[], None],
                  should_stop: Callable[[], bool] | None = None):
     """Sample every cell of the round into one run (constrained decoding, the paper's sampling);
-    None when `should_stop` turns true between cells."""
+    None when `should_stop` turns true (checked between cells and by the sampler between steps)."""
     sampling = SamplingSettings(temperature=settings.temperature, top_k=30, top_p=0.95, decoding="constrained")
     run = None
     for k, (gap, hull) in enumerate(round_cells(settings, round_index)):
@@ -164,8 +164,8 @@ def sample_round(loaded, settings: AlignSettings, round_index: int, on_sample: C
             return None
         request = GenerationRequest(band_gap=gap, e_hull=hull, n=settings.samples_per_cell, settings=sampling,
                                     elements=settings.elements, seed=settings.seed + 1000 * round_index + k)
-        run = generate(loaded, request, run, on_candidate=lambda _: on_sample())
-    return run
+        run = generate(loaded, request, run, on_candidate=lambda _: on_sample(), should_cancel=should_stop)
+    return None if should_stop is not None and should_stop() else run
 
 
 def free_validity(loaded, settings: AlignSettings, round_index: int) -> float | None:

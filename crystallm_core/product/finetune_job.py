@@ -140,15 +140,21 @@ def save_upload(name: str, content: bytes) -> Path:
     return path
 
 
+def new_model_dir(name: str) -> Path:
+    """Where a new model called `name` goes in the fine-tune folder; ValueError for a bad or taken name."""
+    if not NAME_RE.match(name):
+        raise ValueError("name the model with letters, digits, '.', '-' or '_' (up to 64 characters)")
+    out = server_settings().finetune_dir / name
+    if out.exists():
+        raise ValueError(f"a model named '{name}' already exists: choose another name")
+    return out
+
+
 def start_finetune(source: Path, name: str, base: str | None, columns: ColumnMap, labels: Path | None,
                    settings: FineTuneSettings, upload: bool = False) -> FineTuneJob:
     """Validate and queue a fine-tuning job writing the model `name` into the fine-tune folder;
     with `upload` the job deletes `source` (saved by `save_upload`) when it ends."""
     check_server_capacity()
     settings.validate()
-    if not NAME_RE.match(name):
-        raise ValueError("name the model with letters, digits, '.', '-' or '_' (up to 64 characters)")
-    out = server_settings().finetune_dir / name
-    if out.exists():
-        raise ValueError(f"a model named '{name}' already exists: choose another name")
+    out = new_model_dir(name)
     return FineTuneJob(source, out, base, columns, labels, settings, owns_source=upload).start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import pandas as pd
 import streamlit as st
@@ -182,6 +183,22 @@ def best_of_notes(run: Run) -> None:
 
 def run_tolerance(run: Run) -> float:
     return run.metric_settings().hit_tolerance
+
+
+def polled_job_panel(job_key: str, result_key: str, draw: Callable[[Any], None]) -> None:
+    """Draw the session's background job at `job_key` every POLL_SECONDS while it runs; once it
+    has finished it moves to `result_key` and the page reruns (the fine-tune and align panels)."""
+    def fragment() -> None:
+        job = st.session_state.get(job_key)
+        if job is None:
+            return
+        draw(job)
+        if job.finished:
+            st.session_state[result_key] = job
+            del st.session_state[job_key]
+            st.rerun()
+
+    st.fragment(fragment, run_every=POLL_SECONDS if job_key in st.session_state else None)()
 
 
 def live_job_panel() -> None:

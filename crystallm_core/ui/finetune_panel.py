@@ -21,7 +21,7 @@ from crystallm_core.product.finetune_job import (
     start_finetune,
 )
 from crystallm_core.product.server_settings import allowed_model_source, server_settings
-from crystallm_core.ui.components import POLL_SECONDS, format_seconds, get_model
+from crystallm_core.ui.components import format_seconds, get_model, polled_job_panel
 
 NONE = "(none)"
 UPLOAD, SERVER = "Upload a table", "A file or folder on the server"
@@ -120,14 +120,10 @@ def queue_finetune(path: Path, upload: bytes | None, columns: ColumnMap, labels:
 
 def progress_panel() -> None:
     """Progress bar with loss and ETA, and Cancel; polls while the job runs."""
-    job = st.session_state.get("finetune_job")
-    st.fragment(job_fragment, run_every=POLL_SECONDS if job is not None else None)()
+    polled_job_panel("finetune_job", "finetune_result", draw_progress)
 
 
-def job_fragment() -> None:
-    job: FineTuneJob | None = st.session_state.get("finetune_job")
-    if job is None:
-        return
+def draw_progress(job: FineTuneJob) -> None:
     progress = job.progress()
     if progress.status == "queued":
         st.info(f"Waiting for the CPU: position {progress.position} in the queue (others are generating).")
@@ -138,10 +134,6 @@ def job_fragment() -> None:
     st.progress(progress.fraction, text=f"step {progress.step}/{progress.max_steps or '?'} · {loss}{val} · "
                                         f"elapsed {format_seconds(progress.elapsed)} · ETA {format_seconds(progress.eta)}")
     st.button("Cancel", key="cancel_finetune", on_click=job.cancel, help="Stop now; nothing is written.")
-    if job.finished:
-        st.session_state["finetune_result"] = job
-        del st.session_state["finetune_job"]
-        st.rerun()
 
 
 def result_view(job: FineTuneJob) -> None:
@@ -163,9 +155,14 @@ def result_view(job: FineTuneJob) -> None:
     cols[2].metric("Training time", format_seconds(result.seconds))
     st.write(f"Model written to `{result.model_dir}` (model card inside; best at step {result.best_step} of "
              f"{result.steps}).")
-    if st.button("Use this model", type="primary", key="use_finetuned"):
+    use_model_button(result.model_dir, "use_finetuned")
+
+
+def use_model_button(model_dir: Path, key: str) -> None:
+    """"Use this model": load a model the server wrote and make it the session's model."""
+    if st.button("Use this model", type="primary", key=key):
         try:
-            source = allowed_model_source(str(result.model_dir))
+            source = allowed_model_source(str(model_dir))
             get_model(source)
         except ValueError as error:
             st.error(f"The model could not be loaded: {error}")
