@@ -101,6 +101,9 @@ def test_a_tiny_run_learns_checkpoints_and_resumes(tmp_path):
     assert first == tmp_path / "run" / "round_000" / "model"
     samples = pd.read_csv(tmp_path / "run" / "round_000" / "samples.csv")
     assert len(samples) == 2 and "reward" in samples
+    relabelled = pd.read_csv(tmp_path / "run" / "round_000" / "relabelled.csv.gz")  # for prepare-data --align-runs
+    usable = int((samples["valid"].astype(bool) & samples["unique"].astype("boolean").fillna(False)).sum())
+    assert len(relabelled) == usable + report["relaxed_n"]
     second = align(tmp_path / "run", settings=AlignSettings(rounds=2, **tiny))  # resumes at round 1
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert [r["round"] for r in state["rounds"]] == [0, 1] and second.parent.name == "round_001"

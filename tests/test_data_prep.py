@@ -176,3 +176,25 @@ def test_conversion_shows_a_progress_bar_on_stderr(capsys):
     assert data_prep.process_rows(rows, lambda records: ({"n": i} for i, _ in enumerate(records))) == [
         {"n": 0}, {"n": 1}, {"n": 2}]
     assert "converting CIFs: 100%" in capsys.readouterr().err
+
+
+def test_align_runs_relabelled_samples_join_the_train_split_only(prepared, tmp_path):
+    root, _ = prepared
+    from crystallm_core.chem.data.splits import split_of
+    structures = list(all_prototypes().values())
+    for structure in structures:  # not duplicates of the fake Materials Project rows
+        structure.scale_lattice(structure.volume * 1.3)
+    formulas = [s.composition.reduced_formula for s in structures]
+    round_dir = tmp_path / "run" / "round_000"
+    round_dir.mkdir(parents=True)
+    pd.DataFrame({"id": [f"run-r0-{i}" for i in range(len(structures))], "formula": formulas,
+                  "cif": [cif(s) for s in structures], "band_gap": 1.25, "e_hull": 0.75, "e_form": -1.0,
+                  "signal": "hindsight"}).to_csv(round_dir / data_prep.RELABELLED_FILE, index=False)
+    out = tmp_path / "out"
+    assert data_prep.main(["--data-dir", str(root), "--out", str(out), "--workers", "1",
+                           "--align-runs", str(tmp_path / "run")]) == 0
+    table = pd.read_parquet(out / "dataset.parquet")
+    aligned = table[table["source"] == "align"]
+    in_train = {f for f in formulas if split_of(f) == "train"}
+    assert len(aligned) and set(aligned["split"]) == {"train"} and set(aligned["reduced_formula"]) <= in_train
+    assert aligned["e_hull"].eq(0.75).all() and aligned["band_gap"].eq(1.25).all()  # the readings are the labels

@@ -38,7 +38,7 @@ from pymatgen.core import Composition
 from tqdm import tqdm
 
 from crystallm_core.chem.cif.cif_format import structure_to_model_cif, training_text
-from crystallm_core.chem.data.data_prep import RowProcessor, load_sources
+from crystallm_core.chem.data.data_prep import RELABELLED_FILE, RowProcessor, load_sources
 from crystallm_core.chem.data.splits import split_of
 from crystallm_core.chem.judges.metrics import MetricSettings, summarise
 from crystallm_core.chem.judges.reward import RewardSettings, reached_targets, reward
@@ -249,6 +249,23 @@ def round_examples(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None], re
                 if ids is not None and hull is not None:
                     examples.append(Example(ids, gap, hull, "relaxed"))
     return examples
+
+
+def relabelled_table(frame: pd.DataFrame, candidates, relaxed: list[dict], prefix: str) -> pd.DataFrame:
+    """The round's usable samples and valid relaxed structures as CIFs with the readings they
+    reached, for the next pre-training run (`prepare-data --align-runs`)."""
+    rows = []
+    for i in frame.index[usable_rows(frame)]:
+        gap, hull = reached_targets(frame.loc[i].to_dict())
+        rows.append({"id": f"{prefix}-{i}", "formula": frame.at[i, "formula"], "cif": candidates[i].cif,
+                     "band_gap": gap, "e_hull": hull, "e_form": frame.at[i, "e_form_pred"], "signal": "hindsight"})
+    for result in relaxed:
+        if result.get("valid"):
+            gap, hull = reached_targets(result)
+            rows.append({"id": f"{prefix}-{result['index']}-relaxed", "formula": frame.at[result["index"], "formula"],
+                         "cif": result["structure"].to(fmt="cif"), "band_gap": gap, "e_hull": hull,
+                         "e_form": result.get("e_form_pred"), "signal": "relaxed"})
+    return pd.DataFrame(rows, columns=["id", "formula", "cif", "band_gap", "e_hull", "e_form", "signal"])
 
 
 def preference_pairs(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None],
@@ -465,6 +482,8 @@ def align(out: Path, base: str | Path | None = None, settings: AlignSettings | N
         round_dir = out / f"round_{r:03d}"
         round_dir.mkdir(exist_ok=True)
         frame.drop(columns=["reason", "notes"], errors="ignore").to_csv(round_dir / "samples.csv", index=False)
+        relabelled_table(frame, run.candidates, relaxed, f"{out.name}-r{r}").to_csv(round_dir / RELABELLED_FILE,
+                                                                                    index=False)
         if vun < state["first_vun"] - settings.max_vun_drop:
             state["stopped"] = (f"collapse guard: valid∧unique∧novel {vun:.1%} (last {settings.guard_window} rounds) "
                                 f"fell more than {settings.max_vun_drop:.0%} below the first round's "

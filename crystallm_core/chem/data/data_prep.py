@@ -9,6 +9,8 @@ Sources (see the data README), in order of trust; a later source never overrides
   extra   LeMaterial's sample of MP, Alexandria, OQMD and JARVIS (extra/lemat_genbench_baseline):
           no labels, trained as "both properties unknown" (the unconditional path); cells too
           long for the context are dropped like any other
+  align   (with --align-runs) the judged samples of reward fine-tuning runs, labelled with the
+          readings they reached (CHGNet E_hull, the gap head's gap); train-split formulas only
 Duplicates are dropped by id and by a cheap structure key (reduced formula, space group, volume
 per atom to 0.1 Å³), keeping the earlier source. Splits come from `splits.split_of` (by reduced
 formula). Every structure becomes the model's CIF (`cif_format`) and token ids; a structure
@@ -56,7 +58,9 @@ from crystallm_core.lm.conditions import (
 from crystallm_core.lm.tokenizer import get_tokenizer
 from crystallm_core.paths import cache_dir, data_dir
 
-SOURCES = ("mp20", "mpts52", "wbm", "extra")
+SOURCES = ("mp20", "mpts52", "wbm", "extra", "align")
+OPTIONAL_SOURCES = ("extra", "align")
+RELABELLED_FILE = "relabelled.csv.gz"  # what each `align` round writes: its judged samples with their readings
 EXTRA_FILE = "extra/lemat_genbench_baseline.csv.gz"
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 LABELS_FILE = "labels/mp20_hulls_mace_above_hull_dataset.parquet"
@@ -73,6 +77,7 @@ class PrepConfig:
     workers: int = 2
     max_tokens: int = 1024
     volume_decimals: int = 1  # Å³/atom rounding of the duplicate key
+    align_runs: tuple[Path, ...] = ()  # reward fine-tuning runs whose relabelled samples join (train split only)
 
 
 # ---- reading the raw sources ---------------------------------------------------------------
@@ -83,7 +88,20 @@ def read_csvs(folder: Path) -> pd.DataFrame:
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
 
 
-def load_sources(data_dir: Path) -> pd.DataFrame:
+def relabelled_rows(runs: tuple[Path, ...]) -> pd.DataFrame:
+    """The judged samples of `align` runs (each round's RELABELLED_FILE), labelled with the
+    readings they reached (CHGNet E_hull, the gap head's gap), train-split formulas only: the
+    validation and test splits stay real Materials Project structures."""
+    files = [f for run in runs for f in sorted(Path(run).glob(f"round_*/{RELABELLED_FILE}"))]
+    if not files:
+        return pd.DataFrame(columns=["id", "source", "cif", "band_gap", "e_hull", "e_form"])
+    table = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    table = table[[split_of(str(formula)) == "train" for formula in table["formula"]]]
+    return pd.DataFrame({"id": "align-" + table["id"].astype(str), "source": "align", "cif": table["cif"],
+                         "band_gap": table["band_gap"], "e_hull": table["e_hull"], "e_form": table["e_form"]})
+
+
+def load_sources(data_dir: Path, align_runs: tuple[Path, ...] = ()) -> pd.DataFrame:
     """All raw rows as one table (ROW_COLUMNS), duplicate ids removed (earlier source wins)."""
     mp20 = read_csvs(data_dir / "mp20")
     mp20 = pd.DataFrame({"id": mp20["material_id"], "source": "mp20", "cif": mp20["cif"],
@@ -105,6 +123,8 @@ def load_sources(data_dir: Path) -> pd.DataFrame:
         parts.append(pd.DataFrame({"id": "extra-" + extra["source"].astype(str) + "-" + extra["id"].astype(str),
                                    "source": "extra", "cif": extra["cif"], "band_gap": np.nan, "e_hull": np.nan,
                                    "e_form": np.nan}))
+    if align_runs:
+        parts.append(relabelled_rows(align_runs))
     rows = pd.concat(parts, ignore_index=True)
     return rows.drop_duplicates("id", keep="first").reset_index(drop=True)
 
@@ -322,7 +342,7 @@ def prepare(config: PrepConfig) -> dict:
     start = time.time()
     if not (config.data_dir / "mp20").is_dir():
         raise ValueError(f"data directory {config.data_dir} has no mp20/ folder (use --data-dir)")
-    rows = load_sources(config.data_dir)
+    rows = load_sources(config.data_dir, config.align_runs)
     if config.limit:
         rows = sample_per_source(rows, config.limit, config.seed)
     print(f"read {len(rows)} rows: {rows['source'].value_counts().to_dict()}", flush=True)
@@ -330,7 +350,7 @@ def prepare(config: PrepConfig) -> dict:
     print(f"hull reference: {len(hull.table)} phases ({time.time() - start:.0f} s)", flush=True)
     results: list[dict] = []
     with row_mapper(RowProcessor(hull, config.max_tokens), config.workers) as map_rows:
-        present = [source for source in SOURCES if (rows["source"] == source).any() or source != "extra"]
+        present = [source for source in SOURCES if (rows["source"] == source).any() or source not in OPTIONAL_SOURCES]
         for n, source in enumerate(present, 1):
             print(f"{source}: converting {(rows['source'] == source).sum()} rows", flush=True)
             results += process_rows(rows[rows["source"] == source], map_rows)
@@ -348,13 +368,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most N random rows per source (quick runs)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed (and --limit sample seed)")
     parser.add_argument("--workers", type=int, default=2, help="conversion processes")
+    parser.add_argument("--align-runs", type=Path, nargs="*", default=[],
+                        help="reward fine-tuning run folders whose relabelled samples join the training split")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--workers and --limit must be ≥ 1")
     config = PrepConfig(data_dir=args.data_dir or data_dir(), out=args.out or cache_dir(),
-                        limit=args.limit, seed=args.seed, workers=args.workers)
+                        limit=args.limit, seed=args.seed, workers=args.workers, align_runs=tuple(args.align_runs))
     summary = prepare(config)
     print(json.dumps(summary, indent=2))
     print(f"wrote dataset.parquet, splits.csv, tokens.npz, rejected.csv, summary.json to {config.out}")
