@@ -32,6 +32,7 @@ def judged_frame():
         "band_gap_target": [3.72, 3.72, 3.72], "e_hull_target": [0.0, 0.0, 0.0],
         "band_gap_pred": [3.1, 0.0, None], "band_gap_std": [0.3, 0.2, None], "p_metal": [0.1, 0.9, None],
         "e_hull_pred": [0.05, 1.7, None], "reward": [0.8, 0.05, 0.0],
+        "formula": ["TiO2", "NaCl", None], "space_group": ["P4_2/mnm", "Fm-3m", None],
     })
     candidates = [SimpleNamespace(structure=rutile_tio2()), SimpleNamespace(structure=rocksalt_nacl()),
                   SimpleNamespace(structure=None)]
@@ -55,16 +56,18 @@ def test_each_signal_makes_its_examples():
     assert round_examples(frame, tokens, relaxed, get_tokenizer(), off, 1024) == []
 
 
-def test_rejection_rewards_each_kind_once_per_run():
+def test_each_signal_teaches_a_kind_once_per_run():
     frame, candidates = judged_frame()
-    frame["formula"], frame["space_group"] = ["TiO2", "NaCl", None], ["P4_2/mnm", "Fm-3m", None]
     tokens = encoded_samples(frame, candidates, get_tokenizer(), 1024)
     only_rejection = AlignSettings(keep_best=0.5, min_reward=0.3,
                                    signals=AlignSignals(hindsight=False, relaxed_teachers=False))
     taught: set[str] = set()
     first = round_examples(frame, tokens, [], get_tokenizer(), only_rejection, 1024, taught)
-    assert len(first) == 1 and taught == {"TiO2|P4_2/mnm"}
+    assert len(first) == 1 and taught == {"rejection:TiO2|P4_2/mnm"}
     assert round_examples(frame, tokens, [], get_tokenizer(), only_rejection, 1024, taught) == []  # already taught
+    hindsight = AlignSettings(signals=AlignSignals(rejection=False, relaxed_teachers=False))
+    assert len(round_examples(frame, tokens, [], get_tokenizer(), hindsight, 1024, taught)) == 2
+    assert round_examples(frame, tokens, [], get_tokenizer(), hindsight, 1024, taught) == []
 
 
 def test_preference_pairs_best_against_worst_of_a_cell():
@@ -124,7 +127,6 @@ def test_a_target_region_is_its_own_grid_and_required_elements_gate_the_reward()
     with pytest.raises(ValueError):
         region_grid(3.0, 2.0, 0.0)
     frame, _ = judged_frame()
-    frame["formula"] = ["TiO2", "NaCl", None]
     rewards = add_rewards(frame, AlignSettings(required_elements=["O"]))["reward"].tolist()
     assert rewards[0] > 0 and rewards[1] == 0 and rewards[2] == 0  # NaCl holds no O; no formula earns nothing
 
