@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from crystallm_core.chem.judges.metrics import MetricSettings, summarise  # noqa: E402
 from crystallm_core.lm.checkpoints import inference_dtype, load_model, resolve_model_dir  # noqa: E402
 from crystallm_core.lm.sampler import SamplingSettings  # noqa: E402
-from crystallm_core.product.align import PAPER_BAND_GAPS, ensemble_gap, spearman  # noqa: E402
+from crystallm_core.product.align_report import ensemble_gap, spearman  # noqa: E402
+from crystallm_core.product.align_settings import PAPER_BAND_GAPS  # noqa: E402
 from crystallm_core.product.evaluate import evaluate_run  # noqa: E402
 from crystallm_core.product.generation import GenerationRequest, generate  # noqa: E402
 

@@ -11,19 +11,10 @@ from prototypes import rocksalt_nacl, rutile_tio2
 
 from crystallm_core.lm.checkpoints import load_model_weights
 from crystallm_core.lm.tokenizer import get_tokenizer
-from crystallm_core.product.align import (
-    AlignSettings,
-    AlignSignals,
-    add_rewards,
-    align,
-    encoded_samples,
-    pooled_vun,
-    preference_pairs,
-    region_grid,
-    round_cells,
-    round_examples,
-    target_cells,
-)
+from crystallm_core.product.align import add_rewards, align
+from crystallm_core.product.align_examples import encoded_samples, preference_pairs, round_examples
+from crystallm_core.product.align_report import pooled_vun
+from crystallm_core.product.align_settings import AlignSettings, AlignSignals, region_grid, round_cells, target_cells
 
 
 def judged_frame():

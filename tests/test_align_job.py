@@ -13,7 +13,7 @@ from crystallm_core.lm.checkpoints import load_model_weights, read_metadata, sav
 from crystallm_core.lm.model import CrystaLLMPKV
 from crystallm_core.paths import DEFAULT_MODEL_DIR
 from crystallm_core.product import align_job
-from crystallm_core.product.align import AlignSettings
+from crystallm_core.product.align_settings import AlignSettings
 from crystallm_core.product.align_job import AlignJob, TargetRegion, element_list, remaining_seconds, start_align
 from crystallm_core.product.jobs import GenerationQueue
 from crystallm_core.product.server_settings import allowed_model_source

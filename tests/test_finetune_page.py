@@ -143,7 +143,7 @@ def test_a_bad_region_gives_a_message(page_env, monkeypatch, key, value, message
 
 
 def test_a_finished_job_shows_its_reports_and_model(page_env, monkeypatch):
-    from crystallm_core.product.align import AlignSettings
+    from crystallm_core.product.align_settings import AlignSettings
     from crystallm_core.product.align_job import AlignJob, TargetRegion
 
     at = open_align_tab(page_env, monkeypatch)
@@ -164,7 +164,7 @@ def test_a_finished_job_shows_its_reports_and_model(page_env, monkeypatch):
 
 
 def test_a_running_job_shows_round_progress_and_cancels(page_env, monkeypatch):
-    from crystallm_core.product.align import AlignSettings
+    from crystallm_core.product.align_settings import AlignSettings
     from crystallm_core.product.align_job import AlignJob, TargetRegion
 
     at = open_align_tab(page_env, monkeypatch)

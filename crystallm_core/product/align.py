@@ -16,10 +16,12 @@ judgements teach (`AlignSignals`):
 Each round is written to DIR/round_NNN/ (the model, the samples' readings, the report) and
 DIR/state.json; a killed run resumes at the next round. When the valid∧unique∧novel rate of the
 last `guard_window` rounds pooled falls more than `max_vun_drop` below the first round's (the
-base model's), the run stops and the round's update is not taken (collapse guard). Rejection
-sampling rewards each (formula, space group) once per run, so it cannot keep reinforcing one
-structure.
+base model's), the run stops and the round's update is not taken (collapse guard). Each signal
+teaches a (formula, space group) once per run, so it cannot keep reinforcing one structure.
 Sampling seeds start at `seed` (default 1,000,000), far from the evaluation protocols' seeds.
+
+The settings and target cells live in `align_settings`, the examples each signal makes in
+`align_examples`, the round's numbers in `align_report`; this module runs the rounds.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import argparse
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -37,119 +39,30 @@ import torch
 from pymatgen.core import Composition
 from tqdm import tqdm
 
-from crystallm_core.chem.cif.cif_format import structure_to_model_cif, training_text
-from crystallm_core.chem.data.data_prep import RELABELLED_FILE, RowProcessor, load_sources
-from crystallm_core.chem.data.splits import split_of
-from crystallm_core.chem.judges.metrics import MetricSettings, summarise
-from crystallm_core.chem.judges.reward import RewardSettings, reached_targets, reward
+from crystallm_core.chem.data.data_prep import RELABELLED_FILE
+from crystallm_core.chem.judges.metrics import MetricSettings
+from crystallm_core.chem.judges.reward import reward
 from crystallm_core.chem.judges.scoring import StructureScorer
-from crystallm_core.chem.judges.surrogates.generated_gap import spearman as rank_correlation
 from crystallm_core.chem.judges.relaxation import relax_and_check_many
-from crystallm_core.chem.judges.stability import RelaxSettings
 from crystallm_core.lm.checkpoints import inference_dtype, load_model, load_model_weights, resolve_model_dir, save_model
 from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.packed_batch import PackedBatch
 from crystallm_core.lm.preference import PreferencePair, preference_step
 from crystallm_core.lm.sampler import SamplingSettings
 from crystallm_core.lm.training import TrainConfig, condition_dropout, make_optimizer, training_step
-from crystallm_core.paths import data_dir
+from crystallm_core.product.align_examples import (
+    Example,
+    encoded_samples,
+    known,
+    preference_pairs,
+    relabelled_table,
+    replay_pool,
+    round_examples,
+)
+from crystallm_core.product.align_report import pooled_vun, round_report
+from crystallm_core.product.align_settings import AlignSettings, AlignSignals, round_cells
 from crystallm_core.product.evaluate import score_candidates
 from crystallm_core.product.generation import GenerationRequest, generate
-
-PAPER_BAND_GAPS = (0.072, 0.180, 0.681, 1.547, 2.440, 3.720, 6.776, 12.145)  # eV
-E_HULL_TARGETS = (0.0, 0.1, 0.25, 0.5)  # eV/atom
-
-
-@dataclass
-class AlignSignals:
-    """Which learning signals a round uses (each can be switched off for an ablation)."""
-
-    hindsight: bool = True
-    rejection: bool = True
-    relaxed_teachers: bool = True
-    replay: bool = True
-    preference: bool = False  # DPO on best-vs-worst pairs of a cell against the frozen base model (`--with`)
-
-
-@dataclass
-class AlignSettings:
-    rounds: int = 12
-    minutes: float | None = None  # stop starting new rounds after this long
-    cells_per_round: int = 12  # target cells (band gap × E_hull, "unknown" included) sampled each round
-    samples_per_cell: int = 8
-    relax_per_round: int = 8  # valid samples relaxed (a random share: an unbiased relaxed E_hull too)
-    relax: RelaxSettings = field(default_factory=lambda: RelaxSettings(max_steps=60, max_seconds=20.0))
-    pairs_per_cell: int = 2  # preference pairs: the i-th best against the i-th worst of a cell …
-    min_reward_gap: float = 0.2  # … when their rewards differ by at least this
-    dpo_beta: float = 0.1  # DPO's β: how far from the base model the preferences may pull
-    keep_best: float = 0.25  # rejection sampling keeps this fraction of each cell, best reward first
-    min_reward: float = 0.3  # … and only samples at least this good
-    replay_per_round: int = 32
-    free_samples: int = 8  # free-decoding validity, reported each round
-    learning_rate: float = 5e-5
-    batch_size: int = 8
-    condition_dropout: float = 0.15
-    temperature: float = 0.7
-    max_vun_drop: float = 0.05
-    guard_window: int = 2  # rounds pooled for the collapse guard
-    seed: int = 1_000_000
-    signals: AlignSignals = field(default_factory=AlignSignals)
-    reward: RewardSettings = field(default_factory=RewardSettings)
-    # A user's own target region (the Fine-tune page): the cells to cycle through instead of both
-    # sliders' whole grid, the elements the sampler may write, and elements a sample must contain
-    # to earn any reward (say, O for oxides).
-    grid: list[tuple[float | None, float | None]] | None = None
-    elements: list[str] | None = None
-    required_elements: list[str] | None = None
-
-    def validate(self) -> None:
-        if self.rounds < 1 or self.cells_per_round < 1 or self.samples_per_cell < 1:
-            raise ValueError("rounds, cells per round and samples per cell must be at least 1")
-        if not 0 < self.learning_rate < 1 or self.batch_size < 1:
-            raise ValueError("learning rate must lie in (0, 1) and the batch size be at least 1")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError("--minutes must be > 0")
-        if self.grid is not None and not self.grid:
-            raise ValueError("the target region holds no target")
-
-
-@dataclass
-class Example:
-    """One training sequence with the targets it teaches (None = unknown) and where it came from."""
-
-    tokens: np.ndarray
-    band_gap: float | None
-    e_hull: float | None
-    signal: str
-
-
-def target_cells(band_gaps=PAPER_BAND_GAPS, e_hulls=E_HULL_TARGETS) -> list[tuple[float | None, float | None]]:
-    """Every (band gap, E_hull) pair, "unknown" (None) included for each slider."""
-    return [(g, e) for g in (*band_gaps, None) for e in (*e_hulls, None)]
-
-
-def region_grid(gap_low: float, gap_high: float, e_hull: float | None, n_gaps: int = 3) -> list[tuple[float, float | None]]:
-    """A target region as cells: `n_gaps` band gaps spread over [gap_low, gap_high] at one E_hull."""
-    if not 0 <= gap_low <= gap_high:
-        raise ValueError(f"the band-gap range must be 0 ≤ low ≤ high, got {gap_low}–{gap_high} eV")
-    gaps = np.linspace(gap_low, gap_high, n_gaps if gap_high > gap_low else 1)
-    return [(round(float(g), 3), e_hull) for g in gaps]
-
-
-def round_cells(settings: AlignSettings, round_index: int) -> list[tuple[float | None, float | None]]:
-    """This round's cells: a seeded draw without replacement, so the rounds cycle through the grid."""
-    cells = [tuple(cell) for cell in settings.grid] if settings.grid else target_cells()
-    rng = np.random.default_rng([settings.seed, round_index])
-    return [cells[i] for i in rng.permutation(len(cells))[: settings.cells_per_round]]
-
-
-def encode_structure(tokenizer, structure, max_tokens: int) -> np.ndarray | None:
-    """The canonical training text of a structure as token ids (None if it does not fit)."""
-    try:
-        ids = tokenizer.encode(training_text(structure_to_model_cif(structure)))
-    except Exception:  # a structure the format cannot hold: not an example
-        return None
-    return np.asarray(ids, dtype=np.int64) if len(ids) <= max_tokens else None
 
 
 # ---- one round ---------------------------------------------------------------------------
@@ -205,102 +118,6 @@ def relax_share(frame: pd.DataFrame, candidates, scorer: StructureScorer, settin
     return results
 
 
-def structure_kind(row: pd.Series) -> str:
-    """(reduced formula, space group) of a judged sample, as one string (kept in the run's state)."""
-    return f"{row.get('formula')}|{row.get('space_group')}"
-
-
-def usable_rows(frame: pd.DataFrame) -> pd.Series:
-    """Valid samples, first of their kind within the round: the ones worth learning from."""
-    return frame["valid"].astype(bool) & frame["unique"].fillna(False).astype(bool)
-
-
-def encoded_samples(frame: pd.DataFrame, candidates, tokenizer, max_tokens: int) -> dict[int, np.ndarray | None]:
-    """Canonical token ids of each usable sample (None where it does not fit the context)."""
-    return {i: encode_structure(tokenizer, candidates[i].structure, max_tokens) for i in frame.index[usable_rows(frame)]}
-
-
-def relaxed_kind(structure) -> str:
-    """(reduced formula, space group) of a relaxed structure, as `structure_kind` writes it."""
-    try:
-        symbol = structure.get_space_group_info(symprec=0.1)[0]
-    except Exception:  # spglib gave up: the formula alone
-        symbol = "?"
-    return f"{structure.composition.reduced_formula}|{symbol}"
-
-
-def round_examples(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None], relaxed: list[dict], tokenizer,
-                   settings: AlignSettings, max_tokens: int, taught: set[str] | None = None) -> list[Example]:
-    """The round's judged samples as training examples, by the signals switched on. Each signal
-    teaches a (formula, space group) once per run: `taught` holds what earlier rounds taught and
-    gains this round's. Teaching the model the same structure round after round is how
-    self-training collapses onto a few easy families (a first run's uniqueness fell from 100 %
-    to 83 % in five rounds, onto A2BF6 fluorides)."""
-    taught = set() if taught is None else taught
-
-    def first_time(signal: str, kind: str) -> bool:
-        key = f"{signal}:{kind}"
-        new = key not in taught
-        taught.add(key)
-        return new
-
-    signals, examples = settings.signals, []
-    usable = usable_rows(frame)
-    if signals.hindsight:
-        for i, ids in tokens.items():
-            gap, hull = reached_targets(frame.loc[i].to_dict())
-            if ids is not None and (gap is not None or hull is not None) and first_time("hindsight", structure_kind(frame.loc[i])):
-                examples.append(Example(ids, gap, hull, "hindsight"))
-    if signals.rejection:
-        for _, cell in frame[usable].groupby(["band_gap_target", "e_hull_target"], dropna=False):
-            keep = max(1, int(round(settings.keep_best * len(cell))))
-            for i in cell.sort_values("reward", ascending=False).index[:keep]:
-                if frame.at[i, "reward"] >= settings.min_reward and tokens[i] is not None and first_time("rejection", structure_kind(frame.loc[i])):
-                    examples.append(Example(tokens[i], known(frame.at[i, "band_gap_target"]),
-                                            known(frame.at[i, "e_hull_target"]), "rejection"))
-    if signals.relaxed_teachers:
-        for result in relaxed:
-            if result.get("valid"):
-                ids = encode_structure(tokenizer, result["structure"], max_tokens)
-                gap, hull = reached_targets(result)
-                if ids is not None and hull is not None and first_time("relaxed", relaxed_kind(result["structure"])):
-                    examples.append(Example(ids, gap, hull, "relaxed"))
-    return examples
-
-
-def relabelled_table(frame: pd.DataFrame, candidates, relaxed: list[dict], prefix: str) -> pd.DataFrame:
-    """The round's usable samples and valid relaxed structures as CIFs with the readings they
-    reached, for the next pre-training run (`prepare-data --align-runs`)."""
-    rows = []
-    for i in frame.index[usable_rows(frame)]:
-        gap, hull = reached_targets(frame.loc[i].to_dict())
-        rows.append({"id": f"{prefix}-{i}", "formula": frame.at[i, "formula"], "cif": candidates[i].cif,
-                     "band_gap": gap, "e_hull": hull, "e_form": frame.at[i, "e_form_pred"], "signal": "hindsight"})
-    for result in relaxed:
-        if result.get("valid"):
-            gap, hull = reached_targets(result)
-            rows.append({"id": f"{prefix}-{result['index']}-relaxed", "formula": frame.at[result["index"], "formula"],
-                         "cif": result["structure"].to(fmt="cif"), "band_gap": gap, "e_hull": hull,
-                         "e_form": result.get("e_form_pred"), "signal": "relaxed"})
-    return pd.DataFrame(rows, columns=["id", "formula", "cif", "band_gap", "e_hull", "e_form", "signal"])
-
-
-def preference_pairs(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None],
-                     settings: AlignSettings) -> list[PreferencePair]:
-    """Per target cell (one prompt), the i-th best usable sample against the i-th worst, for
-    pairs whose rewards differ by at least `min_reward_gap`, conditioned on the cell's targets."""
-    pairs = []
-    for _, cell in frame[usable_rows(frame)].groupby(["band_gap_target", "e_hull_target"], dropna=False):
-        ranked = [i for i in cell.sort_values("reward", ascending=False).index if tokens.get(i) is not None]
-        vector, present = condition_vector(known(cell["band_gap_target"].iloc[0]), known(cell["e_hull_target"].iloc[0]))
-        for k in range(min(settings.pairs_per_cell, len(ranked) // 2)):
-            best, worst = ranked[k], ranked[-1 - k]
-            if frame.at[best, "reward"] - frame.at[worst, "reward"] >= settings.min_reward_gap:
-                pairs.append(PreferencePair(tokens[best], tokens[worst], np.asarray(vector, np.float32),
-                                            np.asarray(present, bool)))
-    return pairs
-
-
 def preference_round(model, reference, optimizer, pairs: list[PreferencePair], settings: AlignSettings,
                      round_index: int) -> dict:
     """DPO steps over the round's pairs in seeded order (half a batch of pairs: a full batch of rows)."""
@@ -331,86 +148,6 @@ def fine_tune_round(model, optimizer, examples: list[Example], settings: AlignSe
         losses.append(training_step(model, optimizer, condition_dropout(batch, settings.condition_dropout), cfg,
                                     torch.device("cpu")))
     return {"steps": len(losses), "loss": float(torch.stack(losses).mean()) if losses else None}
-
-
-# ---- replay of real training rows ----------------------------------------------------------
-def replay_pool(size: int, max_tokens: int, seed: int, source: Path | None = None) -> list[Example]:
-    """`size` labelled train-split rows of MP-20 as examples (empty when the data is absent)."""
-    folder = Path(source) if source else data_dir()
-    if size < 1 or not (folder / "mp20").is_dir():
-        return []
-    rows = load_sources(folder)
-    rows = rows[(rows["source"] == "mp20") & rows["band_gap"].notna()].sample(frac=1.0, random_state=seed)
-    process = RowProcessor(None, max_tokens)
-    pool = []
-    for row in rows.head(3 * size).to_dict("records"):
-        result = process(row)
-        if result["reason"] is None and split_of(result["reduced_formula"]) == "train":
-            pool.append(Example(result["tokens"].astype(np.int64), float(row["band_gap"]), float(row["e_hull"]), "replay"))
-        if len(pool) == size:
-            break
-    return pool
-
-
-# ---- the report ----------------------------------------------------------------------------
-def known(value) -> float | None:
-    """A table cell as a target: None where it is missing ("unknown")."""
-    return None if pd.isna(value) else float(value)
-
-
-def spearman(x, y) -> float | None:
-    """Rank correlation over the rows where both are known (None with fewer than 5 or a constant x)."""
-    x, y = pd.Series(x, dtype=float), pd.Series(y, dtype=float)
-    keep = x.notna() & y.notna()
-    if keep.sum() < 5 or x[keep].nunique() < 2:
-        return None
-    return rank_correlation(x[keep].to_numpy(), y[keep].to_numpy())
-
-
-def median_or_none(values) -> float | None:
-    values = pd.Series(values, dtype=float).dropna()
-    return float(values.median()) if len(values) else None
-
-
-def ensemble_gap(frame: pd.DataFrame) -> pd.Series:
-    """The graph ensemble's band gap (mean of the GNN and LightGBM readings present)."""
-    columns = [c for c in ("band_gap_gnn", "band_gap_gbm") if c in frame]
-    return frame[columns].astype(float).mean(axis=1) if columns else pd.Series(np.nan, index=frame.index)
-
-
-def pooled_vun(rounds: list[dict], window: int) -> float:
-    """valid∧unique∧novel over the last `window` rounds' samples together (one round of 64–96 is
-    too noisy to judge a 5-point fall: a binomial SE of about 3 points)."""
-    recent = rounds[-window:]
-    return sum(r["valid_unique_novel"] * r["n"] for r in recent) / max(sum(r["n"] for r in recent), 1)
-
-
-def round_report(frame: pd.DataFrame, relaxed: list[dict], examples: list[Example], free_valid: float | None) -> dict:
-    """Rates over all samples (stable, VSUN, hit, uniqueness, novelty) and the sliders' response."""
-    rates = summarise(frame)
-    valid = frame[frame["valid"].astype(bool)]
-    with_gap = valid[valid["band_gap_target"].notna()]
-    return {
-        "n": int(len(frame)), **{k: round(v, 4) for k, v in rates.items() if k not in ("n", "mean_abs_error")},
-        "unique_of_valid": round(float(valid["unique"].fillna(False).astype(bool).mean()), 4) if len(valid) else None,
-        "novel_of_valid": round(float(valid["novel"].fillna(False).astype(bool).mean()), 4) if len(valid) else None,
-        "median_e_hull": median_or_none(valid["e_hull_pred"]),
-        "median_e_hull_at_0": median_or_none(valid.loc[valid["e_hull_target"] == 0.0, "e_hull_pred"]),
-        "median_e_hull_at_0.5": median_or_none(valid.loc[valid["e_hull_target"] == 0.5, "e_hull_pred"]),
-        "e_hull_spearman": spearman(valid["e_hull_target"], valid["e_hull_pred"]),
-        "band_gap_spearman": spearman(with_gap["band_gap_target"], with_gap["band_gap_pred"]),
-        # the graph ensemble (GNN + LightGBM) beside the head: a gain only the head sees is suspect
-        "band_gap_spearman_ensemble": spearman(with_gap["band_gap_target"], ensemble_gap(with_gap)),
-        "mean_reward": round(float(frame["reward"].mean()), 4),
-        "relaxed_n": sum(1 for r in relaxed if r.get("valid")),
-        "relax_failures": [r.get("error") for r in relaxed if not r.get("valid")][:3],
-        "median_e_hull_relaxed": median_or_none([r.get("e_hull_pred") for r in relaxed if r.get("valid")]),
-        "median_e_hull_static_of_relaxed": median_or_none([r.get("e_hull_static") for r in relaxed if r.get("valid")]),
-        "median_gap_relaxed": median_or_none([r.get("band_gap_pred") for r in relaxed if r.get("valid")]),
-        "free_decoding_valid": free_valid,
-        "examples": {signal: sum(e.signal == signal for e in examples)
-                     for signal in ("hindsight", "rejection", "relaxed", "replay")},
-    }
 
 
 # ---- the loop ------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pymatgen.core import Element
 
-from crystallm_core.product.align import AlignSettings, align, region_grid
+from crystallm_core.product.align import align
+from crystallm_core.product.align_settings import AlignSettings, region_grid
 from crystallm_core.product.finetune_job import new_model_dir
 from crystallm_core.product.jobs import GENERATION_QUEUE, GenerationQueue, QueuedJob
 from crystallm_core.product.service import check_server_capacity
