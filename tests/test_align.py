@@ -86,11 +86,13 @@ def test_rounds_cycle_through_the_target_grid():
 
 def test_a_tiny_run_learns_checkpoints_and_resumes(tmp_path):
     tiny = dict(cells_per_round=1, samples_per_cell=2, relax_per_round=1, replay_per_round=0, free_samples=1,
+                probe_samples=2,
                 min_reward_gap=0.0, signals=AlignSignals(preference=True))
     first = align(tmp_path / "run", settings=AlignSettings(rounds=1, **tiny))
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     report = state["rounds"][0]
     assert report["accepted"] and report["n"] == 2 and 0 <= report["valid"] <= 1
+    assert report["probe_n"] == 2 and 0 <= report["probe_valid_unique_novel"] <= 1  # the collapse guard's probe
     assert report["training"]["steps"] >= 1 or sum(report["examples"].values()) == 0
     assert first == tmp_path / "run" / "round_000" / "model"
     samples = pd.read_csv(tmp_path / "run" / "round_000" / "samples.csv")

@@ -96,13 +96,15 @@ def round_examples(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None], re
     if signals.hindsight:
         for i, ids in tokens.items():
             gap, hull = reached_targets(frame.loc[i].to_dict())
-            if ids is not None and (gap is not None or hull is not None) and first_time("hindsight", structure_kind(frame.loc[i])):
+            known_target = gap is not None or hull is not None
+            if ids is not None and known_target and first_time("hindsight", structure_kind(frame.loc[i])):
                 examples.append(Example(ids, gap, hull, "hindsight"))
     if signals.rejection:
         for _, cell in frame[usable].groupby(["band_gap_target", "e_hull_target"], dropna=False):
             keep = max(1, int(round(settings.keep_best * len(cell))))
             for i in cell.sort_values("reward", ascending=False).index[:keep]:
-                if frame.at[i, "reward"] >= settings.min_reward and tokens[i] is not None and first_time("rejection", structure_kind(frame.loc[i])):
+                good = frame.at[i, "reward"] >= settings.min_reward and tokens[i] is not None
+                if good and first_time("rejection", structure_kind(frame.loc[i])):
                     examples.append(Example(tokens[i], known(frame.at[i, "band_gap_target"]),
                                             known(frame.at[i, "e_hull_target"]), "rejection"))
     if signals.relaxed_teachers:
