@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("valid", "stable", "vsun", "valid_unique_novel", "unique_of_valid", "probe_unique_of_valid", "median_e_hull", "band_gap_spearman",
+COLUMNS = ("valid", "stable", "vsun", "valid_unique_novel", "unique_of_valid", "prototype_variety", "median_e_hull", "band_gap_spearman",
            "band_gap_spearman_ensemble", "median_e_hull_relaxed", "free_decoding_valid")
 RATES = ("valid", "stable", "vsun", "valid_unique_novel")
 

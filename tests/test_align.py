@@ -11,9 +11,9 @@ from prototypes import rocksalt_nacl, rutile_tio2
 
 from crystallm_core.lm.checkpoints import load_model_weights
 from crystallm_core.lm.tokenizer import get_tokenizer
-from crystallm_core.product.align import add_rewards, align
+from crystallm_core.product.align import add_rewards, align, collapse_reason
 from crystallm_core.product.align_examples import encoded_samples, preference_pairs, round_examples
-from crystallm_core.product.align_report import pooled_vun
+from crystallm_core.product.align_report import pooled_vun, prototype_variety
 from crystallm_core.product.align_settings import AlignSettings, AlignSignals, region_grid, round_cells, target_cells
 
 
@@ -86,13 +86,12 @@ def test_rounds_cycle_through_the_target_grid():
 
 def test_a_tiny_run_learns_checkpoints_and_resumes(tmp_path):
     tiny = dict(cells_per_round=1, samples_per_cell=2, relax_per_round=1, replay_per_round=0, free_samples=1,
-                probe_samples=2,
                 min_reward_gap=0.0, signals=AlignSignals(preference=True))
     first = align(tmp_path / "run", settings=AlignSettings(rounds=1, **tiny))
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     report = state["rounds"][0]
     assert report["accepted"] and report["n"] == 2 and 0 <= report["valid"] <= 1
-    assert report["probe_n"] == 2 and 0 <= report["probe_valid_unique_novel"] <= 1  # the collapse guard's probe
+    assert report["prototype_variety"] is None or 0 < report["prototype_variety"] <= 1
     assert report["training"]["steps"] >= 1 or sum(report["examples"].values()) == 0
     assert first == tmp_path / "run" / "round_000" / "model"
     samples = pd.read_csv(tmp_path / "run" / "round_000" / "samples.csv")
@@ -135,3 +134,14 @@ def test_a_stop_while_sampling_drops_the_round(tmp_path):
     final = align(tmp_path / "run", settings=settings, should_stop=stop_mid_sampling)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["rounds"] == [] and final == Path(state["base"]) and not (tmp_path / "run" / "round_000").exists()
+
+
+def test_the_guard_sees_a_collapse_onto_one_prototype_before_exact_repeats():
+    elpasolites = pd.DataFrame({"valid": [True] * 4 + [False], "space_group": ["Fm-3m"] * 4 + [None],
+                                "formula": ["Cs2NaF6", "K2NaF6", "Rb2LiF6", "TiO2", None]})
+    assert prototype_variety(elpasolites) == 0.5  # four formulas, two prototypes (AB2C6, AB2)
+    state = {"first_vun": 0.95, "first_variety": 0.62}
+    settings = AlignSettings()
+    assert collapse_reason(0.94, 0.54, state, settings) is None
+    assert "prototype variety" in collapse_reason(0.94, 0.39, state, settings)  # run A's round 2
+    assert "valid∧unique∧novel" in collapse_reason(0.85, 0.6, state, settings)

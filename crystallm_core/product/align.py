@@ -14,10 +14,11 @@ judgements teach (`AlignSignals`):
   labelled with its relaxed readings: the geometry the model should have written;
 - replay of real training rows, so the model does not drift from real crystals.
 Each round is written to DIR/round_NNN/ (the model, the samples' readings, the report) and
-DIR/state.json; a killed run resumes at the next round. When the valid∧unique∧novel rate of a
-probe (`probe_samples` at one prompt, the same seeds each round) falls more than `max_vun_drop`
-below the first round's (the base model's), the run stops and the round's update is not taken
-(collapse guard; without a probe it pools the last `guard_window` rounds' own samples). Each signal
+DIR/state.json; a killed run resumes at the next round. The collapse guard stops the run, and
+does not take the round's update, when the valid∧unique∧novel rate of the last `guard_window`
+rounds falls more than `max_vun_drop` below the first round's (the base model's), or when the
+round's prototype variety (distinct anonymous formula + space group per valid sample) falls
+below `min_variety_ratio` of the first round's: lost variety comes long before exact repeats. Each signal
 teaches a (formula, space group) once per run, so it cannot keep reinforcing one structure.
 Sampling seeds start at `seed` (default 1,000,000), far from the evaluation protocols' seeds.
 
@@ -41,7 +42,7 @@ from pymatgen.core import Composition
 from tqdm import tqdm
 
 from crystallm_core.chem.data.data_prep import RELABELLED_FILE
-from crystallm_core.chem.judges.metrics import MetricSettings, summarise
+from crystallm_core.chem.judges.metrics import MetricSettings
 from crystallm_core.chem.judges.reward import reward
 from crystallm_core.chem.judges.scoring import StructureScorer
 from crystallm_core.chem.judges.relaxation import relax_and_check_many
@@ -91,22 +92,6 @@ def free_validity(loaded, settings: AlignSettings, round_index: int) -> float | 
                                                           decoding="free"))
     run = generate(loaded, request)
     return run.n_valid / len(run.candidates)
-
-
-def collapse_probe(loaded, scorer: StructureScorer, settings: AlignSettings) -> dict | None:
-    """valid∧unique∧novel and uniqueness of `probe_samples` samples at one prompt, with the same
-    seeds every round (so a change is the model's), at the paper's sampling; None without a probe."""
-    if settings.probe_samples < 1:
-        return None
-    request = GenerationRequest(band_gap=1.547, e_hull=0.0, n=settings.probe_samples, seed=settings.seed - 1,
-                                settings=SamplingSettings(temperature=0.7, top_k=30, top_p=0.95, decoding="constrained"))
-    run = generate(loaded, request)
-    score_candidates(run.candidates, scorer)
-    frame = run.to_frame(MetricSettings())
-    valid = frame[frame["valid"].astype(bool)]
-    return {"probe_n": len(frame), "probe_valid_unique_novel": round(summarise(frame)["valid_unique_novel"], 4),
-            "probe_unique_of_valid": round(float(valid["unique"].fillna(False).astype(bool).mean()), 4)
-            if len(valid) else None}
 
 
 def relax_share(frame: pd.DataFrame, candidates, scorer: StructureScorer, settings: AlignSettings,
@@ -187,6 +172,19 @@ def add_rewards(frame: pd.DataFrame, settings: AlignSettings) -> pd.DataFrame:
     return frame
 
 
+def collapse_reason(vun: float, variety: float | None, state: dict, settings: AlignSettings) -> str | None:
+    """Why the run must stop (None: it may go on): valid∧unique∧novel of the last rounds more than
+    `max_vun_drop` below the first round's, or prototype variety below `min_variety_ratio` of it."""
+    if vun < state["first_vun"] - settings.max_vun_drop:
+        return (f"valid∧unique∧novel {vun:.1%} (last {settings.guard_window} rounds) fell more than "
+                f"{settings.max_vun_drop:.0%} below the first round's {state['first_vun']:.1%}")
+    first = state.get("first_variety")
+    if variety is not None and first and variety < settings.min_variety_ratio * first:
+        return (f"prototype variety {variety:.2f} fell below {settings.min_variety_ratio:.0%} of the first "
+                f"round's {first:.2f} (the model is collapsing onto a few structure types)")
+    return None
+
+
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
     """The model in eval mode with no gradients: DPO's reference."""
     for parameter in model.parameters():
@@ -248,23 +246,17 @@ def align(out: Path, base: str | Path | None = None, settings: AlignSettings | N
         pairs = preference_pairs(frame, tokens, settings) if reference is not None else []
         report = round_report(frame, relaxed, examples, free_valid)
         report["examples"]["preference_pairs"] = len(pairs)
-        probe = collapse_probe(loaded, scorer, settings)
-        if probe is not None:
-            report.update(probe)
-            vun, measured = probe["probe_valid_unique_novel"], f"probe of {probe['probe_n']} at one prompt"
-        else:  # round 0 is the base model: later rounds pool only rounds after it
-            vun = pooled_vun([*state["rounds"][1:], report], settings.guard_window)
-            measured = f"last {settings.guard_window} rounds"
-        state["first_vun"] = vun if state["first_vun"] is None else state["first_vun"]
+        state["first_vun"] = report["valid_unique_novel"] if state["first_vun"] is None else state["first_vun"]
+        state["first_variety"] = state.get("first_variety") or report["prototype_variety"]
+        vun = pooled_vun([*state["rounds"][1:], report], settings.guard_window)  # round 0 is the base model
         round_dir = out / f"round_{r:03d}"
         round_dir.mkdir(exist_ok=True)
         frame.drop(columns=["reason", "notes"], errors="ignore").to_csv(round_dir / "samples.csv", index=False)
         relabelled_table(frame, run.candidates, relaxed, f"{out.name}-r{r}").to_csv(round_dir / RELABELLED_FILE,
                                                                                     index=False)
-        if vun < state["first_vun"] - settings.max_vun_drop:
-            state["stopped"] = (f"collapse guard: valid∧unique∧novel {vun:.1%} ({measured}) "
-                                f"fell more than {settings.max_vun_drop:.0%} below the first round's "
-                                f"{state['first_vun']:.1%}")
+        collapse = collapse_reason(vun, report["prototype_variety"], state, settings)
+        if collapse:
+            state["stopped"] = f"collapse guard: {collapse}"
             report["accepted"] = False
         else:
             report["training"] = fine_tune_round(model, optimizer, examples, settings, cfg, r)

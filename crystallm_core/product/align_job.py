@@ -35,8 +35,7 @@ MAX_ROUNDS = 50
 RUN_FOLDER = "rounds"  # inside the model folder: align's run (state.json, round_NNN/)
 # Small enough for a CPU server: 24 samples and 4 relaxations a round (the README's pilot took about
 # 6.5 CPU minutes for a round of 64 samples and 8 relaxations); free-decoding validity is not shown.
-CPU_DEFAULTS = dict(cells_per_round=3, samples_per_cell=8, relax_per_round=4, replay_per_round=16, free_samples=0,
-                    probe_samples=0)  # the guard pools the rounds' own samples: a 64-sample probe would triple a round
+CPU_DEFAULTS = dict(cells_per_round=3, samples_per_cell=8, relax_per_round=4, replay_per_round=16, free_samples=0)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from pymatgen.core import Composition
 
 from crystallm_core.chem.judges.metrics import summarise
 from crystallm_core.chem.judges.surrogates.generated_gap import spearman as rank_correlation
@@ -41,6 +42,24 @@ def pooled_vun(rounds: list[dict], window: int) -> float:
 
 
 
+def prototype(formula, space_group) -> str | None:
+    """A structure's prototype: anonymous formula (ABC3) and space group; None without a formula."""
+    try:
+        return f"{Composition(str(formula)).anonymized_formula}|{space_group}"
+    except Exception:  # no formula: an invalid sample
+        return None
+
+
+def prototype_variety(frame: pd.DataFrame) -> float | None:
+    """Distinct prototypes per valid sample: how varied a round's structures are, whatever their
+    exact formulas (a model collapsing onto A2BF6 elpasolites writes many formulas, one prototype)."""
+    valid = frame[frame["valid"].astype(bool)]
+    if not len(valid):
+        return None
+    kinds = {prototype(f, sg) for f, sg in zip(valid["formula"], valid["space_group"])} - {None}
+    return round(len(kinds) / len(valid), 4)
+
+
 def round_report(frame: pd.DataFrame, relaxed: list[dict], examples: list[Example], free_valid: float | None) -> dict:
     """Rates over all samples (stable, VSUN, hit, uniqueness, novelty) and the sliders' response."""
     rates = summarise(frame)
@@ -50,6 +69,7 @@ def round_report(frame: pd.DataFrame, relaxed: list[dict], examples: list[Exampl
         "n": int(len(frame)), **{k: round(v, 4) for k, v in rates.items() if k not in ("n", "mean_abs_error")},
         "unique_of_valid": round(float(valid["unique"].fillna(False).astype(bool).mean()), 4) if len(valid) else None,
         "novel_of_valid": round(float(valid["novel"].fillna(False).astype(bool).mean()), 4) if len(valid) else None,
+        "prototype_variety": prototype_variety(frame),
         "median_e_hull": median_or_none(valid["e_hull_pred"]),
         "median_e_hull_at_0": median_or_none(valid.loc[valid["e_hull_target"] == 0.0, "e_hull_pred"]),
         "median_e_hull_at_0.5": median_or_none(valid.loc[valid["e_hull_target"] == 0.5, "e_hull_pred"]),
