@@ -14,6 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from crystallm_core.product.align_report import pooled_rate  # noqa: E402
+
 COLUMNS = ("valid", "stable", "vsun", "valid_unique_novel", "unique_of_valid", "prototype_variety", "median_e_hull", "band_gap_spearman",
            "band_gap_spearman_ensemble", "median_e_hull_relaxed", "free_decoding_valid")
 RATES = ("valid", "stable", "vsun", "valid_unique_novel")
@@ -39,8 +43,7 @@ def run_table(run: Path) -> str:
 
 
 def pooled(reports: list[dict]) -> dict:
-    n = sum(r["n"] for r in reports)
-    return {"n": n, **{k: sum(r[k] * r["n"] for r in reports) / n for k in RATES}}
+    return {"n": sum(r["n"] for r in reports), **{k: pooled_rate(reports, k) for k in RATES}}
 
 
 def ablation_table(runs: list[Path], pool: int) -> str:

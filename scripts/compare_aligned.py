@@ -26,12 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from crystallm_core.chem.judges.metrics import MetricSettings, summarise  # noqa: E402
 from crystallm_core.lm.checkpoints import inference_dtype, load_model, resolve_model_dir  # noqa: E402
 from crystallm_core.lm.sampler import SamplingSettings  # noqa: E402
-from crystallm_core.product.align_report import ensemble_gap, spearman  # noqa: E402
-from crystallm_core.product.align_settings import PAPER_BAND_GAPS  # noqa: E402
+from crystallm_core.product.align_report import ensemble_gap, share_of, spearman  # noqa: E402
+from crystallm_core.product.align_settings import E_HULL_TARGETS, PAPER_BAND_GAPS  # noqa: E402
 from crystallm_core.product.evaluate import evaluate_run  # noqa: E402
 from crystallm_core.product.generation import GenerationRequest, generate  # noqa: E402
 
-E_HULL_CURVE = (0.0, 0.1, 0.25, 0.5)  # eV/atom
 PAPER_SAMPLING = SamplingSettings(temperature=0.7, top_k=30, top_p=0.95, decoding="constrained")
 
 
@@ -59,7 +58,7 @@ def measure(source, n: int, n_hull: int, seed: int) -> dict:
     protocol = judged(loaded, [(gap, 0.0) for gap in PAPER_BAND_GAPS], n, seed)
     rates = summarise(protocol)
     valid = protocol[protocol["valid"].astype(bool)]
-    hull = judged(loaded, [(1.547, target) for target in E_HULL_CURVE], n_hull, seed + 500)
+    hull = judged(loaded, [(1.547, target) for target in E_HULL_TARGETS], n_hull, seed + 500)
     hull_valid = hull[hull["valid"].astype(bool)]
     at0 = hull_valid.loc[hull_valid["e_hull_target"] == 0.0, "e_hull_pred"]
     at05 = hull_valid.loc[hull_valid["e_hull_target"] == 0.5, "e_hull_pred"]
@@ -68,8 +67,8 @@ def measure(source, n: int, n_hull: int, seed: int) -> dict:
         "model": str(source), "weights_sha256": loaded.info.weights_sha256,
         "samples": len(protocol),
         **{k: round(rates[k], 4) for k in ("valid", "stable", "vsun", "valid_unique_novel", "hit")},
-        "unique_of_valid": round(float(valid["unique"].fillna(False).astype(bool).mean()), 4),
-        "novel_of_valid": round(float(valid["novel"].fillna(False).astype(bool).mean()), 4),
+        "unique_of_valid": share_of(valid, "unique"),
+        "novel_of_valid": share_of(valid, "novel"),
         "median_gap_by_target": {f"{g:g}": round(float(m), 3) for g, m in by_gap["band_gap_pred"].median().items()},
         "median_ensemble_gap_by_target": {f"{g:g}": round(float(m), 3)
                                           for g, m in ensemble_gap(valid).groupby(valid["band_gap_target"]).median().items()},

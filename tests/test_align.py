@@ -12,7 +12,7 @@ from prototypes import rocksalt_nacl, rutile_tio2
 from crystallm_core.lm.checkpoints import load_model_weights
 from crystallm_core.lm.tokenizer import get_tokenizer
 from crystallm_core.product.align import add_rewards, align, collapse_reason
-from crystallm_core.product.align_examples import encoded_samples, preference_pairs, round_examples
+from crystallm_core.product.align_examples import encoded_samples, preference_pairs, round_examples, usable_rows
 from crystallm_core.product.align_report import pooled_vun, prototype_variety
 from crystallm_core.product.align_settings import AlignSettings, AlignSignals, region_grid, round_cells, target_cells
 
@@ -97,8 +97,7 @@ def test_a_tiny_run_learns_checkpoints_and_resumes(tmp_path):
     samples = pd.read_csv(tmp_path / "run" / "round_000" / "samples.csv")
     assert len(samples) == 2 and "reward" in samples
     relabelled = pd.read_csv(tmp_path / "run" / "round_000" / "relabelled.csv.gz")  # for prepare-data --align-runs
-    usable = int((samples["valid"].astype(bool) & samples["unique"].astype("boolean").fillna(False)).sum())
-    assert len(relabelled) == usable + report["relaxed_n"]
+    assert len(relabelled) == int(usable_rows(samples).sum()) + report["relaxed_n"]
     second = align(tmp_path / "run", settings=AlignSettings(rounds=2, **tiny))  # resumes at round 1
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert [r["round"] for r in state["rounds"]] == [0, 1] and second.parent.name == "round_001"

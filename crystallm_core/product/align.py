@@ -18,8 +18,9 @@ DIR/state.json; a killed run resumes at the next round. The collapse guard stops
 does not take the round's update, when the valid∧unique∧novel rate of the last `guard_window`
 rounds falls more than `max_vun_drop` below the first round's (the base model's), or when the
 round's prototype variety (distinct anonymous formula + space group per valid sample) falls
-below `min_variety_ratio` of the first round's: lost variety comes long before exact repeats. Each signal
-teaches a (formula, space group) once per run, so it cannot keep reinforcing one structure.
+below `min_variety_ratio` of the first round's: lost variety comes long before exact repeats.
+Each signal teaches a (formula, space group) once per run, so it cannot keep reinforcing one
+structure.
 Sampling seeds start at `seed` (default 1,000,000), far from the evaluation protocols' seeds.
 
 The settings and target cells live in `align_settings`, the examples each signal makes in

@@ -21,6 +21,7 @@ from crystallm_core.lm.preference import PreferencePair
 from crystallm_core.paths import data_dir
 from crystallm_core.product.align_settings import AlignSettings
 
+
 @dataclass
 class Example:
     """One training sequence with the targets it teaches (None = unknown) and where it came from."""
@@ -31,11 +32,9 @@ class Example:
     signal: str
 
 
-
 def known(value) -> float | None:
     """A table cell as a target: None where it is missing ("unknown")."""
     return None if pd.isna(value) else float(value)
-
 
 
 def encode_structure(tokenizer, structure, max_tokens: int) -> np.ndarray | None:
@@ -47,11 +46,9 @@ def encode_structure(tokenizer, structure, max_tokens: int) -> np.ndarray | None
     return np.asarray(ids, dtype=np.int64) if len(ids) <= max_tokens else None
 
 
-
 def structure_kind(row: pd.Series) -> str:
     """(reduced formula, space group) of a judged sample, as one string (kept in the run's state)."""
     return f"{row.get('formula')}|{row.get('space_group')}"
-
 
 
 def usable_rows(frame: pd.DataFrame) -> pd.Series:
@@ -59,11 +56,9 @@ def usable_rows(frame: pd.DataFrame) -> pd.Series:
     return frame["valid"].astype(bool) & frame["unique"].fillna(False).astype(bool)
 
 
-
 def encoded_samples(frame: pd.DataFrame, candidates, tokenizer, max_tokens: int) -> dict[int, np.ndarray | None]:
     """Canonical token ids of each usable sample (None where it does not fit the context)."""
     return {i: encode_structure(tokenizer, candidates[i].structure, max_tokens) for i in frame.index[usable_rows(frame)]}
-
 
 
 def relaxed_kind(structure) -> str:
@@ -73,7 +68,6 @@ def relaxed_kind(structure) -> str:
     except Exception:  # spglib gave up: the formula alone
         symbol = "?"
     return f"{structure.composition.reduced_formula}|{symbol}"
-
 
 
 def round_examples(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None], relaxed: list[dict], tokenizer,
@@ -117,7 +111,6 @@ def round_examples(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None], re
     return examples
 
 
-
 def relabelled_table(frame: pd.DataFrame, candidates, relaxed: list[dict], prefix: str) -> pd.DataFrame:
     """The round's usable samples and valid relaxed structures as CIFs with the readings they
     reached, for the next pre-training run (`prepare-data --align-runs`)."""
@@ -135,7 +128,6 @@ def relabelled_table(frame: pd.DataFrame, candidates, relaxed: list[dict], prefi
     return pd.DataFrame(rows, columns=["id", "formula", "cif", "band_gap", "e_hull", "e_form", "signal"])
 
 
-
 def preference_pairs(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None],
                      settings: AlignSettings) -> list[PreferencePair]:
     """Per target cell (one prompt), the i-th best usable sample against the i-th worst, for
@@ -150,7 +142,6 @@ def preference_pairs(frame: pd.DataFrame, tokens: dict[int, np.ndarray | None],
                 pairs.append(PreferencePair(tokens[best], tokens[worst], np.asarray(vector, np.float32),
                                             np.asarray(present, bool)))
     return pairs
-
 
 
 def replay_pool(size: int, max_tokens: int, seed: int, source: Path | None = None) -> list[Example]:

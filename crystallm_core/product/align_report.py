@@ -11,6 +11,7 @@ from crystallm_core.chem.judges.metrics import summarise
 from crystallm_core.chem.judges.surrogates.generated_gap import spearman as rank_correlation
 from crystallm_core.product.align_examples import Example
 
+
 def spearman(x, y) -> float | None:
     """Rank correlation over the rows where both are known (None with fewer than 5 or a constant x)."""
     x, y = pd.Series(x, dtype=float), pd.Series(y, dtype=float)
@@ -20,11 +21,14 @@ def spearman(x, y) -> float | None:
     return rank_correlation(x[keep].to_numpy(), y[keep].to_numpy())
 
 
+def share_of(valid: pd.DataFrame, flag: str) -> float | None:
+    """Share of the valid samples with `flag` (unique, novel) set; None without valid samples."""
+    return round(float(valid[flag].fillna(False).astype(bool).mean()), 4) if len(valid) else None
+
 
 def median_or_none(values) -> float | None:
     values = pd.Series(values, dtype=float).dropna()
     return float(values.median()) if len(values) else None
-
 
 
 def ensemble_gap(frame: pd.DataFrame) -> pd.Series:
@@ -33,13 +37,15 @@ def ensemble_gap(frame: pd.DataFrame) -> pd.Series:
     return frame[columns].astype(float).mean(axis=1) if columns else pd.Series(np.nan, index=frame.index)
 
 
+def pooled_rate(reports: list[dict], key: str) -> float:
+    """A rate over several rounds' samples together (each round weighted by its sample count)."""
+    return sum(r[key] * r["n"] for r in reports) / max(sum(r["n"] for r in reports), 1)
+
 
 def pooled_vun(rounds: list[dict], window: int) -> float:
     """valid∧unique∧novel over the last `window` rounds' samples together (one round of 64–96 is
     too noisy to judge a 5-point fall: a binomial SE of about 3 points)."""
-    recent = rounds[-window:]
-    return sum(r["valid_unique_novel"] * r["n"] for r in recent) / max(sum(r["n"] for r in recent), 1)
-
+    return pooled_rate(rounds[-window:], "valid_unique_novel")
 
 
 def prototype(formula, space_group) -> str | None:
@@ -67,8 +73,8 @@ def round_report(frame: pd.DataFrame, relaxed: list[dict], examples: list[Exampl
     with_gap = valid[valid["band_gap_target"].notna()]
     return {
         "n": int(len(frame)), **{k: round(v, 4) for k, v in rates.items() if k not in ("n", "mean_abs_error")},
-        "unique_of_valid": round(float(valid["unique"].fillna(False).astype(bool).mean()), 4) if len(valid) else None,
-        "novel_of_valid": round(float(valid["novel"].fillna(False).astype(bool).mean()), 4) if len(valid) else None,
+        "unique_of_valid": share_of(valid, "unique"),
+        "novel_of_valid": share_of(valid, "novel"),
         "prototype_variety": prototype_variety(frame),
         "median_e_hull": median_or_none(valid["e_hull_pred"]),
         "median_e_hull_at_0": median_or_none(valid.loc[valid["e_hull_target"] == 0.0, "e_hull_pred"]),

@@ -10,9 +10,7 @@ from crystallm_core.chem.judges.reward import RewardSettings
 from crystallm_core.chem.judges.stability import RelaxSettings
 
 PAPER_BAND_GAPS = (0.072, 0.180, 0.681, 1.547, 2.440, 3.720, 6.776, 12.145)  # eV
-
 E_HULL_TARGETS = (0.0, 0.1, 0.25, 0.5)  # eV/atom
-
 
 
 @dataclass
@@ -24,7 +22,6 @@ class AlignSignals:
     relaxed_teachers: bool = True
     replay: bool = True
     preference: bool = False  # DPO on best-vs-worst pairs of a cell against the frozen base model (`--with`)
-
 
 
 @dataclass
@@ -74,11 +71,9 @@ class AlignSettings:
             raise ValueError("the target region holds no target")
 
 
-
 def target_cells(band_gaps=PAPER_BAND_GAPS, e_hulls=E_HULL_TARGETS) -> list[tuple[float | None, float | None]]:
     """Every (band gap, E_hull) pair, "unknown" (None) included for each slider."""
     return [(g, e) for g in (*band_gaps, None) for e in (*e_hulls, None)]
-
 
 
 def region_grid(gap_low: float, gap_high: float, e_hull: float | None, n_gaps: int = 3) -> list[tuple[float, float | None]]:
@@ -87,7 +82,6 @@ def region_grid(gap_low: float, gap_high: float, e_hull: float | None, n_gaps: i
         raise ValueError(f"the band-gap range must be 0 ≤ low ≤ high, got {gap_low}–{gap_high} eV")
     gaps = np.linspace(gap_low, gap_high, n_gaps if gap_high > gap_low else 1)
     return [(round(float(g), 3), e_hull) for g in gaps]
-
 
 
 def round_cells(settings: AlignSettings, round_index: int) -> list[tuple[float | None, float | None]]:

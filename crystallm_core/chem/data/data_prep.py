@@ -94,7 +94,7 @@ def relabelled_rows(runs: tuple[Path, ...]) -> pd.DataFrame:
     validation and test splits stay real Materials Project structures."""
     files = [f for run in runs for f in sorted(Path(run).glob(f"round_*/{RELABELLED_FILE}"))]
     if not files:
-        return pd.DataFrame(columns=["id", "source", "cif", "band_gap", "e_hull", "e_form"])
+        return pd.DataFrame(columns=ROW_COLUMNS)
     table = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     table = table[[split_of(str(formula)) == "train" for formula in table["formula"]]]
     return pd.DataFrame({"id": "align-" + table["id"].astype(str), "source": "align", "cif": table["cif"],
