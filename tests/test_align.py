@@ -54,8 +54,10 @@ def test_each_signal_teaches_a_kind_once_per_run():
                                    signals=AlignSignals(hindsight=False, relaxed_teachers=False))
     taught: set[str] = set()
     first = round_examples(frame, tokens, [], get_tokenizer(), only_rejection, 1024, taught)
-    assert len(first) == 1 and taught == {"rejection:TiO2|P4_2/mnm"}
+    assert len(first) == 1 and taught == {"rejection:AB2|P4_2/mnm"}  # rejection remembers the prototype …
     assert round_examples(frame, tokens, [], get_tokenizer(), only_rejection, 1024, taught) == []  # already taught
+    snf2 = frame.assign(formula=["SnF2", "NaCl", None])  # … so a rutile of other elements is taught no more
+    assert round_examples(snf2, tokens, [], get_tokenizer(), only_rejection, 1024, taught) == []
     hindsight = AlignSettings(signals=AlignSignals(rejection=False, relaxed_teachers=False))
     assert len(round_examples(frame, tokens, [], get_tokenizer(), hindsight, 1024, taught)) == 2
     assert round_examples(frame, tokens, [], get_tokenizer(), hindsight, 1024, taught) == []

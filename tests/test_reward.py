@@ -45,3 +45,20 @@ def test_gap_term_uses_the_metal_reading_and_the_spread():
 def test_reached_targets_clip_to_the_model_range_and_keep_unknowns():
     assert reached_targets({"band_gap_pred": 25.0, "e_hull_pred": -0.2}) == (17.891, 0.0)
     assert reached_targets({"band_gap_pred": float("nan")}) == (None, None)
+
+
+def test_gap_term_averages_the_head_with_the_ensemble():
+    row = {"valid": True, "band_gap_pred": 3.7, "band_gap_std": 0.1, "p_metal": 0.0}
+    alone = reward(row, 3.72, None)
+    agreeing = reward({**row, "band_gap_gnn": 3.5, "band_gap_gbm": 3.9}, 3.72, None)
+    disagreeing = reward({**row, "band_gap_gnn": 0.0, "band_gap_gbm": 0.2}, 3.72, None)
+    assert alone == pytest.approx(agreeing) and agreeing > 0.99
+    assert disagreeing < 0.55  # one judge alone cannot earn the whole term
+
+
+def test_hindsight_gap_needs_both_judges_to_agree():
+    head_only = {"band_gap_pred": 0.0, "e_hull_pred": 0.3}
+    assert reached_targets(head_only) == (0.0, 0.3)
+    assert reached_targets({**head_only, "band_gap_gnn": 0.2, "band_gap_gbm": 0.4}) == (pytest.approx(0.15), 0.3)
+    assert reached_targets({**head_only, "band_gap_gnn": 3.0, "band_gap_gbm": 2.0}) == (None, 0.3)
+    assert reached_targets({**head_only, "band_gap_gnn": float("nan"), "band_gap_gbm": 3.0}) == (None, 0.3)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from pymatgen.core import Composition
 
 from crystallm_core.chem.judges.metrics import summarise
 from crystallm_core.chem.judges.surrogates.generated_gap import spearman as rank_correlation
-from crystallm_core.product.align_examples import Example
+from crystallm_core.product.align_examples import Example, prototype
 
 
 def spearman(x, y) -> float | None:
@@ -46,14 +45,6 @@ def pooled_vun(rounds: list[dict], window: int) -> float:
     """valid∧unique∧novel over the last `window` rounds' samples together (one round of 64–96 is
     too noisy to judge a 5-point fall: a binomial SE of about 3 points)."""
     return pooled_rate(rounds[-window:], "valid_unique_novel")
-
-
-def prototype(formula, space_group) -> str | None:
-    """A structure's prototype: anonymous formula (ABC3) and space group; None without a formula."""
-    try:
-        return f"{Composition(str(formula)).anonymized_formula}|{space_group}"
-    except Exception:  # no formula: an invalid sample
-        return None
 
 
 def prototype_variety(frame: pd.DataFrame) -> float | None:
