@@ -47,7 +47,7 @@ def test_progress_of_an_until_valid_request_counts_valid_structures():
     assert GenerationJob(None, [until_valid], Run(), queue=GenerationQueue()).progress().valid_target == 5
 
 
-def fake_generate(loaded, request, run, on_candidate=None, should_cancel=None):
+def fake_generate(loaded, request, run, on_candidate=None, should_cancel=None, head_start=0):
     """Streams alternating valid / invalid candidates until cancelled."""
     for i in range(request.n):
         if should_cancel():
@@ -84,7 +84,7 @@ def test_job_scores_valid_candidates_stores_them_as_they_come_and_keeps_them_whe
     assert saved.candidates[0].scores.e_hull_pred == 0.01 and saved.candidates[1].scores.e_hull_pred is None
 
 
-def fake_generate_until_cancelled(loaded, request, run, on_candidate=None, should_cancel=None):
+def fake_generate_until_cancelled(loaded, request, run, on_candidate=None, should_cancel=None, head_start=0):
     """Generates nothing, slowly, until asked to stop (or 10 s pass)."""
     deadline = time.time() + 10
     while not should_cancel() and time.time() < deadline:

@@ -1,3 +1,5 @@
+from unittest.mock import patch
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -6,6 +8,7 @@ from crystallm_core.lm import sampler as sampler_module
 from crystallm_core.lm.model import CrystaLLMPKV
 from crystallm_core.lm.sampler import (
     SamplingSettings,
+    SlotBatch,
     draw,
     filter_logits,
     sample,
@@ -62,11 +65,31 @@ def test_a_sample_does_not_depend_on_the_batch_size(constrained):
     factory = (lambda: CifConstraint(tokens)) if constrained else None
     prompt = get_tokenizer().encode("<bos>\ndata_[")
 
-    def run(batch_size):
+    def run(batch_size, head_start=0):
         settings = SamplingSettings(batch_size=batch_size, max_tokens=60)
         return [s.token_ids for s in sample(model, prompt, [0.3, 0.0], [True, True], 6, settings, 5,
-                                            constraint_factory=factory)]
-    assert run(1) == run(3) == run(6)
+                                            constraint_factory=factory, head_start=head_start)]
+    assert run(1) == run(3) == run(6) == run(6, head_start=2)
+
+
+def test_a_head_start_runs_few_slots_until_the_first_sample_ends():
+    model = tiny_model()
+    events = []
+    original = SlotBatch.place
+
+    def place(batch, slot, sample_):
+        events.append(("start", sample_.index))
+        original(batch, slot, sample_)
+
+    settings = SamplingSettings(batch_size=6, max_tokens=30, top_k=None, top_p=None)
+    with patch.object(SlotBatch, "place", place):
+        samples = sample(model, [372, 142], [0.3, 0.0], [True, True], 9, settings, seed=0, head_start=2,
+                         on_finished=lambda done: events.append(("end", done.index)))
+    assert [s.index for s in samples] == list(range(9))
+    first_end = events.index(next(e for e in events if e[0] == "end"))
+    assert events[:first_end] == [("start", 0), ("start", 1)]
+    # then the batch fills: the freed slot and the four that waited, before anything else ends
+    assert events[first_end + 1 : first_end + 6] == [("start", i) for i in range(2, 7)]
 
 
 def test_draw_lands_only_on_tokens_with_probability():
@@ -173,14 +196,8 @@ def test_padding_queries_never_look_past_their_row():
     assert queries.real.tolist() == [[True] + [False] * 5, [True] * 6]
 
 
-def test_cache_memory_starts_zeroed_and_compaction_keeps_the_rows_asked_for():
+def test_cache_memory_starts_zeroed():
     from crystallm_core.lm.kv_cache import StaticKVCache
 
     cache = StaticKVCache(2, 3, 2, 8, 4, torch.bfloat16, torch.device("cpu"))
     assert all(bool((layer == 0).all()) for layer in cache.keys + cache.values)
-    cache.keys[1][1], cache.keys[1][2] = 1.0, 2.0
-    cache.lengths[:] = torch.tensor([5, 2, 3])
-    cache.keep(torch.tensor([2, 1]))
-    assert cache.keys[1].shape == (2, 2, 8, 4) and cache.lengths.tolist() == [3, 2]
-    # every position a kept row uses (up to the longest kept row) is carried over
-    assert cache.keys[1][:, :, :3].tolist() == torch.tensor([2.0, 1.0])[:, None, None, None].expand(2, 2, 3, 4).tolist()

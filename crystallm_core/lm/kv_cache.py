@@ -4,7 +4,7 @@
 tensor per layer, (rows, heads, capacity, head_dim), and a length per row. Row r holds the
 n_prefix ghost tokens of the property encoder first, then its CIF tokens. Writing is a scatter
 at (row, position); rewinding a row is lowering its length (nothing is copied or cleared:
-attention never looks past a row's length); compaction copies the surviving rows.
+attention never looks past a row's length).
 
 `RowQueries` is one group of query tokens for `CrystaLLMPKV.forward_cached`: which packed
 tokens they are, and how far into its row each may look.
@@ -66,18 +66,6 @@ class StaticKVCache:
     def rewind(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Forget everything after `lengths` positions of the given rows (no copy)."""
         self.lengths[rows] = lengths
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Compact to the given rows, in that order (done rarely): in place, each layer's first
-        len(rows) rows then hold them. Only positions some kept row uses are copied; the rest is
-        never read. (A copy of whole rows into new memory took 0.1 s per compaction at 32 rows,
-        7 % of a 32-sample run; in place, no new memory is touched.)"""
-        used = int(self.lengths[rows].max()) if rows.numel() else 0
-        for layer in self.keys + self.values:
-            layer[:rows.shape[0], :, :used] = layer[rows, :, :used]  # (the right side is a copy: any order is safe)
-        self.keys = [k[:rows.shape[0]] for k in self.keys]
-        self.values = [v[:rows.shape[0]] for v in self.values]
-        self.lengths = self.lengths[rows].contiguous()
 
 
 SHARED_WIDTH = 8  # rows feeding at most this many tokens attend in one pass over the cache in place

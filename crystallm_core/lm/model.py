@@ -15,7 +15,7 @@ Improvements over the original:
   silently skip it; `tests/test_model.py` checks it against the library's own cache path.
 
 Sampling goes through one forward over an explicit `kv_cache.StaticKVCache` (`forward_cached`,
-after gpt-fast): the cache owns the prefix, per-row lengths, rewinds and compaction, and the
+after gpt-fast): the cache owns the prefix, per-row lengths and rewinds, and the
 same call does prefill (many tokens), jump-forward spans (a few tokens per row, ragged) and
 decode steps (one token per row). On a CPU in bf16 that forward reads the cache through a native
 kernel (`native_attention`) and the weights in oneDNN's packed layout (`packed_linear`).

@@ -155,8 +155,11 @@ def generate(
     run: Run | None = None,
     on_candidate: Callable[[Candidate], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    head_start: int = 0,
 ) -> Run:
     """Sample `request.n` structures into `run` (a new one by default) and check each as it finishes.
+    `head_start`: slots that run alone until the first sample ends (the sampler's), for a user
+    who waits on the first structure.
 
     With `request.stop_after_valid`, sampling stops once that many of this request's samples are
     valid; samples still in flight then are dropped, so every candidate was finished. Candidates
@@ -193,7 +196,7 @@ def generate(
     started = time.perf_counter()
     sample(loaded.model, prepared.prompt_ids, prepared.conditions, prepared.present, request.n, request.settings,
            request.seed, eos_id=loaded.tokenizer.eos_id, banned_ids=prepared.banned_ids, on_finished=finished,
-           should_cancel=stop, constraint_factory=prepared.constraint_factory)
+           should_cancel=stop, constraint_factory=prepared.constraint_factory, head_start=head_start)
     cancelled = len(mine) < request.n and not target_reached()
     record = {"prompt": prepared.prompt_text, "seed": request.seed, "n_requested": request.n, "n_finished": len(mine),
               "n_valid": sum(c.valid for c in mine), "n_valid_after_repair": sum(c.valid_after_repair for c in mine),

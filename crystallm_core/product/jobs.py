@@ -27,6 +27,7 @@ from crystallm_core.product.run import Candidate, Run
 
 LOG = logging.getLogger(__name__)
 ABANDON_SECONDS = 120  # a job unpolled this long has lost its page (tab closed): stop it
+HEAD_START_SLOTS = 4  # the sampler's head start for a request someone watches (first structure sooner)
 
 
 class GenerationQueue:
@@ -211,7 +212,7 @@ class GenerationJob(QueuedJob):
                     if self.should_cancel():
                         break
                     generate(self.loaded_model, request, self.run, on_candidate=self._add,
-                             should_cancel=self.should_cancel)
+                             should_cancel=self.should_cancel, head_start=HEAD_START_SLOTS)
                     self._pick(request, self.run.candidates[self.request_start:])
                     self.requests_done, self.request_start = self.requests_done + 1, len(self.run.candidates)
                 status = "cancelled" if self._cancel.is_set() else "done"
