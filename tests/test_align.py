@@ -76,6 +76,8 @@ def test_preference_pairs_best_against_worst_of_a_cell():
 def test_the_collapse_guard_pools_rounds():
     rounds = [{"n": 64, "valid_unique_novel": 0.9}, {"n": 64, "valid_unique_novel": 0.8}]
     assert pooled_vun(rounds, 2) == pytest.approx(0.85) and pooled_vun(rounds, 1) == pytest.approx(0.8)
+    assert pooled_vun(rounds[:1], 2) is None  # one round is too noisy to stop a run on
+    assert collapse_reason(None, 0.6, {"first_vun": 0.97, "first_variety": 0.62}, AlignSettings()) is None
 
 
 def test_rounds_cycle_through_the_target_grid():

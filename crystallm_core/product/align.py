@@ -173,10 +173,11 @@ def add_rewards(frame: pd.DataFrame, settings: AlignSettings) -> pd.DataFrame:
     return frame
 
 
-def collapse_reason(vun: float, variety: float | None, state: dict, settings: AlignSettings) -> str | None:
-    """Why the run must stop (None: it may go on): valid∧unique∧novel of the last rounds more than
-    `max_vun_drop` below the first round's, or prototype variety below `min_variety_ratio` of it."""
-    if vun < state["first_vun"] - settings.max_vun_drop:
+def collapse_reason(vun: float | None, variety: float | None, state: dict, settings: AlignSettings) -> str | None:
+    """Why the run must stop (None: it may go on): valid∧unique∧novel of the last rounds (None
+    until there are enough) more than `max_vun_drop` below the first round's, or prototype
+    variety below `min_variety_ratio` of it."""
+    if vun is not None and vun < state["first_vun"] - settings.max_vun_drop:
         return (f"valid∧unique∧novel {vun:.1%} (last {settings.guard_window} rounds) fell more than "
                 f"{settings.max_vun_drop:.0%} below the first round's {state['first_vun']:.1%}")
     first = state.get("first_variety")

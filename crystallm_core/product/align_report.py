@@ -41,10 +41,11 @@ def pooled_rate(reports: list[dict], key: str) -> float:
     return sum(r[key] * r["n"] for r in reports) / max(sum(r["n"] for r in reports), 1)
 
 
-def pooled_vun(rounds: list[dict], window: int) -> float:
-    """valid∧unique∧novel over the last `window` rounds' samples together (one round of 64–96 is
-    too noisy to judge a 5-point fall: a binomial SE of about 3 points)."""
-    return pooled_rate(rounds[-window:], "valid_unique_novel")
+def pooled_vun(rounds: list[dict], window: int) -> float | None:
+    """valid∧unique∧novel over the last `window` rounds' samples together; None until there are
+    that many (one round of 64–96 is too noisy to judge a 5-point fall: a binomial SE of about 3
+    points; a run stopped after one update on a round that, asked of the base model, reads the same)."""
+    return pooled_rate(rounds[-window:], "valid_unique_novel") if len(rounds) >= window else None
 
 
 def prototype_variety(frame: pd.DataFrame) -> float | None:

@@ -28,8 +28,12 @@ class AlignSignals:
 class AlignSettings:
     rounds: int = 12
     minutes: float | None = None  # stop starting new rounds after this long
-    cells_per_round: int = 12  # target cells (band gap × E_hull, "unknown" included) sampled each round
-    samples_per_cell: int = 8
+    # Every round samples the whole grid (45 cells: band gap × E_hull, "unknown" included), so rounds
+    # compare: over 6 of them drawn at random, the base model's own stable rate read 4.2 % on round
+    # 0's cells and 10.4 % on round 1's, its V∧U∧N 96.9 % and 91.7 %, and a run's guard stopped it
+    # for a "fall" the base model showed too.
+    cells_per_round: int = 45
+    samples_per_cell: int = 2
     relax_per_round: int = 8  # valid samples relaxed (a random share: an unbiased relaxed E_hull too)
     relax: RelaxSettings = field(default_factory=lambda: RelaxSettings(max_steps=60, max_seconds=20.0))
     pairs_per_cell: int = 2  # preference pairs: the i-th best against the i-th worst of a cell …
