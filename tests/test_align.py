@@ -148,3 +148,15 @@ def test_the_guard_sees_a_collapse_onto_one_prototype_before_exact_repeats():
     assert collapse_reason(0.94, 0.54, state, settings) is None
     assert "prototype variety" in collapse_reason(0.94, 0.39, state, settings)  # run A's round 2
     assert "valid∧unique∧novel" in collapse_reason(0.85, 0.6, state, settings)
+
+
+def test_a_repeat_penalty_divides_a_reward_by_its_prototype_count():
+    frame, _ = judged_frame()
+    frame = pd.concat([frame, frame.iloc[[0]].assign(formula="SnO2")], ignore_index=True)  # a second rutile
+    plain = add_rewards(frame, AlignSettings())["reward"].tolist()
+    shared = add_rewards(frame, AlignSettings(repeat_penalty=1.0))["reward"].tolist()
+    assert shared[0] == pytest.approx(plain[0] / 2) and shared[3] == pytest.approx(plain[3] / 2)
+    assert shared[1] == pytest.approx(plain[1]) and shared[2] == 0.0  # a lone prototype, an invalid sample
+    with pytest.raises(ValueError):
+        AlignSettings(repeat_penalty=-1).validate()
+

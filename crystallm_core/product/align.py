@@ -58,6 +58,7 @@ from crystallm_core.product.align_examples import (
     encoded_samples,
     known,
     preference_pairs,
+    prototype,
     relabelled_table,
     replay_pool,
     round_examples,
@@ -165,11 +166,18 @@ def has_elements(formula, required: list[str] | None) -> bool:
 
 
 def add_rewards(frame: pd.DataFrame, settings: AlignSettings) -> pd.DataFrame:
+    """Each sample's reward; with `repeat_penalty` p > 0 divided by n^p, n the round's valid samples
+    of its prototype (group-relative variety: the tenth A2BF6 of a round earns a fraction of the first's)."""
     frame = frame.copy()
     frame["reward"] = [reward({k: (None if pd.isna(v) else v) for k, v in row.items()},
                               known(row["band_gap_target"]), known(row["e_hull_target"]), settings.reward)
                        if has_elements(row.get("formula"), settings.required_elements) else 0.0
                        for row in frame.to_dict("records")]
+    if settings.repeat_penalty > 0:
+        kinds = pd.Series([prototype(f, sg) if ok else None for f, sg, ok in
+                           zip(frame["formula"], frame["space_group"], frame["valid"].astype(bool))], index=frame.index)
+        counts = kinds.map(kinds.value_counts()).fillna(1.0)
+        frame["reward"] = frame["reward"] / counts.astype(float) ** settings.repeat_penalty
     return frame
 
 
@@ -298,6 +306,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relax-per-round", type=int, default=AlignSettings.relax_per_round)
     parser.add_argument("--replay-per-round", type=int, default=AlignSettings.replay_per_round)
     parser.add_argument("--learning-rate", type=float, default=AlignSettings.learning_rate)
+    parser.add_argument("--repeat-penalty", type=float, default=AlignSettings.repeat_penalty,
+                        help="divide a reward by n^p, n = the round's valid samples of its prototype (0: off)")
     parser.add_argument("--temperature", type=float, default=AlignSettings.temperature,
                         help="the rounds' sampling temperature (1.0: self-training does not sharpen the model)")
     parser.add_argument("--seed", type=int, default=AlignSettings.seed)
@@ -315,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     settings = AlignSettings(rounds=args.rounds, minutes=args.minutes, cells_per_round=args.cells,
                              samples_per_cell=args.samples_per_cell, relax_per_round=args.relax_per_round,
                              replay_per_round=args.replay_per_round, learning_rate=args.learning_rate, seed=args.seed,
-                             temperature=args.temperature,
+                             temperature=args.temperature, repeat_penalty=args.repeat_penalty,
                              signals=AlignSignals(**{name: False for name in args.no},
                                                   **{name: True for name in args.extra}))
     final = align(args.out, args.base, settings, args.data_dir,
