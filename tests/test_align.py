@@ -159,4 +159,3 @@ def test_a_repeat_penalty_divides_a_reward_by_its_prototype_count():
     assert shared[1] == pytest.approx(plain[1]) and shared[2] == 0.0  # a lone prototype, an invalid sample
     with pytest.raises(ValueError):
         AlignSettings(repeat_penalty=-1).validate()
-

@@ -373,8 +373,10 @@ def sample(
     while any(s is not None for s in batch.slots):
         if should_cancel is not None and should_cancel():
             break
-        if finished:  # a head start is over once a sample ended: fill the batch (between steps: a slot
-            for slot in range(batch.n_slots):  # placed mid-step would take a token it never drew)
+        # A head start is over once a sample ended: fill the batch, between steps (a slot placed
+        # mid-step would take a token it never drew).
+        if finished and next_index < n:
+            for slot in range(batch.n_slots):
                 if batch.slots[slot] is None and next_index < n:
                     batch.place(slot, new_sample())
         for slot, sample_ in enumerate(batch.slots):

@@ -58,7 +58,7 @@ from crystallm_core.product.align_examples import (
     encoded_samples,
     known,
     preference_pairs,
-    prototype,
+    prototypes,
     relabelled_table,
     replay_pool,
     round_examples,
@@ -174,8 +174,7 @@ def add_rewards(frame: pd.DataFrame, settings: AlignSettings) -> pd.DataFrame:
                        if has_elements(row.get("formula"), settings.required_elements) else 0.0
                        for row in frame.to_dict("records")]
     if settings.repeat_penalty > 0:
-        kinds = pd.Series([prototype(f, sg) if ok else None for f, sg, ok in
-                           zip(frame["formula"], frame["space_group"], frame["valid"].astype(bool))], index=frame.index)
+        kinds = prototypes(frame)
         counts = kinds.map(kinds.value_counts()).fillna(1.0)
         frame["reward"] = frame["reward"] / counts.astype(float) ** settings.repeat_penalty
     return frame

@@ -61,6 +61,12 @@ def prototype(formula, space_group) -> str | None:
         return None
 
 
+def prototypes(frame: pd.DataFrame) -> pd.Series:
+    """Each valid sample's prototype (None for an invalid one)."""
+    return pd.Series([prototype(f, sg) if ok else None for f, sg, ok in
+                      zip(frame["formula"], frame["space_group"], frame["valid"].astype(bool))], index=frame.index)
+
+
 def usable_rows(frame: pd.DataFrame) -> pd.Series:
     """Valid samples, first of their kind within the round: the ones worth learning from."""
     return frame["valid"].astype(bool) & frame["unique"].fillna(False).astype(bool)

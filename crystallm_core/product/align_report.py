@@ -3,12 +3,12 @@ head and by the independent graph ensemble), the relaxed readings, and the colla
 pooled valid∧unique∧novel rate."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from crystallm_core.chem.judges.metrics import summarise
+from crystallm_core.chem.judges.reward import ensemble_reading
 from crystallm_core.chem.judges.surrogates.generated_gap import spearman as rank_correlation
-from crystallm_core.product.align_examples import Example, prototype
+from crystallm_core.product.align_examples import Example, prototypes
 
 
 def spearman(x, y) -> float | None:
@@ -31,9 +31,8 @@ def median_or_none(values) -> float | None:
 
 
 def ensemble_gap(frame: pd.DataFrame) -> pd.Series:
-    """The graph ensemble's band gap (mean of the GNN and LightGBM readings present)."""
-    columns = [c for c in ("band_gap_gnn", "band_gap_gbm") if c in frame]
-    return frame[columns].astype(float).mean(axis=1) if columns else pd.Series(np.nan, index=frame.index)
+    """The graph ensemble's band gap per row (`reward.ensemble_reading`; NaN where it did not read)."""
+    return pd.Series([ensemble_reading(row) for row in frame.to_dict("records")], index=frame.index, dtype=float)
 
 
 def pooled_rate(reports: list[dict], key: str) -> float:
@@ -51,11 +50,10 @@ def pooled_vun(rounds: list[dict], window: int) -> float | None:
 def prototype_variety(frame: pd.DataFrame) -> float | None:
     """Distinct prototypes per valid sample: how varied a round's structures are, whatever their
     exact formulas (a model collapsing onto A2BF6 elpasolites writes many formulas, one prototype)."""
-    valid = frame[frame["valid"].astype(bool)]
-    if not len(valid):
+    n_valid = int(frame["valid"].astype(bool).sum())
+    if not n_valid:
         return None
-    kinds = {prototype(f, sg) for f, sg in zip(valid["formula"], valid["space_group"])} - {None}
-    return round(len(kinds) / len(valid), 4)
+    return round(prototypes(frame).dropna().nunique() / n_valid, 4)
 
 
 def round_report(frame: pd.DataFrame, relaxed: list[dict], examples: list[Example], free_valid: float | None) -> dict:
