@@ -1,6 +1,6 @@
 """Relax many structures together: one CHGNet forward for the whole batch at each FIRE step.
 
-`stability.relax_structure` relaxes one structure: ASE's FIRE over a FrechetCellFilter, with
+`stability.relax_structure` relaxes one structure: ASE's FIRE over a (fast) FrechetCellFilter, with
 FixSymmetry keeping the written space group, CHGNet called once per step. On a CPU most of
 that call is fixed cost (Python, small tensor ops), so relaxing 16 structures one at a time pays
 it 16 times per step. Here every structure keeps its own ASE Atoms, constraint, filter and
@@ -30,7 +30,7 @@ class RelaxingStructure:
     """One structure of the batch: its ASE atoms, optimiser and where it stands."""
 
     atoms: object  # ase.Atoms with a CHGNetCalculator (its cache is filled by the batch)
-    optimizer: object  # ase.optimize.FIRE over a FrechetCellFilter
+    optimizer: object  # ase.optimize.FIRE over a FastFrechetCellFilter
     steps: int = 0
     converged: bool = False
     error: str | None = None
@@ -43,16 +43,17 @@ class RelaxingStructure:
 def start(structure: Structure, settings: RelaxSettings, model) -> RelaxingStructure:
     """The ASE objects `relax_structure` builds for one structure, with their own calculator."""
     from ase.constraints import FixSymmetry
-    from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
     from chgnet.model.dynamics import CHGNetCalculator
     from pymatgen.io.ase import AseAtomsAdaptor
+
+    from crystallm_core.chem.judges.cell_filter import FastFrechetCellFilter
 
     atoms = AseAtomsAdaptor.get_atoms(structure)
     if settings.keep_symmetry:
         atoms.set_constraint(FixSymmetry(atoms, symprec=0.1, adjust_positions=True, adjust_cell=True))
     atoms.calc = CHGNetCalculator(model, use_device="cpu", on_isolated_atoms="error")
-    optimizer = FIRE(FrechetCellFilter(atoms), logfile=None)
+    optimizer = FIRE(FastFrechetCellFilter(atoms), logfile=None)
     optimizer.fmax = settings.fmax
     return RelaxingStructure(atoms, optimizer)
 

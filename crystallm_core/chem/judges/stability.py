@@ -81,7 +81,12 @@ def load_chgnet():
     )
 
     with quiet_chgnet():
-        return CHGNet.load(use_device="cpu", verbose=False)
+        model = CHGNet.load(use_device="cpu", verbose=False)
+    # the project reads CHGNet and never trains it: forces and stresses are gradients with respect
+    # to positions and strains only, and without parameter gradients a force reading is ~10 % cheaper
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
 
 
 def build_elemental_references(source: Path | None = None) -> dict:
@@ -205,10 +210,11 @@ def relax_structure(structure: Structure, settings: RelaxSettings | None = None,
     """FIRE relaxation of positions and cell with CHGNet, stopped at fmax, max_steps or max_seconds;
     `on_step` gets the number of steps taken after each one."""
     from ase.constraints import FixSymmetry
-    from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
     from chgnet.model.dynamics import CHGNetCalculator
     from pymatgen.io.ase import AseAtomsAdaptor
+
+    from crystallm_core.chem.judges.cell_filter import FastFrechetCellFilter
 
     settings = settings or RelaxSettings()
     atoms = AseAtomsAdaptor.get_atoms(structure)
@@ -218,7 +224,7 @@ def relax_structure(structure: Structure, settings: RelaxSettings | None = None,
     converged, steps = False, 0
     with quiet_chgnet():
         atoms.calc = CHGNetCalculator(load_chgnet(), use_device="cpu", on_isolated_atoms="error")
-        optimizer = FIRE(FrechetCellFilter(atoms), logfile=None)
+        optimizer = FIRE(FastFrechetCellFilter(atoms), logfile=None)
         for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
             steps = optimizer.nsteps
             if on_step is not None:
