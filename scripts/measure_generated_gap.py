@@ -25,7 +25,7 @@ import torch
 
 from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures
 from crystallm_core.chem.judges.isolation import check_cif_isolated
-from crystallm_core.chem.judges.surrogates.chgnet_cache import cached_chgnet_features
+from crystallm_core.chem.judges.surrogates.chgnet_cache import cached_features
 from crystallm_core.chem.judges.surrogates.ensemble import V1_CONFIG, EnsembleConfig, combine, member_columns
 from crystallm_core.chem.judges.surrogates.generated_gap import (
     HELD_OUT,
@@ -69,8 +69,9 @@ def model_readings(table: pd.DataFrame, model_dir: Path, chgnet: list[ChgnetFeat
     for name, ensemble in ensembles.items():
         if set(ensemble.members) <= set(readings):
             p_metal, gap, gap_var = member_columns(readings, ensemble.members)
-            out[name] = combine(p_metal, gap, ensemble, gap_var)[0]
+            out[name] = combine(p_metal, gap, ensemble, gap_var, ensemble.unrelaxed(chgnet))[0]
     out.update({member: gated_gap(p, gap) for member, (p, gap, _) in readings.items()})
+    out["unrelaxed"] = config.unrelaxed(chgnet).astype(float)
     for suffix, column in (("p_metal", 0), ("gap", 1), ("gap_var", 2)):
         out.update({f"{member}_{suffix}": values[column] for member, values in readings.items()})
     return out
@@ -97,11 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
     theirs = table[table.is_valid & table.alignn_band_gap.notna()].reset_index(drop=True)
     ours = our_validity(theirs, args.cache / "validity.csv").to_numpy()
     rows = theirs[ours].reset_index(drop=True)
-    crystal, atoms = cached_chgnet_features(rows[["key", "cif"]].rename(columns={"key": "id"}),
-                                            args.cache / "chgnet_features.npz", verbose=False)
-    read = ~np.isnan(crystal).all(axis=1)
+    features = cached_features(rows[["key", "cif"]].rename(columns={"key": "id"}),
+                               args.cache / "chgnet_features.npz", verbose=False)
+    read = np.array([not np.isnan(f.crystal).all() for f in features])
     rows = rows[read].reset_index(drop=True)
-    chgnet = [ChgnetFeatures(c, a) for c, a, ok in zip(crystal, atoms, read) if ok]
+    chgnet = [f for f, ok in zip(features, read) if ok]
     summary: dict = {"data": str(args.data), "rows": len(table), "valid_theirs": len(theirs),
                      "valid_both": int(ours.sum()), "chgnet_failed": int((~read).sum()),
                      "held_out": int((rows.half == HELD_OUT).sum()), "seed": args.seed, "readings": {}}
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = (rows.half == HELD_OUT).to_numpy()
     baseline = columns["0:ensemble"]
     for name, values in columns.items():
+        if name.endswith("unrelaxed"):  # the share of rows the gate reads as unrelaxed
+            summary[name.replace("unrelaxed", "unrelaxed_share")] = round(float(np.mean(values)), 4)
+            continue
         if name.endswith(("_p_metal", "_gap", "_gap_var")):
             continue
         ok = np.isfinite(values)

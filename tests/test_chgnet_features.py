@@ -70,3 +70,18 @@ def test_capture_refuses_sizes_that_do_not_add_up():
         model.predict_structure([rocksalt_nacl()], task="e")
     with pytest.raises(ValueError, match="site counts"):
         capture.per_structure([len(rocksalt_nacl()) + 1])
+
+
+def test_the_static_reading_says_how_far_from_equilibrium_a_structure_sits():
+    """Forces and stress from the same pass: CHGNet's own force reading agrees, and a squeezed cell
+    reads far from equilibrium where the relaxed-like one does not."""
+    squeezed, displaced = rocksalt_nacl(), rocksalt_nacl()
+    squeezed.scale_lattice(squeezed.volume * 0.8)
+    displaced.translate_sites([0], [0.03, 0.0, 0.0])
+    model = stability.load_chgnet()
+    relaxed_like, small, moved = stability.static_readings([rocksalt_nacl(), squeezed, displaced])
+    assert relaxed_like.features.force_rms < 0.05 and relaxed_like.features.stress_max < 2.0
+    assert small.features.stress_max > 5.0  # GPa: squeezed by a fifth of its volume
+    with stability.quiet_chgnet():
+        forces = model.predict_structure(displaced, task="ef")["f"]
+    assert moved.features.force_rms == pytest.approx(np.sqrt((forces ** 2).sum(1).mean()), rel=1e-3)

@@ -428,6 +428,42 @@ def test_member_weights_blend_the_metal_vote_and_the_gap_apart(tmp_path):
         combine(p_metal, gap, EnsembleConfig(["head", "gnn", "gbm"], metal_weights=[1.0, 0.0]))
 
 
+def test_the_gate_reads_unrelaxed_rows_with_their_own_weights(tmp_path):
+    from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures
+
+    p_metal = np.array([[0.1, 0.1, 0.1], [0.1, 0.1, 0.1], [0.1, 0.1, 0.1]])
+    gap = np.array([[1.0, 3.0, 5.0]] * 3)
+    gated_config = EnsembleConfig(["head", "gnn", "gbm"], "mixture", 0.0, 0.2, 1.0, [0.8, 0.1, 0.1], [1.0, 0.0, 0.0],
+                                  unrelaxed_force_rms=0.7, unrelaxed_stress_max=5.0,
+                                  unrelaxed_metal_weights=[0.5, 0.25, 0.25], unrelaxed_gap_weights=[0.5, 0.25, 0.25])
+    blank = (np.empty(0), np.empty((0, 0)))
+    features = [ChgnetFeatures(*blank, 0.1, 1.0), ChgnetFeatures(*blank, 2.0, 1.0), ChgnetFeatures(*blank)]
+    unrelaxed = gated_config.unrelaxed(features)
+    assert unrelaxed.tolist() == [False, True, False]  # forces unknown (NaN): never read as unrelaxed
+    mean, _, _, _ = combine(p_metal, gap, gated_config, None, unrelaxed)
+    expected = gated_gap(np.full(3, 0.1), np.array([1.0, 0.5 * 1.0 + 0.25 * 3.0 + 0.25 * 5.0, 1.0]))
+    assert mean == pytest.approx(expected)
+    no_verdicts = combine(p_metal, gap, gated_config)[0]  # as before the gate
+    assert no_verdicts == pytest.approx(gated_gap(np.full(3, 0.1), np.ones(3)))
+    gated_config.save(tmp_path)
+    assert EnsembleConfig.load(tmp_path) == gated_config
+    assert not EnsembleConfig().unrelaxed(features).any()  # no gate configured
+
+
+def test_the_chgnet_cache_keeps_the_equilibrium_readings(tmp_path):
+    import pandas as pd
+
+    from crystallm_core.chem.judges.surrogates import chgnet_cache
+
+    squeezed = rocksalt_nacl()
+    squeezed.scale_lattice(squeezed.volume * 0.8)
+    table = pd.DataFrame({"id": ["squeezed"], "cif": [squeezed.to(fmt="cif")]})
+    [first] = chgnet_cache.cached_features(table, tmp_path / "cache.npz", verbose=False)
+    [again] = chgnet_cache.read_cache(tmp_path / "cache.npz").values()
+    assert first.stress_max > 5.0 and again.stress_max == pytest.approx(first.stress_max)
+    assert again.force_rms == pytest.approx(first.force_rms)
+
+
 def test_missing_model_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="gnn_config.json"):
         BandGapSurrogate.load(tmp_path)

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from pymatgen.core import Structure
 
-from crystallm_core.chem.judges.stability import Relaxation, RelaxSettings, load_chgnet, quiet_chgnet
+from crystallm_core.chem.judges.stability import Relaxation, RelaxSettings, efs_readings, load_chgnet, quiet_chgnet
 
 
 @dataclass
@@ -56,32 +56,6 @@ def start(structure: Structure, settings: RelaxSettings, model) -> RelaxingStruc
     optimizer = FIRE(FastFrechetCellFilter(atoms), logfile=None)
     optimizer.fmax = settings.fmax
     return RelaxingStructure(atoms, optimizer)
-
-
-STRESS_TO_GPA = 160.21766208  # eV/Å³ -> GPa, as CHGNet converts
-
-
-def efs_readings(model, graphs: list) -> list[dict]:
-    """Energy (eV/atom), forces (eV/Å) and stress (GPa) of each graph from ONE forward and ONE
-    backward pass. CHGNet's own `predict_graph` takes two backward passes (forces, then stress),
-    each building a differentiable graph for training (create_graph=True); at inference one pass
-    over positions and strains together gives the same numbers for about half the cost."""
-    import torch
-    from chgnet.model.model import BatchedGraph
-
-    model.eval()
-    batched = BatchedGraph.from_graphs(graphs, bond_basis_expansion=model.bond_basis_expansion,
-                                       angle_basis_expansion=model.angle_basis_expansion, compute_stress=True)
-    # _compute without forces or stress: the energies only, still attached to positions and strains
-    energy = model._compute(batched)["e"]  # eV/atom when the model is intensive (CHGNet is)
-    atoms = torch.bincount(batched.atom_owners)
-    total = energy * atoms if model.is_intensive else energy
-    gradients = torch.autograd.grad(total.sum(), [*batched.atom_positions, *batched.strains])
-    position_gradients, strain_gradients = gradients[:len(graphs)], gradients[len(graphs):]
-    composition = 0 if model.composition_model is None else model.composition_model(graphs)
-    energy = (energy + composition).detach().numpy()
-    return [{"e": float(e), "f": -f.numpy(), "s": (s / volume * STRESS_TO_GPA).detach().numpy()}
-            for e, f, s, volume in zip(energy, position_gradients, strain_gradients, batched.volumes)]
 
 
 def plain_structure(atoms) -> Structure:

@@ -34,6 +34,10 @@ class ChgnetFeatures:
 
     crystal: np.ndarray  # (len(chgnet_feature_names()),) float32, see `crystal_features`
     atoms: np.ndarray  # (n_sites, ATOM_FEATURE_DIM) float32
+    # How far from equilibrium CHGNet reads the structure (NaN: not read, e.g. an older cache).
+    # Relaxed structures sit near zero; the unrelaxed ones a generative model writes, far from it.
+    force_rms: float = float("nan")  # eV/Å, root mean square over the atoms
+    stress_max: float = float("nan")  # GPa, the largest stress component in magnitude
 
 
 def chgnet_feature_names() -> list[str]:
@@ -82,7 +86,11 @@ def crystal_features(crystal_fea: np.ndarray, layers: Sequence[np.ndarray], ener
 
 
 def structure_features(crystal_fea: np.ndarray, layers: Sequence[np.ndarray], energy: float,
-                       e_form: float) -> ChgnetFeatures:
-    """The crystal vector and the atom features of one structure (`layers`: [layer] -> (n_sites, 64))."""
+                       e_form: float, forces: np.ndarray | None = None,
+                       stress: np.ndarray | None = None) -> ChgnetFeatures:
+    """The crystal vector and the atom features of one structure (`layers`: [layer] -> (n_sites, 64)),
+    with how far from equilibrium its forces (n_sites, 3) and stress (GPa) put it, when given."""
+    force_rms = float("nan") if forces is None else float(np.sqrt((np.asarray(forces) ** 2).sum(axis=1).mean()))
+    stress_max = float("nan") if stress is None else float(np.abs(stress).max())
     return ChgnetFeatures(crystal_features(crystal_fea, layers, energy, e_form),
-                          np.hstack(layers).astype(np.float32))
+                          np.hstack(layers).astype(np.float32), force_rms, stress_max)

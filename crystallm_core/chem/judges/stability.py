@@ -163,22 +163,57 @@ def graph_batches(structures: Sequence[Structure], batch_size: int) -> list[list
     return batches
 
 
+STRESS_TO_GPA = 160.21766208  # eV/Å³ -> GPa, as CHGNet converts
+
+
+def efs_readings(model, graphs: list, crystal_features: bool = False) -> list[dict]:
+    """Energy (eV/atom), forces (eV/Å) and stress (GPa) of each graph from ONE forward and ONE
+    backward pass (with `crystal_features`, also CHGNet's pooled crystal feature "crystal_fea").
+    CHGNet's own `predict_graph` takes two backward passes (forces, then stress), each building a
+    differentiable graph for training (create_graph=True); at inference one pass over positions
+    and strains together gives the same numbers for about half the cost (on 16 generated
+    structures, about twice an energy-only forward: 0.8 vs 0.4 s on one thread)."""
+    import torch
+    from chgnet.model.model import BatchedGraph
+
+    model.eval()
+    # a caller's inference or no-grad mode would leave nothing to differentiate
+    with torch.inference_mode(False), torch.enable_grad():
+        batched = BatchedGraph.from_graphs(graphs, bond_basis_expansion=model.bond_basis_expansion,
+                                           angle_basis_expansion=model.angle_basis_expansion, compute_stress=True)
+        # _compute without forces or stress: the energies only, still attached to positions and strains
+        prediction = model._compute(batched, return_crystal_feas=crystal_features)
+        energy = prediction["e"]  # eV/atom when the model is intensive (CHGNet is)
+        atoms = torch.bincount(batched.atom_owners)
+        total = energy * atoms if model.is_intensive else energy
+        gradients = torch.autograd.grad(total.sum(), [*batched.atom_positions, *batched.strains])
+    position_gradients, strain_gradients = gradients[:len(graphs)], gradients[len(graphs):]
+    composition = 0 if model.composition_model is None else model.composition_model(graphs)
+    energy = (energy + composition).detach().numpy()
+    readings = [{"e": float(e), "f": -f.numpy(), "s": (s / volume * STRESS_TO_GPA).detach().numpy()}
+                for e, f, s, volume in zip(energy, position_gradients, strain_gradients, batched.volumes)]
+    if crystal_features:
+        for reading, crystal in zip(readings, prediction["crystal_fea"].detach().numpy()):
+            reading["crystal_fea"] = crystal
+    return readings
+
+
 def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> list[ChgnetReading | str]:
-    """CHGNet energy per atom and `ChgnetFeatures` of each structure as given (one forward each);
+    """CHGNet energy per atom and `ChgnetFeatures` of each structure as given (one forward and one
+    backward pass each: the forces and stress say how far from equilibrium the structure sits);
     a failure becomes its message. Only for structures `validity.structure_problem` accepts."""
     model = load_chgnet()
     layers = LayerCapture(model)
-    options = dict(task="e", return_crystal_feas=True)
 
     def readings(batch: list[Structure]) -> list[ChgnetReading]:
+        graphs = [model.graph_converter(structure) for structure in batch]
         with layers.capture():
-            predictions = model.predict_structure(batch, batch_size=len(batch), **options)
-        predictions = [predictions] if isinstance(predictions, dict) else predictions  # a list of one gives a dict
+            predictions = efs_readings(model, graphs, crystal_features=True)
         atom_features = layers.per_structure([len(s) for s in batch])
-        energies = [float(p["e"]) for p in predictions]
-        return [ChgnetReading(energy, structure_features(p["crystal_fea"], atoms, energy,
-                                                         formation_energy_or_nan(s.composition, energy)))
-                for p, energy, atoms, s in zip(predictions, energies, atom_features, batch)]
+        return [ChgnetReading(p["e"], structure_features(p["crystal_fea"], atoms, p["e"],
+                                                         formation_energy_or_nan(s.composition, p["e"]),
+                                                         p["f"], p["s"]))
+                for p, atoms, s in zip(predictions, atom_features, batch)]
 
     results: list[ChgnetReading | str] = []
     with quiet_chgnet():

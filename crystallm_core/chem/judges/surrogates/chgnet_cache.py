@@ -44,7 +44,10 @@ def read_cache(cache: Path) -> dict[str, ChgnetFeatures]:
     if list(stored["feature_names"]) != chgnet_feature_names() or "atoms" not in stored:
         return {}
     atoms = np.split(stored["atoms"], np.cumsum(stored["sizes"])[:-1])
-    return {row_id: ChgnetFeatures(crystal, block) for row_id, crystal, block in zip(stored["ids"], stored["features"], atoms)}
+    unread = np.full(len(stored["ids"]), np.nan)  # caches from before the forces were read
+    force, stress = (stored[k] if k in stored else unread for k in ("force_rms", "stress_max"))
+    return {row_id: ChgnetFeatures(crystal, block, float(f), float(s))
+            for row_id, crystal, block, f, s in zip(stored["ids"], stored["features"], atoms, force, stress)}
 
 
 def write_cache(cache: Path, known: dict[str, ChgnetFeatures]) -> None:
@@ -53,6 +56,7 @@ def write_cache(cache: Path, known: dict[str, ChgnetFeatures]) -> None:
     rows = list(known.values())
     np.savez(temporary, ids=np.array(list(known), dtype=str), features=np.stack([r.crystal for r in rows]),
              sizes=np.array([len(r.atoms) for r in rows]), atoms=np.concatenate([r.atoms for r in rows]),
+             force_rms=np.array([r.force_rms for r in rows]), stress_max=np.array([r.stress_max for r in rows]),
              feature_names=np.array(chgnet_feature_names()))
     temporary.replace(cache)
 
@@ -80,6 +84,13 @@ def cached_chgnet_features(table: pd.DataFrame, cache: Path, chunk: int = 2000, 
                            ) -> tuple[np.ndarray, list[np.ndarray]]:
     """((len(table), n_features) crystal vectors, each row's (n_sites, ATOM_FEATURE_DIM) atom features)
     for `table` (columns id, cif); a failed row is NaN with no atoms. Computes only rows not cached."""
+    rows = cached_features(table, cache, chunk, verbose)
+    return np.stack([r.crystal for r in rows]), [r.atoms for r in rows]
+
+
+def cached_features(table: pd.DataFrame, cache: Path, chunk: int = 2000, verbose: bool = True,
+                    ) -> list[ChgnetFeatures]:
+    """Each row's `ChgnetFeatures` (`blank_features()` where it failed), as `cached_chgnet_features`."""
     known = read_cache(cache)
     todo = [i for i, row_id in enumerate(table.id) if row_id not in known]
     start = time.time()
@@ -92,8 +103,7 @@ def cached_chgnet_features(table: pd.DataFrame, cache: Path, chunk: int = 2000, 
             done = first + len(rows)
             print(f"CHGNet features: {done}/{len(todo)} ({1000 * (time.time() - start) / done:.1f} ms/row)",
                   flush=True)
-    rows = [known[row_id] for row_id in table.id]
-    return np.stack([r.crystal for r in rows]), [r.atoms for r in rows]
+    return [known[row_id] for row_id in table.id]
 
 
 def band_gap_rows(dataset: Path) -> pd.DataFrame:

@@ -70,14 +70,40 @@ class EnsembleConfig:
     # can lean on the head for the gap of relaxed structures and still let robust members vote.
     metal_weights: list[float] | None = None
     gap_weights: list[float] | None = None
+    # A structure CHGNet reads far from equilibrium (force RMS ≥ unrelaxed_force_rms eV/Å, or a stress
+    # component ≥ unrelaxed_stress_max GPa: what a generative model writes) is read with the unrelaxed
+    # weights instead. The head was trained on relaxed structures; on unrelaxed ones a blend with the
+    # graph models ranks like ALIGNN more often (`scripts/choose_gap_gate.py`). None: no such gate.
+    unrelaxed_force_rms: float | None = None
+    unrelaxed_stress_max: float | None = None
+    unrelaxed_metal_weights: list[float] | None = None
+    unrelaxed_gap_weights: list[float] | None = None
 
-    def weights(self, kind: str) -> np.ndarray:
-        """The members' normalised weights of "metal" or "gap"."""
+    def weights(self, kind: str, unrelaxed: bool = False) -> np.ndarray:
+        """The members' normalised weights of "metal" or "gap" (for unrelaxed structures, if asked)."""
         given = self.metal_weights if kind == "metal" else self.gap_weights
+        if unrelaxed:
+            given = self.unrelaxed_metal_weights if kind == "metal" else self.unrelaxed_gap_weights
         w = np.ones(len(self.members)) if given is None else np.asarray(given, dtype=float)
         if len(w) != len(self.members) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"{kind} weights {given} do not fit the members {self.members}")
         return w / w.sum()
+
+    def unrelaxed(self, features: Sequence[ChgnetFeatures | None]) -> np.ndarray:
+        """Per structure: whether the gate reads it as unrelaxed (never where the forces are unknown)."""
+        if self.unrelaxed_force_rms is None or self.unrelaxed_stress_max is None:
+            return np.zeros(len(features), dtype=bool)
+        force = np.array([np.nan if f is None else f.force_rms for f in features], dtype=float)
+        stress = np.array([np.nan if f is None else f.stress_max for f in features], dtype=float)
+        with np.errstate(invalid="ignore"):
+            return (force >= self.unrelaxed_force_rms) | (stress >= self.unrelaxed_stress_max)
+
+    def row_weights(self, kind: str, unrelaxed: np.ndarray | None, n: int) -> np.ndarray:
+        """(n, members) weights: the relaxed ones, or the unrelaxed ones on the rows the gate marks."""
+        relaxed = np.tile(self.weights(kind), (n, 1))
+        if unrelaxed is None or not np.any(unrelaxed):
+            return relaxed
+        return np.where(np.asarray(unrelaxed)[:, None], self.weights(kind, unrelaxed=True), relaxed)
 
     @classmethod
     def load(cls, directory: Path) -> EnsembleConfig:
@@ -99,6 +125,7 @@ class GapPrediction:
     head: float = NAN  # each member's own gated reading, eV (NaN when it is not a member)
     gnn: float = NAN
     gbm: float = NAN
+    unrelaxed: bool = False  # read with the unrelaxed weights (CHGNet: far from equilibrium)
     reason: str | None = None  # why the readings are NaN, if they are
 
     def to_dict(self) -> dict:
@@ -112,20 +139,22 @@ def member_columns(readings: dict[str, tuple[np.ndarray, ...]], members: list[st
 
 
 def combine(p_metal: np.ndarray, gap: np.ndarray, config: EnsembleConfig, gap_var: np.ndarray | None = None,
-            ) -> tuple[np.ndarray, ...]:
-    """Members' (P(metal), gap if non-metal) columns (n, m), and the variance of each member's own
-    gap among its models (n, m; the head's MLPs) -> (band gap, ±, P(metal), readings (n, m))."""
+            unrelaxed: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Members' (P(metal), gap if non-metal) columns (n, m), the variance of each member's own gap
+    among its models (n, m; the head's MLPs), and which rows the gate reads as unrelaxed (n,)
+    -> (band gap, ±, P(metal), readings (n, m))."""
     readings = gated_gap(p_metal, gap)
     # Gate once with the averaged probability: averaging two gated readings would turn a
     # split vote (0 eV vs 3 eV) into 1.5 eV, which is wrong for both outcomes.
-    metal_w, gap_w = config.weights("metal"), config.weights("gap")
-    mean_p, mean_gap = p_metal @ metal_w, gap @ gap_w
+    metal_w = config.row_weights("metal", unrelaxed, len(gap))
+    gap_w = config.row_weights("gap", unrelaxed, len(gap))
+    mean_p, mean_gap = (p_metal * metal_w).sum(axis=1), (gap * gap_w).sum(axis=1)
     mean = gated_gap(mean_p, mean_gap)
     if config.spread == "disagreement":
         spread = np.abs(readings[:, 0] - readings[:, -1]) / 2
     else:
-        within = 0.0 if gap_var is None else gap_var @ gap_w
-        between = ((gap - mean_gap[:, None]) ** 2) @ gap_w
+        within = 0.0 if gap_var is None else (gap_var * gap_w).sum(axis=1)
+        between = (((gap - mean_gap[:, None]) ** 2) * gap_w).sum(axis=1)
         sigma = np.sqrt(between + within + (config.sigma_relative * mean_gap) ** 2 + config.sigma_floor**2)
         spread = mixture_spread(mean_p, mean_gap, mean, sigma)
     return mean, config.scale * spread, mean_p, readings
@@ -184,8 +213,8 @@ class BandGapSurrogate:
         models) over the structures without one.
 
         `chgnet` holds each structure's `ChgnetFeatures` where already computed; the rest are computed
-        here (one CHGNet forward each)."""
-        chgnet = list(chgnet) if chgnet is not None else [None] * len(structures)
+        here (one CHGNet forward each), and filled in when `chgnet` is a list."""
+        chgnet = chgnet if isinstance(chgnet, list) else [None] * len(structures) if chgnet is None else list(chgnet)
         graphs, descriptors, reasons = [], [], []
         for structure in structures:
             try:
@@ -224,12 +253,14 @@ class BandGapSurrogate:
     def predict(self, structures: Sequence[Structure], chgnet: Sequence[ChgnetFeatures | None] | None = None,
                 ) -> list[GapPrediction]:
         """One GapPrediction per structure, in order (see `readings` for `chgnet`)."""
-        reasons, readings = self.readings(structures, chgnet)
+        chgnet = [None] * len(structures) if chgnet is None else list(chgnet)
+        reasons, readings = self.readings(structures, chgnet)  # fills in the CHGNet features it computes
         if not readings:
             return [GapPrediction(NAN, NAN, NAN, reason=reason) for reason in reasons]
         members = self.config.members
         p_metal_in, gap_in, gap_var = member_columns(readings, members)
-        mean, spread, p_metal, gated = combine(p_metal_in, gap_in, self.config, gap_var)
+        unrelaxed = self.config.unrelaxed([chgnet[i] for i, reason in enumerate(reasons) if reason is None])
+        mean, spread, p_metal, gated = combine(p_metal_in, gap_in, self.config, gap_var, unrelaxed)
         ok = iter(range(len(mean)))
         out = []
         for reason in reasons:
@@ -238,5 +269,6 @@ class BandGapSurrogate:
                 continue
             i = next(ok)
             own = {member: float(gated[i, j]) for j, member in enumerate(members)}
-            out.append(GapPrediction(float(mean[i]), float(spread[i]), float(p_metal[i]), **own))
+            out.append(GapPrediction(float(mean[i]), float(spread[i]), float(p_metal[i]), **own,
+                                     unrelaxed=bool(unrelaxed[i])))
         return out
