@@ -47,8 +47,8 @@ from crystallm_core.paths import SURROGATE_DIR, cache_dir, data_dir  # noqa: E40
 MEMBERS = ["head", "gnn", "gbm"]
 FORCE_RMS = (0.3, 0.5, 0.7, 1.0, 2.0)  # eV/Å
 STRESS_MAX = (2.0, 3.0, 5.0, 8.0, 12.0)  # GPa
-GRAPH_SHARE = (0.3, 0.5, 0.7)  # the graph models' share of the gap (GNN and LightGBM half each)
-GRAPH_METAL_SHARE = (0.2, 0.5)  # and of the metal vote
+GRAPH_SHARE = (0.3, 0.4, 0.5, 0.6, 0.7)  # the graph models' share of the gap (GNN and LightGBM half each)
+GRAPH_METAL_SHARE = (0.2, 0.35, 0.5, 0.65)  # and of the metal vote
 
 
 def labelled_rows(data: Path) -> dict[str, pd.DataFrame]:
