@@ -107,3 +107,11 @@ def test_a_reading_that_fails_in_the_batch_fails_only_its_structure(monkeypatch)
     monkeypatch.setattr(batch_relaxation, "efs_readings", fails_for_silicon)
     results = relax_batch(small_set(), RelaxSettings(max_steps=3))
     assert [isinstance(r, str) for r in results] == [False, False, True] and "no reading" in results[2]
+
+
+def test_batched_relaxation_works_inside_a_callers_inference_mode():
+    import torch
+
+    with torch.inference_mode():
+        results = relax_batch(small_set()[:1], RelaxSettings(max_steps=3))
+    assert not isinstance(results[0], str) and results[0].steps >= 1

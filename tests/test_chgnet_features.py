@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from prototypes import all_prototypes, fcc_cu, rocksalt_nacl
 from pymatgen.core import Lattice, Structure
 
@@ -85,3 +86,10 @@ def test_the_static_reading_says_how_far_from_equilibrium_a_structure_sits():
     with stability.quiet_chgnet():
         forces = model.predict_structure(displaced, task="ef")["f"]
     assert moved.features.force_rms == pytest.approx(np.sqrt((forces ** 2).sum(1).mean()), rel=1e-3)
+
+
+def test_readings_work_inside_a_callers_inference_mode():
+    """The app samples and scores under torch.inference_mode: the backward pass must still run."""
+    with torch.inference_mode():
+        [reading] = stability.static_readings([rocksalt_nacl()])
+    assert not isinstance(reading, str) and np.isfinite(reading.features.force_rms)

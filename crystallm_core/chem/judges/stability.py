@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 from pymatgen.core import Composition, Structure
 
 from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures, LayerCapture, structure_features
@@ -173,7 +174,6 @@ def efs_readings(model, graphs: list, crystal_features: bool = False) -> list[di
     differentiable graph for training (create_graph=True); at inference one pass over positions
     and strains together gives the same numbers for about half the cost (on 16 generated
     structures, about twice an energy-only forward: 0.8 vs 0.4 s on one thread)."""
-    import torch
     from chgnet.model.model import BatchedGraph
 
     model.eval()
@@ -206,7 +206,8 @@ def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> li
     layers = LayerCapture(model)
 
     def readings(batch: list[Structure]) -> list[ChgnetReading]:
-        graphs = [model.graph_converter(structure) for structure in batch]
+        with torch.inference_mode(False):  # graphs made in a caller's inference mode cannot be differentiated
+            graphs = [model.graph_converter(structure) for structure in batch]
         with layers.capture():
             predictions = efs_readings(model, graphs, crystal_features=True)
         atom_features = layers.per_structure([len(s) for s in batch])
