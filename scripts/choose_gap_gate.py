@@ -45,6 +45,7 @@ from crystallm_core.chem.judges.surrogates.generated_gap import CALIBRATION, spl
 from crystallm_core.paths import SURROGATE_DIR, cache_dir, data_dir  # noqa: E402
 
 MEMBERS = ["head", "gnn", "gbm"]
+SOURCES = ("generated", "wbm", "mp")
 FORCE_RMS = (0.3, 0.5, 0.7, 1.0, 2.0)  # eV/Å
 STRESS_MAX = (2.0, 3.0, 5.0, 8.0, 12.0)  # GPa
 GRAPH_SHARE = (0.3, 0.4, 0.5, 0.6, 0.7)  # the graph models' share of the gap (GNN and LightGBM half each)
@@ -90,16 +91,17 @@ def readings_of(rows: pd.DataFrame, surrogate: BandGapSurrogate) -> pd.DataFrame
 
 
 def read_all(folder: Path, data: Path) -> dict[str, pd.DataFrame]:
-    folder.mkdir(parents=True, exist_ok=True)
-    surrogate, tables = None, {}
-    for source, rows in labelled_rows(data).items():
-        path = folder / f"{source}.csv"
-        if not path.exists():
-            surrogate = surrogate or BandGapSurrogate.load(config=EnsembleConfig(MEMBERS))
-            print(f"reading {len(rows)} {source} rows", file=sys.stderr)
-            readings_of(rows, surrogate).to_csv(path, index=False)
-        tables[source] = pd.read_csv(path)
-    return tables
+    """Each source's readings, from its CSV in `folder`; the rows are parsed and read only if one is missing."""
+    paths = {source: folder / f"{source}.csv" for source in SOURCES}
+    missing = [source for source, path in paths.items() if not path.exists()]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        surrogate = BandGapSurrogate.load(config=EnsembleConfig(MEMBERS))
+        rows = labelled_rows(data)
+        for source in missing:
+            print(f"reading {len(rows[source])} {source} rows", file=sys.stderr)
+            readings_of(rows[source], surrogate).to_csv(paths[source], index=False)
+    return {source: pd.read_csv(path) for source, path in paths.items()}
 
 
 def gap_of(table: pd.DataFrame, config: EnsembleConfig) -> np.ndarray:

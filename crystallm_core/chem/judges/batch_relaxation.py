@@ -20,10 +20,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 from pymatgen.core import Structure
 
-from crystallm_core.chem.judges.stability import Relaxation, RelaxSettings, efs_readings, load_chgnet, quiet_chgnet
+from crystallm_core.chem.judges.stability import (
+    Relaxation,
+    RelaxSettings,
+    chgnet_graph,
+    efs_readings,
+    load_chgnet,
+    quiet_chgnet,
+)
 
 
 @dataclass
@@ -89,8 +95,7 @@ def read_batch(model, items: list[RelaxingStructure], batch_size: int) -> None:
     graphs, readable = [], []
     for item in items:
         try:
-            with torch.inference_mode(False):  # see stability.static_readings
-                graphs.append(model.graph_converter(plain_structure(item.atoms)))
+            graphs.append(chgnet_graph(model, plain_structure(item.atoms)))
             readable.append(item)
         except Exception as error:
             item.error = f"CHGNet relaxation failed: {error}"

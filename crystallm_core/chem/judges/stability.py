@@ -167,6 +167,14 @@ def graph_batches(structures: Sequence[Structure], batch_size: int) -> list[list
 STRESS_TO_GPA = 160.21766208  # eV/Å³ -> GPa, as CHGNet converts
 
 
+def chgnet_graph(model, structure: Structure):
+    """CHGNet's graph of a structure, made with inference mode off: `efs_readings` differentiates
+    through it, and tensors made in a caller's inference mode (the app samples and scores under
+    it) cannot be saved for a backward pass."""
+    with torch.inference_mode(False):
+        return model.graph_converter(structure)
+
+
 def efs_readings(model, graphs: list, crystal_features: bool = False) -> list[dict]:
     """Energy (eV/atom), forces (eV/Å) and stress (GPa) of each graph from ONE forward and ONE
     backward pass (with `crystal_features`, also CHGNet's pooled crystal feature "crystal_fea").
@@ -206,8 +214,7 @@ def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> li
     layers = LayerCapture(model)
 
     def readings(batch: list[Structure]) -> list[ChgnetReading]:
-        with torch.inference_mode(False):  # graphs made in a caller's inference mode cannot be differentiated
-            graphs = [model.graph_converter(structure) for structure in batch]
+        graphs = [chgnet_graph(model, structure) for structure in batch]
         with layers.capture():
             predictions = efs_readings(model, graphs, crystal_features=True)
         atom_features = layers.per_structure([len(s) for s in batch])

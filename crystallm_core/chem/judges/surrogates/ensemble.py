@@ -214,7 +214,10 @@ class BandGapSurrogate:
 
         `chgnet` holds each structure's `ChgnetFeatures` where already computed; the rest are computed
         here (one CHGNet forward each), and filled in when `chgnet` is a list."""
-        chgnet = chgnet if isinstance(chgnet, list) else [None] * len(structures) if chgnet is None else list(chgnet)
+        if chgnet is None:
+            chgnet = [None] * len(structures)
+        elif not isinstance(chgnet, list):
+            chgnet = list(chgnet)
         graphs, descriptors, reasons = [], [], []
         for structure in structures:
             try:
