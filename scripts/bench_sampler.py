@@ -26,11 +26,12 @@ import torch
 from transformers import DynamicCache
 
 from crystallm_core.lm.checkpoints import load_model
+from crystallm_core.lm.int8_linear import int8_enabled
 from crystallm_core.lm.model import CrystaLLMPKV
 from crystallm_core.lm.native_attention import native_attention
-from crystallm_core.lm.packed_linear import packed_linears
 from crystallm_core.lm.sampler import (
     SamplingSettings,
+    linear_layers,
     sample,
     step_milliseconds,
 )
@@ -127,6 +128,10 @@ def step_bytes(model: CrystaLLMPKV, rows: int) -> int:
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     element = next(model.parameters()).element_size()
+    if int8_enabled(model):  # the blocks' and the head's weights are read as one byte each
+        linear = model.lm_head.weight.numel() + sum(p.numel() for n, p in model.transformer.h.named_parameters()
+                                                    if p.dim() == 2)
+        weights -= linear * (element - 1)
     cache = 2 * cfg.n_layer * rows * (cfg.n_prefix_tokens + CACHED) * cfg.n_embd * element
     return weights + cache
 
@@ -169,10 +174,8 @@ def main() -> None:
           f"prepared in {warmed['seconds']:.1f} s; decode step at 16 rows by threads {warmed['step_ms']} ms: "
           f"the app would use {warmed['threads']}; step by rows {warmed['batch_ms']} ms: default batch size "
           f"{warmed['batch_size']}")
-    with torch.inference_mode():
-        packed = packed_linears(model, torch.zeros(1, dtype=dtype)) is not None
     print(f"attention: {'native kernel' if native_attention.available() else 'matmul fallback'}; linear layers: "
-          f"{'oneDNN-packed weights' if packed else 'plain'}")
+          f"{linear_layers(model)} (int8 step at 16 rows: {warmed['int8_step_ms']} ms)")
     print(app_defaults(loaded, args.seed))
     old = run_old(args.baseline_commit, args.slots, args.threads, args.seed) if args.baseline_commit else {}
     reference = load_model(dtype=torch.float32).model
@@ -180,7 +183,7 @@ def main() -> None:
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     for n in args.slots:
         print(f"{n} slots, {n} samples:")
-        ours = line(f"ours ({str(dtype).removeprefix('torch.')})", *run_ours(model, prompt_ids, n, args.seed))
+        ours = line(f"ours ({linear_layers(model)})", *run_ours(model, prompt_ids, n, args.seed))
         base = line("transformers generate (fp32)", *run_generate(reference, prompt_ids, n, args.seed))
         ratios = f"ours / generate {ours / base:.1f}x"
         if n in old:

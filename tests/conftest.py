@@ -18,6 +18,18 @@ def tiny_config(**overrides):
     return PKVConfig(**settings)
 
 
+def decode_two_rows(model, tokens, steps=3):
+    """Logits of a prefill (5 tokens) and a few decode steps of two rows, in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    cond = torch.tensor([[0.3, 0.1], [0.5, 0.0]], dtype=dtype)
+    cache = model.setup_cache(2, 32)
+    cache.write_prefix(torch.arange(2), model.conditioning(cond))
+    out = [model.forward_cached(tokens[:, :5].reshape(-1), torch.tensor([5, 5]), cache)]
+    for step in range(steps):
+        out.append(model.forward_cached(tokens[:, 5 + step], torch.tensor([1, 1]), cache))
+    return torch.stack(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer model in our safetensors format (seeded)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import decode_two_rows as decode
 from conftest import tiny_config
 
 from crystallm_core.lm import packed_linear
@@ -14,17 +15,6 @@ pytestmark = pytest.mark.skipif(not packed_linear.packing_available(), reason="t
 def bf16_model():
     torch.manual_seed(0)
     return CrystaLLMPKV(tiny_config()).eval().to(torch.bfloat16)
-
-
-def decode(model, tokens, steps=3):
-    """Logits of a prefill and a few decode steps of two rows."""
-    cond = torch.tensor([[0.3, 0.1], [0.5, 0.0]], dtype=torch.bfloat16)
-    cache = model.setup_cache(2, 32)
-    cache.write_prefix(torch.arange(2), model.conditioning(cond))
-    out = [model.forward_cached(tokens[:, :5].reshape(-1), torch.tensor([5, 5]), cache)]
-    for step in range(steps):
-        out.append(model.forward_cached(tokens[:, 5 + step], torch.tensor([1, 1]), cache))
-    return torch.stack(out)
 
 
 def test_packed_weights_give_the_plain_layers_logits(monkeypatch):

@@ -31,6 +31,7 @@ from transformers.activations import ACT2FN
 from crystallm_core.lm.kv_cache import StaticKVCache, query_groups
 from crystallm_core.lm.native_attention import native_attention
 from crystallm_core.lm.packed_batch import PackedBatch
+from crystallm_core.lm.int8_linear import Int8Linears, int8_linears
 from crystallm_core.lm.packed_linear import PackedLinears, packed_linears
 
 
@@ -209,7 +210,7 @@ class CrystaLLMPKV(GPT2LMHeadModel):
         # does exactly that; the fallback scatters the keys and batches tokens into padded groups.
         native = native_attention.supports(hidden, cache.keys[0])
         groups = None if native else query_groups(starts, counts, lengths, rows, cache_rows)
-        packed = packed_linears(self, hidden)
+        packed = packed_linears(self, hidden) or int8_linears(self, hidden)
         linear = packed or (lambda module, x: module(x))
         for layer, block in enumerate(tf.h):
             qkv = linear(block.attn.c_attn, block.ln_1(hidden))
@@ -227,8 +228,8 @@ class CrystaLLMPKV(GPT2LMHeadModel):
         last = tf.ln_f(hidden[starts + counts - 1])
         return (packed(self.lm_head, last) if packed else self.lm_head(last)).float()
 
-    def mlp(self, block: nn.Module, x: torch.Tensor, packed: PackedLinears | None) -> torch.Tensor:
-        """A block's MLP (inference): through packed weights, the tanh-GELU fused, where they serve."""
+    def mlp(self, block: nn.Module, x: torch.Tensor, packed: PackedLinears | Int8Linears | None) -> torch.Tensor:
+        """A block's MLP (inference): through packed (bf16) or int8 weights, the tanh-GELU fused, where they serve."""
         if packed is None:
             return block.mlp(x)
         if self.config.activation_function == "gelu_new":  # computed as gelu_pytorch_tanh (__init__)

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from crystallm_core.lm.conditions import PROPERTIES
+from crystallm_core.lm.int8_linear import enable_int8, int8_available, int8_enabled
 from crystallm_core.lm.model import CrystaLLMPKV
+from crystallm_core.lm.packed_linear import packing_available
 
 DEFAULT_BANNED_IDS = (370, 371, 372, 376)  # <unk> <pad> <bos> <prop>: never part of a CIF
 DECODINGS = ("constrained", "free")
@@ -104,8 +106,9 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     """The random stream of sample `index` of a call with `seed`: each sample draws from its own,
     so what it writes does not depend on the batch size, the slot it ran in, or its neighbours
     (a batch size measured per machine, or a campaign split across workers, changes nothing) —
-    up to the rounding of batched kernels: exact in the fp32 tests; in bf16 a draw that falls
-    within rounding of a token boundary can flip."""
+    up to the rounding of batched kernels: exact in the fp32 tests; in bf16, or with int8 layers
+    (whose activations are quantized over the whole step), a draw that falls within rounding of a
+    token boundary can flip."""
     state = np.random.SeedSequence([int(seed) % 2 ** 64, int(index)]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) >> 1)
 
@@ -237,8 +240,10 @@ def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
     (on a busy or shared machine one thread often wins: OpenMP threads wait on each other), and
     time them at each of BATCH_SIZES rows to set the
     default batch size: the smallest within BATCH_TOLERANCE of the best rows per second (more
-    slots than that only delay every structure).
-    Returns {"seconds", "threads", "step_ms": {threads: ms}, "batch_size", "batch_ms": {rows: ms}}."""
+    slots than that only delay every structure). An fp32 model on a CPU gets int8 linear layers
+    (`int8_linear`) where they make the step faster (CRYSTALLM_INT8=0: never).
+    Returns {"seconds", "threads", "step_ms": {threads: ms}, "int8_step_ms", "linear_layers",
+    "batch_size", "batch_ms": {rows: ms}}."""
     global measured_batch_size
     started = time.perf_counter()
     device = next(model.parameters()).device
@@ -249,12 +254,39 @@ def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
             torch.set_num_threads(threads)
             timings[threads] = step_milliseconds(model, rows=16, cached=120, capacity=121)
         torch.set_num_threads(min(timings, key=timings.get))
+    int8_ms = choose_int8(model, min(timings.values())) if timings else None
     batch_ms = {rows: step_milliseconds(model, rows=rows, cached=200, repeats=4, capacity=201) for rows in BATCH_SIZES}
     best = max(rows / ms for rows, ms in batch_ms.items())
     measured_batch_size = min(rows for rows, ms in batch_ms.items() if rows / ms >= BATCH_TOLERANCE * best)
     return {"seconds": round(time.perf_counter() - started, 2), "threads": torch.get_num_threads(),
-            "step_ms": {k: round(v, 2) for k, v in timings.items()}, "batch_size": measured_batch_size,
+            "step_ms": {k: round(v, 2) for k, v in timings.items()},
+            "int8_step_ms": None if int8_ms is None else round(int8_ms, 2), "linear_layers": linear_layers(model),
+            "batch_size": measured_batch_size,
             "batch_ms": {k: round(v, 2) for k, v in batch_ms.items()}}
+
+
+def choose_int8(model: CrystaLLMPKV, fp32_ms: float) -> float | None:
+    """Enable int8 linear layers for an fp32 model on a CPU if a decode step at 16 rows is faster
+    with them than `fp32_ms`; their step time, None where they were not tried. Their cost in the
+    model's distribution: KL 0.0001 nats per token (scripts/measure_int8.py)."""
+    enable_int8(model, False)
+    if next(model.parameters()).dtype != torch.float32 or not int8_available() \
+            or os.environ.get("CRYSTALLM_INT8", "1") == "0":
+        return None
+    enable_int8(model)
+    int8_ms = step_milliseconds(model, rows=16, cached=120, capacity=121)
+    enable_int8(model, int8_ms < fp32_ms)
+    return int8_ms
+
+
+def linear_layers(model: CrystaLLMPKV) -> str:
+    """How the model's products run here, for a run's manifest: "int8", "bf16 (oneDNN-packed)" or the dtype."""
+    dtype = next(model.parameters()).dtype
+    if int8_enabled(model):
+        return "int8 (fbgemm, dynamic)"
+    if dtype == torch.bfloat16 and next(model.parameters()).device.type == "cpu" and packing_available():
+        return "bf16 (oneDNN-packed)"
+    return str(dtype).removeprefix("torch.")
 
 
 @torch.inference_mode()

@@ -28,6 +28,7 @@ from crystallm_core.lm.sampler import (
     FinishedSample,
     SamplingSettings,
     batch_size_of,
+    linear_layers,
     sample,
     warm_up,
 )
@@ -137,10 +138,11 @@ def repairs_of(candidate: Candidate, request: GenerationRequest) -> list[dict]:
 
 
 def model_record(loaded: LoadedModel) -> dict:
-    """What a run records of its model: id, source, weights hash, size, dtype."""
+    """What a run records of its model: id, source, weights hash, size, dtype, and how its products
+    ran (int8 layers round differently from fp32: part of what reproduces a run)."""
     info = loaded.info
     return {"name": info.name, "source": info.source, "weights_sha256": info.weights_sha256,
-            "n_params": info.n_params, "dtype": info.dtype}
+            "n_params": info.n_params, "dtype": info.dtype, "linear_layers": linear_layers(loaded.model)}
 
 
 def new_run(loaded: LoadedModel, requests: list[GenerationRequest], kind: str = "generate",
