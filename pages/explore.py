@@ -86,7 +86,7 @@ def relaxation_panel(name: str, cif: str, structure) -> None:
     reports = st.session_state.setdefault("relaxations", {})
     limits = RelaxSettings()
     with st.expander("Relax with CHGNet", expanded=key in reports):
-        st.caption(f"A bounded FIRE relaxation of positions and cell within the written space group "
+        st.caption(f"A bounded relaxation (BFGS) of positions and cell within the written space group "
                    f"(at most {limits.max_steps} steps or {limits.max_seconds:g} s, fmax {limits.fmax} eV/Å). "
                    "Small changes mean the model wrote a structure near a local minimum.")
         if st.button("Relax", key="relax"):

@@ -123,7 +123,7 @@ def request_form(loaded, stats: dict | None) -> tuple[GenerationRequest, float] 
                      "again. The model's own CIF is kept; the rescaled one is offered beside it.")
             relax = st.checkbox(
                 "Relax valid structures with CHGNet (a few seconds each)", key="relax",
-                help="A bounded FIRE relaxation within the written space group, with the E_hull estimate "
+                help="A bounded relaxation (BFGS) within the written space group, with the E_hull estimate "
                      "before and after; also for structures that fail only on bond lengths. With best of K, "
                      "only the picked structures are relaxed, together (one CHGNet pass per step for all).")
         submitted = st.form_submit_button("Generate", type="primary")

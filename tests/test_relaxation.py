@@ -42,7 +42,7 @@ def test_cli_relax_writes_the_relaxed_cif(tmp_path, capsys):
     assert main(["relax", str(source)]) == 0
     printed = capsys.readouterr()
     out = printed.out
-    assert "relaxing nacl.cif" in printed.err and "step" in printed.err  # a bar over the FIRE steps
+    assert "relaxing nacl.cif" in printed.err and "step" in printed.err  # a bar over the optimiser steps
     assert "E_hull estimate" in out and "converged" in out
     assert parse_cif((tmp_path / "nacl_relaxed.cif").read_text()).composition.reduced_formula == "NaCl"
 

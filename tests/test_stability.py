@@ -65,3 +65,20 @@ def test_missing_hull_gives_error_not_exception(monkeypatch):
     monkeypatch.setattr(stability, "load_hull", no_hull)
     [est] = stability.estimate_stability([rocksalt_nacl().get_primitive_structure()])
     assert est.e_form_per_atom is not None and est.e_hull is None and "E_hull" in est.error
+
+
+@pytest.mark.parametrize("optimizer", ["BFGS", "FIRE"])
+def test_both_optimizers_relax_a_strained_cell(optimizer):
+    strained = rocksalt_nacl().get_primitive_structure()
+    strained.apply_strain(0.04)
+    settings = stability.RelaxSettings(max_steps=60, max_seconds=60, optimizer=optimizer)
+    relaxation = stability.relax_structure(strained, settings)
+    [before] = stability.static_readings([strained])
+    assert relaxation.converged and relaxation.steps <= 60
+    assert relaxation.structure.volume < strained.volume  # the 4 % stretch relaxes back
+    assert relaxation.energy_per_atom < before.energy_per_atom
+
+
+def test_an_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="unknown optimizer 'LBFGS'"):
+        stability.make_optimizer(None, stability.RelaxSettings(optimizer="LBFGS"))

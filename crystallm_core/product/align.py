@@ -99,7 +99,7 @@ def free_validity(loaded, settings: AlignSettings, round_index: int) -> float | 
 def relax_share(frame: pd.DataFrame, candidates, scorer: StructureScorer, settings: AlignSettings,
                 round_index: int) -> list[dict]:
     """Relax a random share of the valid samples together (`relax_and_check_many`: one CHGNet
-    forward per FIRE step for the batch, symmetry kept); each result re-checked and re-scored."""
+    forward per optimiser step for the batch, symmetry kept); each result re-checked and re-scored."""
     valid = frame.index[frame["valid"].astype(bool)].tolist()
     rng = np.random.default_rng([settings.seed, round_index, 7])
     picks = [valid[i] for i in rng.permutation(len(valid))[: settings.relax_per_round]]

@@ -6,7 +6,7 @@ arrives (the caller's scorer), then `finish` picks the N best by `chem.judges.ra
 the valid samples whose gap reading is within the hit tolerance of the target (all valid ones
 without a gap target). When fewer are within the tolerance, fewer are picked and the run
 says how many were: the list is not padded with misses. With `relax`, the picked structures
-are relaxed together (`repair.relax_many`: one CHGNet forward per FIRE step for all of them),
+are relaxed together (`repair.relax_many`: one CHGNet forward per optimiser step for all of them),
 re-checked and re-scored; the relaxed CIF is kept beside the model's own (repaired/).
 
 The pick uses the same band-gap head that then shows the hit: a ranked hit rate is what that

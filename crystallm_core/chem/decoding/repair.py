@@ -90,7 +90,7 @@ def relax(structure: Structure, report: ValidityReport, settings: RelaxSettings 
 
 def relax_many(structures: list[Structure], reports: list[ValidityReport],
                settings: RelaxSettings | None = None) -> list[Repair | None]:
-    """`relax` of many structures, relaxed together (one CHGNet forward per FIRE step for all)."""
+    """`relax` of many structures, relaxed together (one CHGNet forward per optimiser step for all)."""
     chosen = [i for i, (s, r) in enumerate(zip(structures, reports)) if relaxable(s, r)]
     repairs: list[Repair | None] = [None] * len(structures)
     try:

@@ -1,16 +1,16 @@
-"""Relax many structures together: one CHGNet forward for the whole batch at each FIRE step.
+"""Relax many structures together: one CHGNet forward for the whole batch at each optimiser step.
 
-`stability.relax_structure` relaxes one structure: ASE's FIRE over a (fast) FrechetCellFilter, with
+`stability.relax_structure` relaxes one structure: ASE's BFGS (or FIRE) over a (fast) FrechetCellFilter, with
 FixSymmetry keeping the written space group, CHGNet called once per step. On a CPU most of
 that call is fixed cost (Python, small tensor ops), so relaxing 16 structures one at a time pays
 it 16 times per step. Here every structure keeps its own ASE Atoms, constraint, filter and
-FIRE state (so each one follows exactly the steps it would follow alone), and the optimisers
-advance in lockstep: all still-running structures take their FIRE step, then ONE batched CHGNet
+optimiser state (so each one follows exactly the steps it would follow alone), and the optimisers
+advance in lockstep: all still-running structures take their step, then ONE batched CHGNet
 forward reads energies, forces and stresses at the new geometries and fills each one's
 calculator cache. A structure that converges (or fails) leaves the batch (its mask goes off);
 the rest go on until they converge or hit the step / time bound.
 
-Where a structure's cached reading does not match its geometry (FIRE never asks for that, but
+Where a structure's cached reading does not match its geometry (the optimisers never ask for that, but
 a constraint might), ASE simply computes it alone: results stay right, only slower.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from crystallm_core.chem.judges.stability import (
     chgnet_graph,
     efs_readings,
     load_chgnet,
+    make_optimizer,
     quiet_chgnet,
 )
 
@@ -37,7 +38,7 @@ class RelaxingStructure:
     """One structure of the batch: its ASE atoms, optimiser and where it stands."""
 
     atoms: object  # ase.Atoms with a CHGNetCalculator (its cache is filled by the batch)
-    optimizer: object  # ase.optimize.FIRE over a FastFrechetCellFilter
+    optimizer: object  # an ase.optimize optimiser (BFGS or FIRE) over a FastFrechetCellFilter
     steps: int = 0
     converged: bool = False
     error: str | None = None
@@ -50,7 +51,6 @@ class RelaxingStructure:
 def start(structure: Structure, settings: RelaxSettings, model) -> RelaxingStructure:
     """The ASE objects `relax_structure` builds for one structure, with their own calculator."""
     from ase.constraints import FixSymmetry
-    from ase.optimize import FIRE
     from chgnet.model.dynamics import CHGNetCalculator
     from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -60,9 +60,7 @@ def start(structure: Structure, settings: RelaxSettings, model) -> RelaxingStruc
     if settings.keep_symmetry:
         atoms.set_constraint(FixSymmetry(atoms, symprec=0.1, adjust_positions=True, adjust_cell=True))
     atoms.calc = CHGNetCalculator(model, use_device="cpu", on_isolated_atoms="error")
-    optimizer = FIRE(FastFrechetCellFilter(atoms), logfile=None)
-    optimizer.fmax = settings.fmax
-    return RelaxingStructure(atoms, optimizer)
+    return RelaxingStructure(atoms, make_optimizer(FastFrechetCellFilter(atoms), settings))
 
 
 def plain_structure(atoms) -> Structure:

@@ -6,7 +6,7 @@ wall time went to the filter rather than to CHGNet:
   inverse-scaling-and-squaring algorithm); a deformation gradient is a small, diagonalisable
   matrix near the identity, whose log an eigendecomposition gives in ~30 µs;
 - the filter's forces (the matrix log plus nine Fréchet derivatives) recomputed for the same
-  geometry: the convergence test and the FIRE step each ask for them, so they are kept until
+  geometry: the convergence test and the optimiser's step each ask for them, so they are kept until
   the atoms move.
 Same math, same steps: the relaxation's trajectory is unchanged up to rounding.
 """

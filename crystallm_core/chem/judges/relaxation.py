@@ -78,7 +78,7 @@ class RelaxationReport:
         r = self.relaxation
         stop = "converged" if r.converged else "stopped before converging"
         verdict = "valid" if self.validity.valid else "invalid: " + "; ".join(self.validity.failed_reasons[:2])
-        return (f"{r.steps} FIRE steps in {r.seconds:.1f} s ({stop}); volume {self.volume_change:+.1%}; "
+        return (f"{r.steps} steps in {r.seconds:.1f} s ({stop}); volume {self.volume_change:+.1%}; "
                 f"relaxed structure {verdict}")
 
 
@@ -110,7 +110,7 @@ def relax_and_check(structure: Structure, settings: RelaxSettings | None = None,
 def relax_and_check_many(structures: Sequence[Structure], settings: RelaxSettings | None = None,
                          batch_size: int = 16) -> list[RelaxationReport | str]:
     """`relax_and_check` of many structures, relaxed together (`batch_relaxation.relax_batch`:
-    one CHGNet forward per FIRE step for the batch); a structure that cannot be relaxed gets
+    one CHGNet forward per optimiser step for the batch); a structure that cannot be relaxed gets
     the reason instead."""
     results: list[RelaxationReport | str | None] = [None] * len(structures)
     todo = []

@@ -64,6 +64,21 @@ class RelaxSettings:
     max_seconds: float = 30.0
     fmax: float = 0.1  # eV/Å
     keep_symmetry: bool = True  # ASE FixSymmetry (symprec 0.1): relax within the written space group
+    # ASE's BFGS: on 48 generated structures 34 % fewer steps than FIRE, every one converged, and
+    # final energies equal or lower (median -0.3 meV/atom; model card, "Relaxation: the optimiser")
+    optimizer: str = "BFGS"  # or "FIRE"
+
+
+def make_optimizer(optimizable, settings: RelaxSettings):
+    """The ASE optimiser `settings` names, over `optimizable` (atoms or a cell filter), silent."""
+    from ase.optimize import BFGS, FIRE
+
+    optimizers = {"BFGS": BFGS, "FIRE": FIRE}
+    if settings.optimizer not in optimizers:
+        raise ValueError(f"unknown optimizer {settings.optimizer!r}: use one of {sorted(optimizers)}")
+    optimizer = optimizers[settings.optimizer](optimizable, logfile=None)
+    optimizer.fmax = settings.fmax
+    return optimizer
 
 
 @contextlib.contextmanager
@@ -239,7 +254,7 @@ def static_readings(structures: Sequence[Structure], batch_size: int = 16) -> li
 
 @dataclass
 class Relaxation:
-    """Where a bounded FIRE relaxation (positions and cell) ended."""
+    """Where a bounded relaxation (positions and cell) ended."""
 
     structure: Structure
     energy_per_atom: float  # eV/atom at the end
@@ -250,10 +265,9 @@ class Relaxation:
 
 def relax_structure(structure: Structure, settings: RelaxSettings | None = None,
                     on_step: Callable[[int], None] | None = None) -> Relaxation:
-    """FIRE relaxation of positions and cell with CHGNet, stopped at fmax, max_steps or max_seconds;
-    `on_step` gets the number of steps taken after each one."""
+    """Relaxation of positions and cell with CHGNet (`settings.optimizer`), stopped at fmax,
+    max_steps or max_seconds; `on_step` gets the number of steps taken after each one."""
     from ase.constraints import FixSymmetry
-    from ase.optimize import FIRE
     from chgnet.model.dynamics import CHGNetCalculator
     from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -267,7 +281,7 @@ def relax_structure(structure: Structure, settings: RelaxSettings | None = None,
     converged, steps = False, 0
     with quiet_chgnet():
         atoms.calc = CHGNetCalculator(load_chgnet(), use_device="cpu", on_isolated_atoms="error")
-        optimizer = FIRE(FastFrechetCellFilter(atoms), logfile=None)
+        optimizer = make_optimizer(FastFrechetCellFilter(atoms), settings)
         for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
             steps = optimizer.nsteps
             if on_step is not None:
