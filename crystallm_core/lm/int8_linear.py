@@ -8,7 +8,9 @@ four products per block ran 1.66x faster here (AVX2 EPYC, 1 thread: 5.6 vs 3.4 m
 weights are bf16, so they already carry only 8 significant bits.
 
 What it costs is measured, not assumed: `scripts/measure_int8.py` reads the fp32 model's own
-samples under both and prints the KL divergence per token and the step times side by side.
+samples under both and prints the KL divergence per token and the step times side by side
+(shipped model: KL 0.00009 nats per token; a whole decode step 1.68x faster at 16 rows, 1.37x
+at 64).
 Activations are quantized per call, over every row of the step, so a sample's rounding can
 depend on its neighbours in the batch (the random draws never do: `sampler.sample_generator`).
 
