@@ -31,9 +31,10 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model()
     started = time.perf_counter()
-    prepare_for_requests(loaded)
+    prepared = prepare_for_requests(loaded)
     default_scorer()  # the app loads the judges once per process, before the first request
-    print(f"model prepared and judges loaded in {time.perf_counter() - started:.1f} s")
+    print(f"model prepared and judges loaded in {time.perf_counter() - started:.1f} s; {prepared['threads']} torch "
+          f"thread(s), batch size {prepared['batch_size']}, linear layers {prepared['linear_layers']}")
 
     request = GenerationRequest(**best_of_counts(args.n, args.best_of), seed=args.seed, relax=args.relax)
     run = new_run(loaded, [request])
