@@ -16,6 +16,7 @@ from crystallm_core.product.service import (
     RESPONSE_CURVES,
     e_hull_steering_note,
     response_table,
+    variant_samples,
 )
 from crystallm_core.ui.charts import (
     best_of_figure,
@@ -115,7 +116,8 @@ else:
     if note:
         st.caption(note)
     st.dataframe(response_table(curves), hide_index=True)
-    st.caption(f"{curves['samples_per_point']} samples per target, seed {curves['seed']}, constrained decoding; "
+    st.caption(f"Curves: {variant_samples(curves, 'default')} samples per target (each variant's count is in its rows), "
+               f"seed {curves['seed']}, constrained decoding; "
                "medians over valid structures with 90 % bootstrap intervals. " + HULL_BIAS_NOTE)
     ranked = best_of_table(curves)
     st.subheader("What best of K buys (measured on the same targets)")

@@ -429,7 +429,7 @@ def test_model_page_shows_what_best_of_k_buys_on_the_same_targets(app_env, short
     monkeypatch.setenv("CRYSTALLM_MODEL_DIR", str(model_dir))
     at = new_app("pages/model.py")
     assert any("what best of K buys" in chart.proto.spec for chart in at.get("plotly_chart"))
-    ranked = [frame.value for frame in at.dataframe if "best of" in frame.value.columns][0]
+    ranked = [frame.value for frame in at.dataframe if "hit rate" in frame.value.columns][0]
     assert ranked.loc[ranked["variant"] == "best-of-4", "hit rate"].tolist() == [1.0, 0.375]
     assert "not a measurement" in messages(at.caption)
 

@@ -17,12 +17,15 @@ from crystallm_core.chem.judges.structure_info import (
 from crystallm_core.product.generation import GenerationRequest
 from crystallm_core.product.history import HistoryStore
 from crystallm_core.product.service import (
+    e_hull_steering_note,
     hit_rate_vs_tolerance,
+    response_table,
     run_table,
     space_group_choices,
     stored_run_zip,
     sweep_requests,
     sweep_summary,
+    variant_samples,
 )
 
 
@@ -107,3 +110,19 @@ def test_structure_description_and_xrd():
     peaks = xrd_pattern(rocksalt_nacl())
     strongest = peaks.loc[peaks["intensity"].idxmax()]
     assert strongest["two_theta"] == pytest.approx(31.7, abs=0.1) and strongest["hkl"] == "(2 0 0)"
+
+
+def test_response_curves_name_each_variants_own_sample_count():
+    """A file merged from runs of different sizes: the note and the table quote each variant's own."""
+    point = lambda target, median: {"target": target, "n": 96, "n_valid": 90, "median": [median, 0.0, 2.0],  # noqa: E731
+                                    "within_tolerance": 0.1}
+    sweep = {"points": [point(0.0, 1.1), point(0.5, 1.4)], "spearman": 0.2, "steers": True,
+             "median_difference_low_minus_high": [-0.3, -0.5, -0.1]}
+    settings = {"guidance_scale": 1.0, "guide": "all"}
+    curves = {"samples_per_point": 24, "seed": 1, "tolerance": {"e_hull": 0.1, "band_gap": 0.5},
+              "variants": {"default": {"settings": settings, "samples_per_point": 96, "e_hull_sweep": sweep},
+                           "best-of-8": {"settings": settings, "best_of": 8, "e_hull_sweep": sweep}}}
+    assert variant_samples(curves, "default") == 96 and variant_samples(curves, "best-of-8") == 24  # older: file's
+    assert "96 samples per target" in e_hull_steering_note(curves)
+    table = response_table(curves)
+    assert table.groupby("variant")["samples per target"].first().to_dict() == {"best-of-8": 24, "default": 96}

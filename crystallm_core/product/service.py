@@ -176,6 +176,11 @@ def space_group_choices() -> list[tuple[int, str]]:
 RESPONSE_CURVES = "response_curves.json"  # scripts/measure_response.py writes it into the model directory
 
 
+def variant_samples(curves: dict, name: str) -> int | None:
+    """Samples per target of one variant of a response_curves.json (older files: the file's count)."""
+    return (curves.get("variants", {}).get(name) or {}).get("samples_per_point", curves.get("samples_per_point"))
+
+
 def e_hull_steering_note(curves: dict | None) -> str | None:
     """What the measured response curves say about the E_hull slider (None: not measured)."""
     sweep = ((curves or {}).get("variants", {}).get("default") or {}).get("e_hull_sweep")
@@ -187,12 +192,11 @@ def e_hull_steering_note(curves: dict | None) -> str | None:
     measured = (f"median CHGNet E_hull estimate of valid structures {low['median'][0]:.2f} eV/atom at target "
                 f"{low['target']:g} vs {high['median'][0]:.2f} at {high['target']:g} (difference {difference:+.2f}, "
                 f"90 % interval {lower:+.2f} to {upper:+.2f}; Spearman ρ {sweep['spearman']:.2f}, "
-                f"{curves['samples_per_point']} samples per target)")
+                f"{variant_samples(curves, 'default')} samples per target)")
     if sweep.get("steers"):
         return f"Measured with default settings: {measured}."
     return (f"E_hull steering is not yet reliable for this model: {measured}. Lower targets do not give "
             "measurably more stable structures; see the Model page's response curves.")
-
 
 
 def response_table(curves: dict) -> pd.DataFrame:
@@ -202,7 +206,8 @@ def response_table(curves: dict) -> pd.DataFrame:
         sweep = variant.get("e_hull_sweep", {})
         for point in sweep.get("points", []):
             rows.append({"variant": name, "guidance": variant["settings"]["guidance_scale"],
-                         "guide": variant["settings"]["guide"], "E_hull target": point["target"],
+                         "guide": variant["settings"]["guide"], "best of": variant.get("best_of", 1),
+                         "samples per target": variant_samples(curves, name), "E_hull target": point["target"],
                          "valid": f"{point['n_valid']}/{point['n']}", "median E_hull": point["median"][0],
                          "median after relaxation": (point.get("median_relaxed") or [None])[0],
                          f"within ±{curves['tolerance']['e_hull']:g}": point["within_tolerance"],
