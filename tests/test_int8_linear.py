@@ -82,3 +82,11 @@ def test_int8_can_be_turned_off(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert not int8_linear.int8_enabled(model) and result["int8_step_ms"] is None
+
+
+def test_choose_int8_times_fp32_itself_when_not_given(monkeypatch):
+    """As `align` calls it, once per round's freshly loaded model."""
+    model = fp32_model()
+    monkeypatch.setattr(sampler, "step_milliseconds", lambda m, rows, **kw: 0.5 if int8_linear.int8_enabled(m) else 1.0)
+    assert sampler.choose_int8(model) == 0.5 and int8_linear.int8_enabled(model)
+    assert sampler.choose_int8(model.to(torch.bfloat16)) is None and not int8_linear.int8_enabled(model)

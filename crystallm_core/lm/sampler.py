@@ -265,14 +265,18 @@ def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
             "batch_ms": {k: round(v, 2) for k, v in batch_ms.items()}}
 
 
-def choose_int8(model: CrystaLLMPKV, fp32_ms: float) -> float | None:
+def choose_int8(model: CrystaLLMPKV, fp32_ms: float | None = None) -> float | None:
     """Enable int8 linear layers for an fp32 model on a CPU if a decode step at 16 rows is faster
-    with them than `fp32_ms`; their step time, None where they were not tried. Their cost in the
-    model's distribution: KL 0.0001 nats per token (scripts/measure_int8.py)."""
+    with them than in fp32 (`fp32_ms`, measured here when None); their step time, None where they
+    were not tried. Their cost in the model's distribution: KL 0.0001 nats per token
+    (scripts/measure_int8.py)."""
     enable_int8(model, False)
-    if next(model.parameters()).dtype != torch.float32 or not int8_available() \
+    device = next(model.parameters()).device
+    if next(model.parameters()).dtype != torch.float32 or device.type != "cpu" or not int8_available() \
             or os.environ.get("CRYSTALLM_INT8", "1") == "0":
         return None
+    if fp32_ms is None:
+        fp32_ms = step_milliseconds(model, rows=16, cached=120, capacity=121)
     enable_int8(model)
     int8_ms = step_milliseconds(model, rows=16, cached=120, capacity=121)
     enable_int8(model, int8_ms < fp32_ms)

@@ -51,7 +51,7 @@ from crystallm_core.lm.checkpoints import inference_dtype, load_model, load_mode
 from crystallm_core.lm.conditions import condition_vector
 from crystallm_core.lm.packed_batch import PackedBatch
 from crystallm_core.lm.preference import PreferencePair, preference_step
-from crystallm_core.lm.sampler import SamplingSettings
+from crystallm_core.lm.sampler import SamplingSettings, choose_int8, linear_layers
 from crystallm_core.lm.training import TrainConfig, condition_dropout, make_optimizer, training_step
 from crystallm_core.product.align_examples import (
     Example,
@@ -236,6 +236,7 @@ def align(out: Path, base: str | Path | None = None, settings: AlignSettings | N
             break
         round_start = time.perf_counter()
         loaded = load_model(current, dtype=inference_dtype("cpu"))
+        choose_int8(loaded.model)  # int8 products where they sample faster (an AVX2 CPU), as the app's warm-up
         n_samples = settings.cells_per_round * settings.samples_per_cell
         with tqdm(total=n_samples, desc=f"round {r} samples", unit="cif", leave=False) as samples_bar:
             run = sample_round(loaded, settings, r, lambda: samples_bar.update(1), should_stop)
@@ -255,6 +256,7 @@ def align(out: Path, base: str | Path | None = None, settings: AlignSettings | N
         pairs = preference_pairs(frame, tokens, settings) if reference is not None else []
         report = round_report(frame, relaxed, examples, free_valid)
         report["examples"]["preference_pairs"] = len(pairs)
+        report["linear_layers"] = linear_layers(loaded.model)  # how this round sampled
         state["first_vun"] = report["valid_unique_novel"] if state["first_vun"] is None else state["first_vun"]
         state["first_variety"] = state.get("first_variety") or report["prototype_variety"]
         vun = pooled_vun([*state["rounds"][1:], report], settings.guard_window)  # round 0 is the base model
