@@ -31,9 +31,11 @@ from crystallm_core.lm.packed_linear import block_linears, weights_version
 
 @functools.cache
 def int8_available() -> bool:
-    """fbgemm's int8 products exist in this torch build (x86 with AVX2 or newer)."""
+    """fbgemm's int8 products exist in this torch build (x86 with AVX2 or newer; torch marks these
+    operators deprecated, so a build without them simply samples in fp32)."""
     try:
-        return "fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_avx2_supported()
+        return ("fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_avx2_supported()
+                and all(hasattr(torch.ops.quantized, op) for op in ("linear_prepack", "linear_dynamic")))
     except (AttributeError, RuntimeError):
         return False
 
