@@ -26,7 +26,7 @@ import weakref
 import torch
 from torch import nn
 
-from crystallm_core.lm.packed_linear import block_linears, weights_version
+from crystallm_core.lm.packed_linear import LinearCopies
 
 
 @functools.cache
@@ -40,33 +40,18 @@ def int8_available() -> bool:
         return False
 
 
-def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> object:
-    """fbgemm's packed int8 form of an (out, in) weight: one symmetric scale per output row."""
-    weight = weight.detach().float().contiguous()
-    scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-    with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; fbgemm still takes them
-        warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated", category=UserWarning)
-        quantized = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
-                                               torch.qint8)
-    return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
-
-
-class Int8Linears:
+class Int8Linears(LinearCopies):
     """Int8 weights of a GPT-2 transformer's Conv1D layers and LM head (see the module docstring)."""
 
-    def __init__(self, model: nn.Module):
-        self.layers, self.head = block_linears(model), model.lm_head
-        self.version: tuple = ()
-        self.packed: dict[int, object] = {}
-
-    def refresh(self) -> None:
-        """Quantize again if any weight was replaced or changed in place since the last time."""
-        version = weights_version([*self.layers, self.head])
-        if version != self.version:
-            # GPT-2's Conv1D keeps its weight as (in, out); fbgemm wants the (out, in) matrix.
-            self.packed = {id(m): quantize_weight(m.weight.t(), m.bias) for m in self.layers}
-            self.packed[id(self.head)] = quantize_weight(self.head.weight, self.head.bias)
-            self.version = version
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> object:
+        """fbgemm's packed int8 form of an (out, in) weight: one symmetric scale per output row."""
+        weight = weight.detach().float().contiguous()
+        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; fbgemm still takes them
+            warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated", category=UserWarning)
+            quantized = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
+                                                   torch.qint8)
+        return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
 
     def __call__(self, module: nn.Module, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
         """module(x), then the tanh-approximated GELU if asked. reduce_range: 7-bit activations keep

@@ -38,38 +38,38 @@ def version_of(weight: torch.Tensor) -> int:
     return -1 if weight.is_inference() else weight._version
 
 
-def block_linears(model: nn.Module) -> list[nn.Module]:
-    """A GPT-2 transformer's Conv1D layers, four per block, in order."""
-    return [m for block in model.transformer.h
-            for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
-
-
-def weights_version(modules: list[nn.Module]) -> tuple:
-    """Which tensors the modules' weights are and how often each was changed in place: a copy
-    made from them is current while this stays the same."""
-    weights = [m._parameters["weight"] for m in modules]  # (no Module.__getattr__: every step)
-    return tuple((w.data_ptr(), version_of(w)) for w in weights)
-
-
-class PackedLinears:
-    """Packed weights of a GPT-2 transformer's Conv1D layers and LM head (see the module docstring)."""
+class LinearCopies:
+    """Copies of a GPT-2 transformer's Conv1D weights and LM head in a faster form (`pack`: this
+    module's oneDNN layout, or `int8_linear`'s int8), made again whenever a weight is replaced or
+    changed in place, so they never serve stale weights."""
 
     def __init__(self, model: nn.Module):
-        self.layers, self.head = block_linears(model), model.lm_head
+        self.layers = [m for block in model.transformer.h
+                       for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+        self.head = model.lm_head
         self.version: tuple = ()
-        self.packed: dict[int, torch.Tensor] = {}
+        self.packed: dict[int, object] = {}
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> object:
+        """The faster form of one (out, in) weight and its bias."""
+        raise NotImplementedError
 
     def refresh(self) -> None:
         """Pack again if any weight was replaced or changed in place since the last packing."""
-        version = weights_version([*self.layers, self.head])
+        weights = [m._parameters["weight"] for m in [*self.layers, self.head]]  # (no Module.__getattr__: every step)
+        version = tuple((w.data_ptr(), version_of(w)) for w in weights)
         if version != self.version:
-            # GPT-2's Conv1D keeps its weight as (in, out); oneDNN packs the (out, in) matrix.
-            self.packed = {id(m): self.pack(m.weight.t()) for m in self.layers}
-            self.packed[id(self.head)] = self.pack(self.head.weight)
+            # GPT-2's Conv1D keeps its weight as (in, out); both packings take the (out, in) matrix.
+            self.packed = {id(m): self.pack(m.weight.t(), m.bias) for m in self.layers}
+            self.packed[id(self.head)] = self.pack(self.head.weight, self.head.bias)
             self.version = version
 
-    @staticmethod
-    def pack(weight: torch.Tensor) -> torch.Tensor:
+
+class PackedLinears(LinearCopies):
+    """Packed weights of a GPT-2 transformer's Conv1D layers and LM head (see the module docstring)."""
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # the bias stays apart: the fused product adds it at call time
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 32)  # 32: a batch-size hint
 
     def __call__(self, module: nn.Module, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:

@@ -252,7 +252,7 @@ def warm_up(model: CrystaLLMPKV, max_threads: int | None = None) -> dict:
         cores = max_threads or os.cpu_count() or 1
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
-            timings[threads] = step_milliseconds(model, rows=16, cached=120, capacity=121)
+            timings[threads] = probe_step_ms(model)
         torch.set_num_threads(min(timings, key=timings.get))
     int8_ms = choose_int8(model, min(timings.values())) if timings else None
     batch_ms = {rows: step_milliseconds(model, rows=rows, cached=200, repeats=4, capacity=201) for rows in BATCH_SIZES}
@@ -276,9 +276,9 @@ def choose_int8(model: CrystaLLMPKV, fp32_ms: float | None = None) -> float | No
             or os.environ.get("CRYSTALLM_INT8", "1") == "0":
         return None
     if fp32_ms is None:
-        fp32_ms = step_milliseconds(model, rows=16, cached=120, capacity=121)
+        fp32_ms = probe_step_ms(model)
     enable_int8(model)
-    int8_ms = step_milliseconds(model, rows=16, cached=120, capacity=121)
+    int8_ms = probe_step_ms(model)
     enable_int8(model, int8_ms < fp32_ms)
     return int8_ms
 
@@ -291,6 +291,12 @@ def linear_layers(model: CrystaLLMPKV) -> str:
     if dtype == torch.bfloat16 and next(model.parameters()).device.type == "cpu" and packing_available():
         return "bf16 (oneDNN-packed)"
     return str(dtype).removeprefix("torch.")
+
+
+def probe_step_ms(model: CrystaLLMPKV) -> float:
+    """The warm-up's yardstick for choosing threads and int8 layers: a decode step of 16 rows over
+    120 cached tokens (short, so preparing a model stays quick)."""
+    return step_milliseconds(model, rows=16, cached=120, capacity=121)
 
 
 @torch.inference_mode()
