@@ -16,7 +16,8 @@ settings; `guide-e_hull` (guidance 2 contrasting E_hull with "E_hull unknown" on
 (guidance 2 against both unknown); `best-of-4` and `best-of-8`, the ranked variants: n × K
 samples per point, all scored, the n best picked by `product.best_of` (chem/judges/ranking.py's
 score, only samples whose gap reading is within tolerance; fewer when fewer are) and the
-statistics taken over the picked ones. `hit_rate` is hits over the n asked for (over all n
+statistics taken over the picked ones (where n × K exceeds a request's limit, the point is
+sampled as equal parts, seeds seed, seed + 1, ..., each picked on its own). `hit_rate` is hits over the n asked for (over all n
 samples for the unranked variants, as the paper counts). The ranked hit rate is what the same
 gap head predicts, not a measurement. The results feed the Model page and the model card.
 
@@ -41,6 +42,7 @@ from crystallm_core.paths import DEFAULT_MODEL_DIR
 from crystallm_core.product.best_of import best_of_counts, pick
 from crystallm_core.product.evaluate import score_candidates
 from crystallm_core.product.generation import GenerationRequest, generate
+from crystallm_core.product.server_settings import server_settings
 from crystallm_core.product.service import DEFAULT_SAMPLING
 
 E_HULL_TARGETS = (0.0, 0.05, 0.1, 0.25, 0.5)  # eV/atom, at FIXED_GAP
@@ -75,24 +77,39 @@ def difference_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, 
             round(float(np.quantile(boots, 0.95)), 4)]
 
 
+def request_parts(n: int, best_of: int, limit: int) -> list[int]:
+    """How many structures each request of a point delivers: one request where n × best_of
+    samples fit a request's limit, else equal parts that do (each its own seed, picked on its own)."""
+    per_request = max(1, limit // best_of)
+    parts = -(-n // per_request)
+    return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
+
+
 def measure_point(loaded, scorer: StructureScorer, band_gap: float, e_hull: float, n: int, seed: int,
                   settings, n_relax: int, best_of: int = 1) -> dict:
     """One target pair: sample (n × best_of, keeping the n best), score, relax the first few."""
     started = time.perf_counter()
-    request = GenerationRequest(band_gap=band_gap, e_hull=e_hull, seed=seed, settings=settings,
-                                **best_of_counts(n, best_of))
-    run = generate(loaded, request)
-    sampled = time.perf_counter() - started
-    valid = [c for c in run.candidates if c.valid]
-    score_candidates(valid, scorer)
-    point = {"band_gap_target": band_gap, "e_hull_target": e_hull, "n": n, "n_valid": len(valid)}
-    if best_of > 1:
-        run.settings["hit_tolerance"] = TOLERANCE["band_gap"]
-        summary = pick(run, run.candidates, n, band_gap)
-        valid = [c for c in run.candidates if c.pick["picked"]]
-        point.update(n_sampled=len(run.candidates), n_valid=len(valid), n_sampled_valid=summary["valid"],
-                     n_within_tolerance=summary["within_tolerance"])
-    scored = time.perf_counter() - started - sampled
+    sampled = scored = 0.0
+    valid, point = [], {"band_gap_target": band_gap, "e_hull_target": e_hull, "n": n, "n_valid": 0}
+    for k, part in enumerate(request_parts(n, best_of, server_settings().max_structures)):
+        request = GenerationRequest(band_gap=band_gap, e_hull=e_hull, seed=seed + k, settings=settings,
+                                    **best_of_counts(part, best_of))
+        begun = time.perf_counter()
+        run = generate(loaded, request)
+        sampled += time.perf_counter() - begun
+        begun = time.perf_counter()
+        mine = [c for c in run.candidates if c.valid]
+        score_candidates(mine, scorer)
+        if best_of > 1:
+            run.settings["hit_tolerance"] = TOLERANCE["band_gap"]
+            summary = pick(run, run.candidates, part, band_gap)
+            mine = [c for c in run.candidates if c.pick["picked"]]
+            for key, value in (("n_sampled", len(run.candidates)), ("n_sampled_valid", summary["valid"]),
+                               ("n_within_tolerance", summary["within_tolerance"])):
+                point[key] = point.get(key, 0) + value
+        scored += time.perf_counter() - begun
+        valid += mine
+    point["n_valid"] = len(valid)
     chosen = valid[:n_relax]
     repairs = relax_many([c.structure for c in chosen], [c.report for c in chosen]) if chosen else []
     relaxed = [r.details["e_hull_after"] for r in repairs if r is not None and r.details.get("e_hull_after") is not None]

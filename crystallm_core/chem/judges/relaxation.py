@@ -20,7 +20,7 @@ from pymatgen.core import Structure
 from tqdm import tqdm
 
 from crystallm_core.chem.cif.cif_format import structure_to_model_cif
-from crystallm_core.chem.judges.batch_relaxation import relax_batch
+from crystallm_core.chem.judges.relaxation_workers import relax_on_cores
 from crystallm_core.chem.judges.crowding import chgnet_problem
 from crystallm_core.chem.judges.isolation import check_sample
 from crystallm_core.chem.judges.stability import (
@@ -110,8 +110,8 @@ def relax_and_check(structure: Structure, settings: RelaxSettings | None = None,
 def relax_and_check_many(structures: Sequence[Structure], settings: RelaxSettings | None = None,
                          batch_size: int = 16) -> list[RelaxationReport | str]:
     """`relax_and_check` of many structures, relaxed together (`batch_relaxation.relax_batch`:
-    one CHGNet forward per optimiser step for the batch); a structure that cannot be relaxed gets
-    the reason instead."""
+    one CHGNet forward per optimiser step for the batch, its shares on every core:
+    `relaxation_workers`); a structure that cannot be relaxed gets the reason instead."""
     results: list[RelaxationReport | str | None] = [None] * len(structures)
     todo = []
     for i, structure in enumerate(structures):
@@ -122,7 +122,7 @@ def relax_and_check_many(structures: Sequence[Structure], settings: RelaxSetting
             todo.append(i)
     chosen = [structures[i] for i in todo]
     befores = estimate_stability(chosen, batch_size=batch_size)
-    for i, before, relaxation in zip(todo, befores, relax_batch(chosen, settings, batch_size)):
+    for i, before, relaxation in zip(todo, befores, relax_on_cores(chosen, settings, batch_size)):
         results[i] = relaxation if isinstance(relaxation, str) else checked_report(structures[i], before, relaxation)
     return results
 

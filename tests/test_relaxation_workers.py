@@ -1,0 +1,68 @@
+"""Relaxation on every core (chem/judges/relaxation_workers.py): shares in worker processes, the
+same results as one batch, and a failed worker costs no structure its relaxation."""
+from __future__ import annotations
+
+import pytest
+from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
+from pymatgen.core import Structure
+
+from crystallm_core.chem.judges import relaxation_workers
+from crystallm_core.chem.judges.batch_relaxation import relax_batch
+from crystallm_core.chem.judges.isolation import Outcome
+from crystallm_core.chem.judges.relaxation_workers import relax_on_cores, split_by_sites
+from crystallm_core.chem.judges.stability import Relaxation, RelaxSettings
+
+ENERGY_TOLERANCE = 0.002  # eV/atom, as tests/test_batch_relaxation.py
+
+
+def strained_set() -> list[Structure]:
+    structures = [rocksalt_nacl(), rutile_tio2(), diamond_si(), rocksalt_nacl()]
+    for structure, strain in zip(structures, (-0.05, 0.03, -0.02, 0.04)):
+        structure.apply_strain(strain)
+    return structures
+
+
+def test_shares_balance_sites_and_keep_every_index():
+    sizes = [12, 2, 6, 6, 2, 8]
+    structures = [Structure.from_spacegroup("Pm-3m", [[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]], ["Na"], [[0, 0, 0]])
+                  for _ in sizes]
+    for structure, n in zip(structures, sizes):
+        structure.make_supercell([n, 1, 1])
+    shares = split_by_sites(structures, 2)
+    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in share) for share in shares]
+    assert loads == [18, 18]
+    assert split_by_sites(structures[:1], 3) == [[0]]  # no empty shares
+
+
+def test_two_processes_relax_like_one_batch():
+    settings = RelaxSettings(max_steps=30, max_seconds=1e6)
+    together = relax_batch(strained_set(), settings)
+    on_cores = relax_on_cores(strained_set(), settings, processes=2)
+    assert len(on_cores) == len(together)
+    for a, b in zip(together, on_cores):
+        assert isinstance(b, Relaxation)
+        assert b.energy_per_atom == pytest.approx(a.energy_per_atom, abs=ENERGY_TOLERANCE)
+        assert b.steps == a.steps and b.converged == a.converged
+        assert b.structure.composition == a.structure.composition
+
+
+class BrokenWorker:
+    def call(self, argument, time_limit=None):
+        return Outcome(None, "crashed (signal 9: SIGKILL)")
+
+
+def test_a_failed_worker_share_is_relaxed_here(monkeypatch):
+    monkeypatch.setattr(relaxation_workers, "worker", lambda i: BrokenWorker())
+    results = relax_on_cores(strained_set(), RelaxSettings(max_steps=5), processes=2)
+    assert all(isinstance(r, Relaxation) and r.steps >= 1 for r in results)
+    assert [len(r.structure) for r in results] == [len(s) for s in strained_set()]
+
+
+def test_one_structure_or_one_process_stays_in_this_process(monkeypatch):
+    def no_worker(i):
+        raise AssertionError("a worker was used")
+
+    monkeypatch.setattr(relaxation_workers, "worker", no_worker)
+    assert isinstance(relax_on_cores(strained_set()[:1], RelaxSettings(max_steps=2), processes=4)[0], Relaxation)
+    assert len(relax_on_cores(strained_set(), RelaxSettings(max_steps=2), processes=1)) == 4
