@@ -1,5 +1,5 @@
-"""Relaxation on every core (chem/judges/relaxation_workers.py): shares in worker processes, the
-same results as one batch, and a failed worker costs no structure its relaxation."""
+"""Relaxation on every core (chem/judges/relaxation_workers.py): chunks handed to worker processes,
+the same results as one batch, and a failed worker costs no structure its relaxation."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from pymatgen.core import Structure
 from crystallm_core.chem.judges import relaxation_workers
 from crystallm_core.chem.judges.batch_relaxation import relax_batch
 from crystallm_core.chem.judges.isolation import Outcome
-from crystallm_core.chem.judges.relaxation_workers import relax_on_cores, split_by_sites
+from crystallm_core.chem.judges.relaxation_workers import guided_chunks, relax_on_cores
 from crystallm_core.chem.judges.stability import Relaxation, RelaxSettings
 
 ENERGY_TOLERANCE = 0.002  # eV/atom, as tests/test_batch_relaxation.py
@@ -22,17 +22,17 @@ def strained_set() -> list[Structure]:
     return structures
 
 
-def test_shares_balance_sites_and_keep_every_index():
-    sizes = [12, 2, 6, 6, 2, 8]
+def test_guided_chunks_shrink_and_keep_every_index():
+    sizes = [12, 2, 6, 6, 2, 8, 4, 4, 10, 1]
     structures = [Structure.from_spacegroup("Pm-3m", [[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]], ["Na"], [[0, 0, 0]])
                   for _ in sizes]
     for structure, n in zip(structures, sizes):
         structure.make_supercell([n, 1, 1])
-    shares = split_by_sites(structures, 2)
-    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
-    loads = [sum(sizes[i] for i in share) for share in shares]
-    assert loads == [18, 18]
-    assert split_by_sites(structures[:1], 3) == [[0]]  # no empty shares
+    chunks = guided_chunks(structures, 2)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(sizes)))
+    assert [len(chunk) for chunk in chunks] == [3, 2, 2, 1, 1, 1]  # a quarter of what is left, rounded up
+    assert chunks[0] == [0, 5, 8]  # the largest first
+    assert guided_chunks(structures[:1], 3) == [[0]]
 
 
 def test_two_processes_relax_like_one_batch():

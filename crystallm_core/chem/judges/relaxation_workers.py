@@ -3,18 +3,19 @@
 `batch_relaxation.relax_batch` runs CHGNet and the ASE optimisers in one Python process. A
 CHGNet forward over a batch of generated structures is many small tensor ops and the optimisers
 are Python, so a second torch thread buys almost nothing (16 structures: 23.9 s at one thread,
-22.4 s at two). Separate processes do: the structures are split into shares of about equal size
-(sites), this process relaxes one share with one torch thread and each other share goes to a
-long-lived worker process (`isolation.IsolatedWorker`: started on first use, CHGNet loaded
-once there, replaced if it dies), all at the same time. A share a worker cannot relax (it crashed,
-overran its time or memory ceiling, or could not start) is relaxed here afterwards: no structure
-loses its relaxation to a worker. Each structure follows the steps it would follow alone, so the
+22.4 s at two). Separate processes do: the structures are handed out in chunks (`guided_chunks`),
+this process relaxes one chunk at a time with one torch thread and each long-lived worker process
+(`isolation.IsolatedWorker`: started on first use, CHGNet loaded once there, replaced if it dies)
+does the same, each taking the next chunk when it finishes one. A chunk a worker cannot relax (it
+crashed, overran its time or memory ceiling, or could not start) is relaxed here at the end: no
+structure loses its relaxation to a worker. Each structure follows the steps it would follow alone, so the
 results are those of `relax_batch` up to rounding.
 """
 from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -57,16 +58,20 @@ def default_processes() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def split_by_sites(structures: Sequence[Structure], parts: int) -> list[list[int]]:
-    """Indices of `structures` in `parts` shares of about equal total sites (largest first, each
-    to the lightest share): a CHGNet step costs about the same per site."""
-    shares: list[list[int]] = [[] for _ in range(parts)]
-    loads = [0] * parts
-    for i in sorted(range(len(structures)), key=lambda i: -len(structures[i])):
-        lightest = loads.index(min(loads))
-        shares[lightest].append(i)
-        loads[lightest] += len(structures[i])
-    return [sorted(share) for share in shares if share]
+def guided_chunks(structures: Sequence[Structure], processes: int) -> list[list[int]]:
+    """Indices of `structures` in chunks that shrink as the work runs out (OpenMP's "guided"
+    schedule): each chunk a 1/(2 × processes) share of the structures not yet handed out, the
+    largest structures first. A structure's steps are not known before it is relaxed (2 to 46 for
+    16 generated ones), so shares fixed up front finish far apart (5.1 vs 12.7 s); processes that
+    take the next chunk when they finish one end together, and the large first chunks keep most of
+    the batching."""
+    order = sorted(range(len(structures)), key=lambda i: -len(structures[i]))
+    chunks = []
+    while order:
+        size = max(1, -(-len(order) // (2 * processes)))
+        chunks.append(sorted(order[:size]))
+        order = order[size:]
+    return chunks
 
 
 @contextmanager
@@ -81,36 +86,50 @@ def torch_threads(count: int) -> Iterator[None]:
 
 def relax_on_cores(structures: Sequence[Structure], settings: RelaxSettings | None = None,
                    batch_size: int = 16, processes: int | None = None) -> list[Relaxation | str]:
-    """`relax_batch` of `structures`, their shares relaxed at once by `processes` processes
-    (default: one per core, at most one per MIN_SHARE structures; 1: all here)."""
+    """`relax_batch` of `structures`, in `guided_chunks` taken by `processes` processes as each
+    finishes its last (default: one per core, at most one per MIN_SHARE structures; 1: all here)."""
     settings = settings or RelaxSettings()
     processes = min(processes or default_processes(), max(len(structures) // MIN_SHARE, 1))
     if processes <= 1:
         return relax_batch(structures, settings, batch_size)
-    here, *elsewhere = split_by_sites(structures, processes)
-    outcomes: list[Outcome | None] = [None] * len(elsewhere)
+    chunks = deque(guided_chunks(structures, processes))
+    lock = threading.Lock()
+    results: list[Relaxation | str | None] = [None] * len(structures)
+    failed: list[list[int]] = []  # chunks a worker could not relax: relaxed here at the end
 
-    def run(k: int, share: list[int]) -> None:
-        bound = settings.max_seconds * len(share) + WORKER_START_SECONDS
-        argument = ([structures[i] for i in share], settings, batch_size)
-        try:
-            outcomes[k] = worker(k).call(argument, time_limit=bound)
-        except Exception as error:  # the worker could not start
-            outcomes[k] = Outcome(None, f"could not start: {error}")
+    def next_chunk() -> list[int] | None:
+        with lock:
+            return chunks.popleft() if chunks else None
 
-    threads = [threading.Thread(target=run, args=(k, share), daemon=True) for k, share in enumerate(elsewhere)]
+    def store(chunk: list[int], relaxed: list) -> None:
+        for i, result in zip(chunk, relaxed):
+            results[i] = result
+
+    def relax_here(chunk: list[int]) -> None:
+        store(chunk, relax_batch([structures[i] for i in chunk], settings, batch_size))
+
+    def feed(k: int) -> None:
+        while (chunk := next_chunk()) is not None:
+            bound = settings.max_seconds * len(chunk) + WORKER_START_SECONDS
+            try:
+                outcome = worker(k).call(([structures[i] for i in chunk], settings, batch_size), time_limit=bound)
+            except Exception as error:  # the worker could not start
+                outcome = Outcome(None, f"could not start: {error}")
+            if outcome.error is None and len(outcome.value) == len(chunk):
+                store(chunk, outcome.value)
+            else:
+                with lock:
+                    failed.append(chunk)
+                return  # this worker is gone: the others and this process take the rest
+
+    threads = [threading.Thread(target=feed, args=(k,), daemon=True) for k in range(processes - 1)]
     for thread in threads:
         thread.start()
-    results: list[Relaxation | str | None] = [None] * len(structures)
     with torch_threads(1):
-        for i, result in zip(here, relax_batch([structures[i] for i in here], settings, batch_size)):
-            results[i] = result
+        while (chunk := next_chunk()) is not None:
+            relax_here(chunk)
         for thread in threads:
             thread.join()
-        for share, outcome in zip(elsewhere, outcomes):
-            relaxed = outcome.value if outcome is not None and outcome.error is None else None
-            if relaxed is None or len(relaxed) != len(share):  # the worker failed: relax its share here
-                relaxed = relax_batch([structures[i] for i in share], settings, batch_size)
-            for i, result in zip(share, relaxed):
-                results[i] = result
+        for chunk in failed:
+            relax_here(chunk)
     return results
