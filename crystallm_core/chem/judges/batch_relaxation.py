@@ -29,6 +29,7 @@ from crystallm_core.chem.judges.stability import (
     efs_readings,
     load_chgnet,
     make_optimizer,
+    one_blas_thread,
     quiet_chgnet,
 )
 
@@ -129,7 +130,7 @@ def relax_batch(structures: Sequence[Structure], settings: RelaxSettings | None 
     model = load_chgnet()
     started = time.perf_counter()
     items: list[RelaxingStructure | str] = []
-    with quiet_chgnet():
+    with quiet_chgnet(), one_blas_thread():
         for structure in structures:
             try:
                 items.append(start(structure, settings, model))

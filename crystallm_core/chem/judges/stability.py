@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 from pymatgen.core import Composition, Structure
+from threadpoolctl import threadpool_limits
 
 from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures, LayerCapture, structure_features
 from crystallm_core.chem.judges.crowding import CrowdingLimits, graph_size
@@ -86,6 +87,17 @@ def quiet_chgnet():
     """CHGNet prints banners ("CHGNet will run on cpu") and a torch warning on every call."""
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+        yield
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """NumPy's BLAS on one thread while relaxing. OpenBLAS starts a thread per core, and the
+    optimisers' linear algebra is small (BFGS diagonalises a 3N+9 Hessian every step): its
+    threads spin more than they compute. On a 2-core CPU with torch at 2 threads, 6 generated
+    structures relaxed one at a time took 14.0 s with OpenBLAS at 2 threads, 6.1 s at one; 16
+    together 18.4 vs 13.0 s (scripts/bench_relax.py's structures, 2026-12-06)."""
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
 
 
@@ -279,7 +291,7 @@ def relax_structure(structure: Structure, settings: RelaxSettings | None = None,
         atoms.set_constraint(FixSymmetry(atoms, symprec=0.1, adjust_positions=True, adjust_cell=True))
     start = time.perf_counter()
     converged, steps = False, 0
-    with quiet_chgnet():
+    with quiet_chgnet(), one_blas_thread():
         atoms.calc = CHGNetCalculator(load_chgnet(), use_device="cpu", on_isolated_atoms="error")
         optimizer = make_optimizer(FastFrechetCellFilter(atoms), settings)
         for converged in optimizer.irun(fmax=settings.fmax, steps=settings.max_steps):
