@@ -13,8 +13,8 @@ both rates, their ratio (wall clock, and CPU time of this process, which other l
 shared machine disturbs less), and the largest final-energy difference between the two.
 `--baseline-optimizer` relaxes the one-at-a-time side with another optimiser (FIRE: what every
 relaxation used before BFGS), so the ratio also counts the steps the better optimiser saves.
-A third side is what the product runs (`relaxation_workers.relax_on_cores`): the batch split
-into shares relaxed at once by `--processes` processes (default: one per core), the worker
+A third side is what the product runs (`relaxation_workers.relax_on_cores`): the batch handed
+out in chunks to `--processes` processes (default: one per core), the worker
 processes started (and CHGNet loaded there) before its clock starts, as in a running app; the
 start is timed apart. The batched-in-one-process side shows what batching alone buys.
 """

@@ -52,7 +52,7 @@ class BrokenWorker:
         return Outcome(None, "crashed (signal 9: SIGKILL)")
 
 
-def test_a_failed_worker_share_is_relaxed_here(monkeypatch):
+def test_a_failed_worker_chunk_is_relaxed_here(monkeypatch):
     monkeypatch.setattr(relaxation_workers, "worker", lambda i: BrokenWorker())
     results = relax_on_cores(strained_set(), RelaxSettings(max_steps=5), processes=2)
     assert all(isinstance(r, Relaxation) and r.steps >= 1 for r in results)

@@ -110,7 +110,7 @@ def relax_and_check(structure: Structure, settings: RelaxSettings | None = None,
 def relax_and_check_many(structures: Sequence[Structure], settings: RelaxSettings | None = None,
                          batch_size: int = 16) -> list[RelaxationReport | str]:
     """`relax_and_check` of many structures, relaxed together (`batch_relaxation.relax_batch`:
-    one CHGNet forward per optimiser step for the batch, its shares on every core:
+    one CHGNet forward per optimiser step for the batch, in chunks on every core:
     `relaxation_workers`); a structure that cannot be relaxed gets the reason instead."""
     results: list[RelaxationReport | str | None] = [None] * len(structures)
     todo = []

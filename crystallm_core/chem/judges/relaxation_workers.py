@@ -32,12 +32,12 @@ from crystallm_core.chem.judges.batch_relaxation import relax_batch
 from crystallm_core.chem.judges.isolation import IsolatedWorker, Outcome
 from crystallm_core.chem.judges.stability import Relaxation, RelaxSettings
 
-MIN_SHARE = 2  # structures: below two per process, a share is not worth a process
-WORKER_MEMORY_LIMIT = 4 * 1024 ** 3  # bytes a call may add (CHGNet and its graphs for one share)
-WORKER_START_SECONDS = 60.0  # added to a share's time bound: a fresh worker imports torch and CHGNet
+MIN_SHARE = 2  # structures per process: with fewer, a second process is not worth starting
+WORKER_MEMORY_LIMIT = 4 * 1024 ** 3  # bytes a call may add (CHGNet and its graphs for one chunk)
+WORKER_START_SECONDS = 60.0  # added to a chunk's time bound: a fresh worker imports torch and CHGNet
 
 
-def relax_share(argument: tuple[list[Structure], RelaxSettings, int]) -> list[Relaxation | str]:
+def relax_chunk(argument: tuple[list[Structure], RelaxSettings, int]) -> list[Relaxation | str]:
     """What a worker runs: `relax_batch` of its chunk, on one torch thread."""
     structures, settings, batch_size = argument
     with one_thread():
@@ -52,7 +52,7 @@ def worker(i: int) -> IsolatedWorker:
     """The i-th relaxation worker (created on first use; its process starts on its first call)."""
     with WORKERS_LOCK:
         while len(WORKERS) <= i:
-            WORKERS.append(IsolatedWorker(relax_share, memory_limit=WORKER_MEMORY_LIMIT))
+            WORKERS.append(IsolatedWorker(relax_chunk, memory_limit=WORKER_MEMORY_LIMIT))
         return WORKERS[i]
 
 
