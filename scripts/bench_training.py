@@ -10,6 +10,10 @@ fast, reference, …) so machine noise hits both alike. Batches come from real M
 (the shared data) in two orders: shuffled (what `align` and a small fine-tune see) and
 length-bucketed (what pre-training sees). `--emulated-bf16` also times the old default of
 bf16 autocast on a CPU without native bf16 (one step: it is slow).
+
+Each order also prints the model FLOPs per second of both paths as a share of this CPU's
+measured fp32 matrix-product peak (torch.mm, same threads, same run): a ratio target above
+peak / reference cannot be met by mechanics alone.
 """
 from __future__ import annotations
 
@@ -36,6 +40,27 @@ def real_sequences(n: int, seed: int) -> list[np.ndarray]:
     rows = rows[rows["source"] == "mp20"].sample(n, random_state=seed)
     process = RowProcessor(None, 1024)
     return [r["tokens"].astype(np.int64) for r in map(process, rows.to_dict("records")) if r["reason"] is None]
+
+
+def matmul_peak(n: int = 1024, seconds: float = 3.0) -> float:
+    """fp32 FLOP/s of square matrix products on this CPU (the threads torch uses now)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    start, products = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ b
+        products += 1
+    return 2 * n**3 * products / (time.perf_counter() - start)
+
+
+def step_flops(config, lengths: list[int]) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward) on real tokens:
+    the block and LM-head matrix products per token, and causal attention per sequence."""
+    d, layers = config.n_embd, config.n_layer
+    inner = config.n_inner or 4 * d
+    per_token = 2 * (layers * (4 * d * d + 2 * d * inner) + d * config.vocab_size)
+    attention = sum(2 * layers * d * t * t for t in lengths)  # QK^T and AV, half the square each
+    return 3 * (per_token * sum(lengths) + attention)
 
 
 def reference_step(model, optimizer, sequences, conditions, present, bf16: bool) -> int:
@@ -76,11 +101,14 @@ def main() -> int:
               for name in ("reference", "fast")}
     optimizers = {"reference": make_optimizer(models["reference"], cfg, fused=False),
                   "fast": make_optimizer(models["fast"], cfg, fused=True)}
+    peak = matmul_peak()
+    print(f"fp32 matrix-product peak: {peak / 1e9:.0f} GFLOP/s")
     print(f"dropout {'off' if args.no_dropout else 'on'}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(device)}")
     for order, batches in (("shuffled", shuffled), ("length-bucketed", bucketed)):
         times = {"reference": [], "fast": []}
         real = padded = 0
+        flops = 0.0
         for step, batch in enumerate(batches):
             conditions = rng.random((len(batch), 2)).astype(np.float32)
             present = rng.random((len(batch), 2)) > 0.15
@@ -96,6 +124,7 @@ def main() -> int:
                     times[name].append(time.perf_counter() - start)
             if step:
                 real += sum(len(s) for s in batch)
+                flops += step_flops(models["fast"].config, [len(s) for s in batch])
                 padded += cells
         per_step = {name: statistics.median(t) for name, t in times.items()}
         tokens = real / args.steps
@@ -104,6 +133,10 @@ def main() -> int:
               f"{max(times['reference']):.2f} s/step), fast {tokens / per_step['fast']:.0f} tok/s "
               f"({min(times['fast']):.2f}-{max(times['fast']):.2f} s/step): "
               f"ratio {per_step['reference'] / per_step['fast']:.2f}x")
+        achieved = {name: flops / args.steps / seconds for name, seconds in per_step.items()}
+        print(f"  model FLOP/s: reference {achieved['reference'] / 1e9:.0f} G ({achieved['reference'] / peak:.0%} of "
+              f"peak), fast {achieved['fast'] / 1e9:.0f} G ({achieved['fast'] / peak:.0%}); 3x the reference would "
+              f"be {3 * achieved['reference'] / peak:.0%} of peak")
     if args.emulated_bf16 and not native_bf16(device):
         batch = shuffled[0]
         conditions, present = np.zeros((len(batch), 2), np.float32), np.ones((len(batch), 2), bool)
