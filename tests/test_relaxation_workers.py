@@ -1,6 +1,10 @@
 """Relaxation on every core (chem/judges/relaxation_workers.py): chunks handed to worker processes,
-the same results as one batch, and a failed worker costs no structure its relaxation."""
+the same results as one batch; a structure that kills its worker gets a reason and the others
+their relaxation, and nothing is relaxed in this process unless no worker can start."""
 from __future__ import annotations
+
+import time
+from contextlib import contextmanager
 
 import pytest
 from prototypes import diamond_si, rocksalt_nacl, rutile_tio2
@@ -47,13 +51,60 @@ def test_two_processes_relax_like_one_batch():
         assert b.structure.composition == a.structure.composition
 
 
-class BrokenWorker:
+class PoisonedWorker:
+    """Dies on any call that holds a silicon structure (as a worker would on one that took 4 GB);
+    relaxes every other call as a worker would."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
     def call(self, argument, time_limit=None):
-        return Outcome(None, "crashed (signal 9: SIGKILL)")
+        structures, settings, batch_size = argument
+        self.calls.append(len(structures))
+        if any(s.composition.reduced_formula == "Si" for s in structures):
+            return Outcome(None, "crashed (signal 9: SIGKILL)")
+        return Outcome(relax_batch(structures, settings, batch_size), None)
 
 
-def test_a_failed_worker_chunk_is_relaxed_here(monkeypatch):
-    monkeypatch.setattr(relaxation_workers, "worker", lambda i: BrokenWorker())
+def relaxed_here_recorder(monkeypatch) -> list[str]:
+    """The formulas relax_on_cores relaxes in this process."""
+    here: list[str] = []
+
+    def recording(structures, settings, batch_size=16):
+        here.extend(s.composition.reduced_formula for s in structures)
+        return relax_batch(structures, settings, batch_size)
+
+    monkeypatch.setattr(relaxation_workers, "relax_batch", recording)
+    return here
+
+
+def test_a_structure_that_kills_its_worker_gets_a_reason_and_never_runs_here(monkeypatch):
+    poisoned = PoisonedWorker()
+    monkeypatch.setattr(relaxation_workers, "worker", lambda i: poisoned)
+    here = relaxed_here_recorder(monkeypatch)
+    monkeypatch.setattr(relaxation_workers, "guided_chunks", lambda structures, processes: [[0, 1, 2, 3]])
+
+    @contextmanager
+    def after_the_worker_took_the_chunk():  # else this process may take the one chunk first
+        deadline = time.monotonic() + 30
+        while not poisoned.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield
+
+    monkeypatch.setattr(relaxation_workers, "one_thread", after_the_worker_took_the_chunk)
+    results = relax_on_cores(strained_set(), RelaxSettings(max_steps=5), processes=2)
+    assert results[2] == "relaxation stopped: the worker crashed (signal 9: SIGKILL)"
+    assert all(isinstance(results[i], Relaxation) and results[i].steps >= 1 for i in (0, 1, 3))
+    assert poisoned.calls == [4, 1, 1, 1, 1]  # the chunk, then each structure alone
+    assert here == []
+
+
+def test_chunks_are_relaxed_here_when_no_worker_can_start(monkeypatch):
+    def cannot_start(i):
+        raise RuntimeError("the checker process could not start")
+
+    monkeypatch.setattr(relaxation_workers, "worker", lambda i: type("W", (), {"call": lambda self, a, time_limit=None:
+                                                                                  cannot_start(i)})())
     results = relax_on_cores(strained_set(), RelaxSettings(max_steps=5), processes=2)
     assert all(isinstance(r, Relaxation) and r.steps >= 1 for r in results)
     assert [len(r.structure) for r in results] == [len(s) for s in strained_set()]

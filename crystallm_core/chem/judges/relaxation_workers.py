@@ -6,9 +6,12 @@ are Python, so a second torch thread buys little. Separate processes buy more: t
 are handed out in chunks (`guided_chunks`); this process relaxes one chunk at a time on one torch
 thread and each long-lived worker process (`isolation.IsolatedWorker`: started on first use,
 CHGNet loaded once there, replaced if it dies) does the same, each taking the next chunk when it
-finishes one. A chunk a worker cannot relax (it crashed, overran its time or memory ceiling, or
-could not start) is relaxed here at the end: no structure loses its relaxation to a worker. Each
-structure follows the steps it would follow alone, so the results are `relax_batch`'s up to rounding.
+finishes one. A chunk a worker could not relax (it crashed, or overran its time or memory
+ceiling) is tried again one structure per call in the replaced worker: the structures that relax
+alone get their relaxation, and the one that brought the worker down gets the reason, never a
+second try in this process (a server's memory is not put at stake by a structure that took 4 GB).
+Only when no worker can start at all are the chunks relaxed here. Each structure follows the
+steps it would follow alone, so the results are `relax_batch`'s up to rounding.
 
 Measured side by side (2-core AVX2 CPU, 2026-12-06, three alternating runs): 16 generated
 structures (`scripts/bench_relax.py`'s) one process at two torch threads 12.6-13.9 s, at one
@@ -103,7 +106,7 @@ def relax_on_cores(structures: Sequence[Structure], settings: RelaxSettings | No
     chunks = deque(guided_chunks(structures, processes))
     lock = threading.Lock()
     results: list[Relaxation | str | None] = [None] * len(structures)
-    failed: list[list[int]] = []  # chunks a worker could not relax: relaxed here at the end
+    unstarted: list[list[int]] = []  # chunks no worker could start for: relaxed here at the end
 
     def next_chunk() -> list[int] | None:
         with lock:
@@ -116,19 +119,44 @@ def relax_on_cores(structures: Sequence[Structure], settings: RelaxSettings | No
     def relax_here(chunk: list[int]) -> None:
         store(chunk, relax_batch([structures[i] for i in chunk], settings, batch_size))
 
+    def in_worker(k: int, chunk: list[int]) -> Outcome | None:
+        """Worker k's outcome for `chunk`; None if no worker process could start."""
+        bound = settings.max_seconds * len(chunk) + WORKER_START_SECONDS
+        try:
+            outcome = worker(k).call(([structures[i] for i in chunk], settings, batch_size), time_limit=bound)
+        except Exception:  # the worker could not start
+            return None
+        if outcome.error is None and len(outcome.value) != len(chunk):
+            return Outcome(None, f"returned {len(outcome.value)} results for {len(chunk)} structures")
+        return outcome
+
+    def stopped(error: str) -> str:
+        return f"relaxation stopped: the worker {error}"
+
+    def retry_alone(k: int, chunk: list[int]) -> list[int]:
+        """A failed chunk's structures one per call (the worker is replaced on the first): each
+        gets its relaxation or its own reason. Returns those left when no worker could start."""
+        for position, i in enumerate(chunk):
+            alone = in_worker(k, [i])
+            if alone is None:
+                return chunk[position:]
+            results[i] = alone.value[0] if alone.error is None else stopped(alone.error)
+        return []
+
     def feed(k: int) -> None:
         while (chunk := next_chunk()) is not None:
-            bound = settings.max_seconds * len(chunk) + WORKER_START_SECONDS
-            try:
-                outcome = worker(k).call(([structures[i] for i in chunk], settings, batch_size), time_limit=bound)
-            except Exception as error:  # the worker could not start
-                outcome = Outcome(None, f"could not start: {error}")
-            if outcome.error is None and len(outcome.value) == len(chunk):
+            outcome = in_worker(k, chunk)
+            if outcome is not None and outcome.error is None:
                 store(chunk, outcome.value)
-            else:
+                continue
+            if outcome is not None and len(chunk) == 1:
+                results[chunk[0]] = stopped(outcome.error)
+                continue
+            left = chunk if outcome is None else retry_alone(k, chunk)
+            if left:
                 with lock:
-                    failed.append(chunk)
-                return  # this worker is gone: the others and this process take the rest
+                    unstarted.append(left)
+                return  # no worker starts here: the others and this process take the rest
 
     threads = [threading.Thread(target=feed, args=(k,), daemon=True) for k in range(processes - 1)]
     for thread in threads:
@@ -138,6 +166,6 @@ def relax_on_cores(structures: Sequence[Structure], settings: RelaxSettings | No
             relax_here(chunk)
         for thread in threads:
             thread.join()
-        for chunk in failed:
+        for chunk in unstarted:
             relax_here(chunk)
     return results
