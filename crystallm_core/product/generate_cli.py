@@ -132,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
         summary = run.generation[-1]["best_of"]
         print(f"picked {summary['picked']} of {summary['sampled']} samples (best {request.keep_best} of "
               f"{request.n} asked for); {best_of.PREDICTION_NOTE}", file=sys.stderr)
-        note = best_of.shortfall_note(summary)
-        if note:
-            print(note, file=sys.stderr)
+        for note in (best_of.shortfall_note(summary), best_of.e_hull_note(summary)):
+            if note:
+                print(note, file=sys.stderr)
     if scorer is not None:
         run.unavailable = dict(scorer.unavailable)
     run.status = "done"

@@ -36,6 +36,7 @@ from crystallm_core.product.best_of import (  # noqa: F401 (the pages take them 
     BEST_OF_CHOICES,
     PREDICTION_NOTE,
     best_of_counts,
+    e_hull_note,
     shortfall_note,
 )
 from crystallm_core.product.campaign import MANIFEST as CAMPAIGN_MANIFEST

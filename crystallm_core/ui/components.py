@@ -23,6 +23,7 @@ from crystallm_core.product.run import Run
 from crystallm_core.product.run_files import run_zip
 from crystallm_core.product.service import (
     PREDICTION_NOTE,
+    e_hull_note,
     ranked_table,
     shortfall_note,
     submit,
@@ -173,11 +174,11 @@ def best_of_notes(run: Run) -> None:
     if not summaries:
         return
     for summary in summaries:
-        note = shortfall_note(summary)
         st.write(f"**Best {summary['keep']} of {summary['sampled']}**: {summary['picked']} picked "
                  f"({summary['within_tolerance']} within the tolerance, {summary['valid']} valid).")
-        if note:
-            st.info(note)
+        for note in (shortfall_note(summary), e_hull_note(summary)):
+            if note:
+                st.info(note)
     st.caption(PREDICTION_NOTE)
 
 
