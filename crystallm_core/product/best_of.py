@@ -9,8 +9,8 @@ says how many were: the list is not padded with misses. With `relax`, the picked
 are relaxed together (`repair.relax_many`: one CHGNet forward per optimiser step for all of them),
 re-checked and re-scored; the relaxed CIF is kept beside the model's own (repaired/).
 
-The pick uses the same band-gap head that then shows the hit: a ranked hit rate is what that
-head predicts, not a measurement (PREDICTION_NOTE).
+The pick uses the same band-gap surrogate that then shows the hit: a ranked hit rate is what that
+surrogate predicts, not a measurement (PREDICTION_NOTE).
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ from crystallm_core.product.run import Candidate, Run
 
 BEST_OF_CHOICES = (1, 2, 4, 8)
 PREDICTION_NOTE = (
-    "Picked by the same band-gap head that reads the hit: the picked structures' hit rate is that head's "
-    "prediction, not a measurement. The older, independent reading (GNN + LightGBM) is not filled in by "
-    "the shipped ensemble.")
+    "Picked by the same band-gap surrogate that reads the hit: the picked structures' hit rate is that "
+    "surrogate's prediction, not a measurement. The GNN and LightGBM columns are those two models' own "
+    "readings (in the surrogate they only vote with a small share, larger on unrelaxed structures): where "
+    "they disagree with it, treat the hit with care.")
 
 
 def best_of_counts(n: int, best_of: int) -> dict:

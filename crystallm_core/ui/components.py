@@ -140,8 +140,9 @@ def results_table(run: Run, tolerance: float, unique: bool = True) -> None:
                 "surrogate gap (eV)", help="Band-gap surrogate (PBE gaps); ± is its calibrated spread: on held-out "
                 "structures read as non-metals, the DFT gap lies within ±1 for about 68 %."),
             "independent_gap": st.column_config.TextColumn(
-                "GNN / LightGBM gap (eV)", help="The older surrogates' readings, independent of the CHGNet head "
-                "that ranks, picks and shows the hit: where they disagree, treat the hit with care."),
+                "GNN / LightGBM gap (eV)", help="The graph network's and LightGBM's own readings (no CHGNet "
+                "features). In the surrogate gap that ranks, picks and shows the hit they only vote with a small "
+                "share, larger on unrelaxed structures: where they disagree with it, treat the hit with care."),
             "e_hull": st.column_config.TextColumn(
                 "E_hull est. (eV/atom)", help="Static CHGNet estimate of the structure as written, and after the "
                 "relaxation where there was one. " + HULL_BIAS_NOTE),

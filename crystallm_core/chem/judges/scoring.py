@@ -63,7 +63,7 @@ class StructureScorer:
             except Exception as error:
                 self.unavailable["band gap"] = f"band-gap surrogate unavailable ({why(error)})"
         if surrogate and independent_gap and self.gap_model is not None:
-            try:  # the shipped ensemble (the head) no longer reads these: the older models give an independent reading
+            try:  # an ensemble without the GNN and LightGBM members: the older models give an independent reading
                 self.independent_gap_model = load_independent_gap_model()
             except Exception as error:
                 self.unavailable["independent band gap"] = f"GNN + LightGBM reading unavailable ({why(error)})"
