@@ -93,3 +93,19 @@ def test_readings_work_inside_a_callers_inference_mode():
     with torch.inference_mode():
         [reading] = stability.static_readings([rocksalt_nacl()])
     assert not isinstance(reading, str) and np.isfinite(reading.features.force_rms)
+
+
+def test_chgnet_first_loaded_inside_a_callers_inference_mode_still_reads_forces():
+    """The app may load its judges while sampling under inference mode: weights made there would be
+    inference tensors, and every later reading failed ("Inference tensors cannot be saved for backward")."""
+    stability.load_chgnet.cache_clear()
+    try:
+        with torch.inference_mode():
+            stability.load_chgnet()
+            [inside] = stability.static_readings([rocksalt_nacl()])
+        [outside] = stability.static_readings([rocksalt_nacl()])
+    finally:
+        stability.load_chgnet.cache_clear()
+    for reading in (inside, outside):
+        assert not isinstance(reading, str), reading
+        assert np.isfinite(reading.features.force_rms)

@@ -108,7 +108,9 @@ def load_chgnet():
         CHGNet,  # heavy import (~4 s): only when stability is asked for
     )
 
-    with quiet_chgnet():
+    # weights made in a caller's inference mode (the app loads its judges while sampling under it)
+    # are inference tensors, and every later force reading would fail to differentiate through them
+    with quiet_chgnet(), torch.inference_mode(False):
         model = CHGNet.load(use_device="cpu", verbose=False)
     # the project reads CHGNet and never trains it: forces and stresses are gradients with respect
     # to positions and strains only, and without parameter gradients a force reading is ~10 % cheaper
