@@ -28,12 +28,15 @@ def main() -> None:
     parser.add_argument("--best-of", type=int, default=4)
     parser.add_argument("--relax", action="store_true", help="relax the picked structures (together)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cold-judges", action="store_true",
+                        help="leave the judges to the first request (as the app did before it loaded them with the model)")
     args = parser.parse_args()
     loaded = load_model()
     started = time.perf_counter()
     prepared = prepare_for_requests(loaded)
-    default_scorer()  # the app loads the judges once per process, before the first request
-    print(f"model prepared and judges loaded in {time.perf_counter() - started:.1f} s; {prepared['threads']} torch "
+    if not args.cold_judges:
+        default_scorer()  # the app loads the judges with its model (ui/components.cached_model)
+    print(f"model prepared{'' if args.cold_judges else ' and judges loaded'} in {time.perf_counter() - started:.1f} s; {prepared['threads']} torch "
           f"thread(s), batch size {prepared['batch_size']}, linear layers {prepared['linear_layers']}")
 
     request = GenerationRequest(**best_of_counts(args.n, args.best_of), seed=args.seed, relax=args.relax)

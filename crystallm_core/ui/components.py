@@ -23,6 +23,7 @@ from crystallm_core.product.run import Run
 from crystallm_core.product.run_files import run_zip
 from crystallm_core.product.service import (
     PREDICTION_NOTE,
+    default_scorer,
     e_hull_note,
     ranked_table,
     shortfall_note,
@@ -36,9 +37,11 @@ POLL_SECONDS = 0.5  # progress refresh while a job runs: a finished structure is
 @st.cache_resource(max_entries=2, show_spinner="Loading model…")
 def cached_model(source: str):
     """One LoadedModel per source per process (a failed load raises and is not cached), ready
-    for the first request (`generation.prepare_for_requests`)."""
+    for the first request (`generation.prepare_for_requests`), with the judges loaded too: the
+    first request would otherwise wait for CHGNet and the band-gap surrogate before its first score."""
     loaded = load_model(source)
     prepare_for_requests(loaded)
+    default_scorer()
     return loaded
 
 
