@@ -151,11 +151,13 @@ def results_table(run: Run, tolerance: float, unique: bool = True) -> None:
                 "relaxation where there was one. " + HULL_BIAS_NOTE),
             "hit": f"hit (±{tolerance:g} eV)",
             "score": st.column_config.ProgressColumn(
-                "score", min_value=0.0, max_value=1.0, format="%.2f",
+                "score", min_value=0.0, max_value=1.0, format="%.2g",
                 help="Ranking score (0–1): P(gap within the tolerance) from the surrogate's P(metal) and gap ± "
                      "spread, × a factor for E_hull above its target (relaxed when relaxed), × penalties for a "
-                     "duplicate within the run and a known (training-set) structure. A prediction of the same "
-                     "band-gap head, not a measurement."),
+                     "duplicate within the run and a known (training-set) structure. The E_hull factor is "
+                     "exp(−excess / 0.1 eV/atom), so where every sample sits far above the target all scores are "
+                     "tiny (e.g. 3e-08): the order still decides the pick. A prediction of the same band-gap "
+                     "surrogate, not a measurement."),
             "picked": st.column_config.TextColumn("picked", help="Best N of K: picked as one of the N best, or "
                                                                  "kept in the run but not picked."),
             "repairs": st.column_config.TextColumn(
