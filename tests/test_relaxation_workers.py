@@ -66,6 +66,11 @@ class PoisonedWorker:
         return Outcome(relax_batch(structures, settings, batch_size), None)
 
 
+class UnstartableWorker:
+    def call(self, argument, time_limit=None):
+        raise RuntimeError("the checker process could not start")
+
+
 def relaxed_here_recorder(monkeypatch) -> list[str]:
     """The formulas relax_on_cores relaxes in this process."""
     here: list[str] = []
@@ -100,11 +105,7 @@ def test_a_structure_that_kills_its_worker_gets_a_reason_and_never_runs_here(mon
 
 
 def test_chunks_are_relaxed_here_when_no_worker_can_start(monkeypatch):
-    def cannot_start(i):
-        raise RuntimeError("the checker process could not start")
-
-    monkeypatch.setattr(relaxation_workers, "worker", lambda i: type("W", (), {"call": lambda self, a, time_limit=None:
-                                                                                  cannot_start(i)})())
+    monkeypatch.setattr(relaxation_workers, "worker", lambda i: UnstartableWorker())
     results = relax_on_cores(strained_set(), RelaxSettings(max_steps=5), processes=2)
     assert all(isinstance(r, Relaxation) and r.steps >= 1 for r in results)
     assert [len(r.structure) for r in results] == [len(s) for s in strained_set()]

@@ -54,7 +54,7 @@ def pick(run: Run, candidates: list[Candidate], keep: int, band_gap_target: floa
             **e_hull_reach(mine, valid, picked, candidates[0].e_hull_target if candidates else None)}
 
 
-def e_hull_reach(table, valid, picked, target: float | None) -> dict:
+def e_hull_reach(table: pd.DataFrame, valid: pd.Series, picked: pd.Series, target: float | None) -> dict:
     """How close to the E_hull target the samples came (static CHGNet readings): the valid
     samples within E_HULL_SCALE of it, and the picked structures' median."""
     if target is None or pd.isna(target):

@@ -21,7 +21,7 @@ from crystallm_core.chem.judges.metrics import (  # noqa: F401 (the pages take P
     summarise,
 )
 from crystallm_core.chem.cif.prompts import space_group_symbols
-from crystallm_core.chem.judges.ranking import ranking_order
+from crystallm_core.chem.judges.ranking import E_HULL_SCALE, ranking_order  # noqa: F401 (E_HULL_SCALE: the pages)
 from crystallm_core.chem.judges.relaxation import relax_and_check  # noqa: F401 (for the pages)
 from crystallm_core.chem.judges.scoring import default_scorer  # noqa: F401 (the app loads the judges with its model)
 from crystallm_core.chem.judges.stability import HULL_BIAS_NOTE, RelaxSettings  # noqa: F401 (for the pages)

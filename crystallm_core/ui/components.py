@@ -22,6 +22,7 @@ from crystallm_core.product.jobs import GenerationJob
 from crystallm_core.product.run import Run
 from crystallm_core.product.run_files import run_zip
 from crystallm_core.product.service import (
+    E_HULL_SCALE,
     PREDICTION_NOTE,
     default_scorer,
     e_hull_note,
@@ -155,9 +156,9 @@ def results_table(run: Run, tolerance: float, unique: bool = True) -> None:
                 help="Ranking score (0–1): P(gap within the tolerance) from the surrogate's P(metal) and gap ± "
                      "spread, × a factor for E_hull above its target (relaxed when relaxed), × penalties for a "
                      "duplicate within the run and a known (training-set) structure. The E_hull factor is "
-                     "exp(−excess / 0.1 eV/atom), so where every sample sits far above the target all scores are "
-                     "tiny (e.g. 3e-08): the order still decides the pick. A prediction of the same band-gap "
-                     "surrogate, not a measurement."),
+                     f"exp(−excess / {E_HULL_SCALE:g} eV/atom), so where every sample sits far above the target "
+                     "all scores are tiny (e.g. 3e-08): the order still decides the pick. A prediction of the "
+                     "same band-gap surrogate, not a measurement."),
             "picked": st.column_config.TextColumn("picked", help="Best N of K: picked as one of the N best, or "
                                                                  "kept in the run but not picked."),
             "repairs": st.column_config.TextColumn(

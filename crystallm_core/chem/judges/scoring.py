@@ -56,17 +56,13 @@ class StructureScorer:
         self.relax, self.max_sites = relax, max_sites
         self.unavailable: dict[str, str] = {}  # score family -> why it is missing
         self.gap_model = self.independent_gap_model = self.novelty_index = None
+        self.wants_independent_gap = surrogate and independent_gap
         self.with_stability = stability
         if surrogate:
             try:
                 self.gap_model = load_gap_model()
             except Exception as error:
                 self.unavailable["band gap"] = f"band-gap surrogate unavailable ({why(error)})"
-        if surrogate and independent_gap and self.gap_model is not None:
-            try:  # an ensemble without the GNN and LightGBM members: the older models give an independent reading
-                self.independent_gap_model = load_independent_gap_model()
-            except Exception as error:
-                self.unavailable["independent band gap"] = f"GNN + LightGBM reading unavailable ({why(error)})"
         if stability:
             try:  # once here, not per structure: a missing CHGNet would otherwise be retried every time
                 stability_estimates.load_chgnet()
@@ -130,9 +126,20 @@ class StructureScorer:
                               band_gap_std=gap.std, p_metal=gap.p_metal)
                 row.update({name: value for name, value in values.items() if math.isfinite(value)})
         wanted = [i for i, row in enumerate(rows) if "band_gap_pred" in row and "band_gap_gnn" not in row]
-        if self.independent_gap_model is not None and wanted:
+        if wanted and self.independent_model() is not None:
             self.add_independent_gaps([structures[i] for i in wanted], [rows[i] for i in wanted],
                                       [notes[i] for i in wanted])
+
+    def independent_model(self):
+        """The older GNN + LightGBM ensemble, loaded on first need: an ensemble with those two as
+        members (v4.1 on) fills their columns itself, from the same files, and never needs it."""
+        if self.independent_gap_model is None and self.wants_independent_gap \
+                and "independent band gap" not in self.unavailable:
+            try:
+                self.independent_gap_model = load_independent_gap_model()
+            except Exception as error:
+                self.unavailable["independent band gap"] = f"GNN + LightGBM reading unavailable ({why(error)})"
+        return self.independent_gap_model
 
     def add_independent_gaps(self, structures: list[Structure], rows: list[dict], notes: list[list[str]]) -> None:
         """band_gap_gnn / band_gap_gbm from the older ensemble, beside the head's reading."""
