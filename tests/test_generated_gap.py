@@ -10,6 +10,7 @@ from prototypes import rocksalt_nacl, rutile_tio2
 
 from crystallm_core.chem.judges.chgnet_features import ATOM_FEATURE_DIM, chgnet_feature_names
 from crystallm_core.chem.judges.surrogates import train_head as train_head_module
+from crystallm_core.chem.judges.surrogates.ensemble import EnsembleConfig, combine
 from crystallm_core.chem.judges.surrogates.generated_gap import (
     CALIBRATION,
     HELD_OUT,
@@ -131,14 +132,20 @@ def test_train_head_command_runs_on_chgnet_features_alone_and_with_perturbed_cop
         assert log["augment"]["rows"] == (n_train if extra else 0)
 
 
-def test_choose_gap_blend_gives_v1_its_shares_half_each():
+def script(name: str):
+    """A module of scripts/ (they run from a checkout, not installed)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "choose_gap_blend.py"
-    spec = importlib.util.spec_from_file_location("choose_gap_blend", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_choose_gap_blend_gives_v1_its_shares_half_each():
+    module = script("choose_gap_blend")
     p_metal = np.array([[0.55, 0.0, 0.2]])
     gap = np.array([[3.0, 5.0, 7.0]])
     reading, p = module.blend(p_metal, gap, metal_share=0.2, gap_share=0.0)
@@ -147,3 +154,31 @@ def test_choose_gap_blend_gives_v1_its_shares_half_each():
     assert p_alone == pytest.approx([0.55]) and alone == pytest.approx([0.0])  # the head alone calls it a metal
     p_more = 0.6 * 0.55 + 0.2 * 0.2
     assert module.blend(p_metal, gap, 0.4, 0.3)[0] == pytest.approx(np.sqrt(1 - p_more) * (0.7 * 3 + 0.15 * 12))
+
+
+def test_charge_balance_sorts_compositions_as_dft_would_read_them():
+    module = script("measure_generated_gap")
+    assert module.charge_balanced("Na1 Cl1") == "balanced" and module.charge_balanced("Ba4 Ti4 O12") == "balanced"
+    assert module.charge_balanced("Na2 Li1 F4") == "not balanced"  # one electron short: a hole in the F p band
+    assert module.charge_balanced("Cu4") == "other" and module.charge_balanced("not a formula") == "other"
+    cif = "data_x\n_chemical_formula_sum   'Na2 Li1 F4'\n_cell_length_a 4.0\n"
+    assert module.formula_of(cif) == "Na2 Li1 F4" and module.formula_of("data_x\n") == ""
+
+
+def test_choose_gap_gate_rescales_the_spread_on_rows_read_as_non_metals():
+    module = script("choose_gap_gate")
+    rng = np.random.default_rng(0)
+    n = 400
+    table = pd.DataFrame({"label": rng.uniform(0.5, 4, n), "split": "val", "force_rms": 0.05, "stress_max": 0.1})
+    for member in module.MEMBERS:
+        table[f"{member}_p_metal"] = np.where(np.arange(n) < 100, 0.99, 0.05)  # a quarter read as metals
+        table[f"{member}_gap"] = table.label + rng.normal(0, 0.5, n)
+        table[f"{member}_gap_var"] = 0.0
+    rows = module.Rows(table)
+    config = EnsembleConfig(module.MEMBERS, "mixture", 0.0, 0.2, 3.0, metal_threshold=0.9, gap_exponent=1.0)
+    rescaled = module.rescaled(config, [rows])
+    assert rescaled.scale != 3.0 and rescaled.metal_threshold == 0.9
+    mean, spread, _, _ = combine(rows.p_metal, rows.gap, rescaled, rows.gap_var)
+    read_gap = mean > 0
+    assert read_gap.sum() == 300
+    assert np.mean(np.abs(mean - rows.label)[read_gap] <= spread[read_gap]) == pytest.approx(0.68, abs=0.01)

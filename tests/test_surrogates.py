@@ -172,6 +172,8 @@ def test_train_gnn_does_not_import_pymatgen():
 
 def test_gating_and_metrics():
     assert gated_gap([0.9, 0.19, 0.0], [3.0, 2.0, -1.0]).tolist() == pytest.approx([0.0, 1.8, 0.0])
+    # the mixture's mean, 0 eV only for confident metal calls (the shipped form since v4.3)
+    assert gated_gap([0.7, 0.9, 0.2], [3.0, 3.0, 2.0], threshold=0.9, exponent=1.0) == pytest.approx([0.9, 0.0, 1.6])
     metrics = gap_metrics(np.array([0.0, 2.0, 4.0]), np.array([0.0, 2.0, 3.0]), np.array([0.9, 0.1, 0.1]))
     assert metrics["mae"] == pytest.approx(1 / 3) and metrics["mae_gap_pos"] == pytest.approx(0.5)
     assert metrics["metal_accuracy"] == 1.0 and metrics["n_gap_pos"] == 2
@@ -448,6 +450,25 @@ def test_the_gate_reads_unrelaxed_rows_with_their_own_weights(tmp_path):
     gated_config.save(tmp_path)
     assert EnsembleConfig.load(tmp_path) == gated_config
     assert not EnsembleConfig().unrelaxed(features).any()  # no gate configured
+
+
+def test_the_reading_form_applies_to_the_blend_not_to_each_members_own_reading(tmp_path):
+    p_metal = np.array([[0.6, 0.6], [0.95, 0.95], [0.2, 0.2]])
+    gap = np.array([[2.0, 4.0], [3.0, 3.0], [1.0, 1.0]])
+    config = EnsembleConfig(["head", "gbm"], "mixture", 0.0, 0.2, 1.0, metal_threshold=0.9, gap_exponent=1.0)
+    mean, spread, p, members = combine(p_metal, gap, config)
+    assert mean == pytest.approx([0.4 * 3.0, 0.0, 0.8 * 1.0])  # P 0.6 is no longer a metal call
+    assert members == pytest.approx(gated_gap(p_metal, gap))  # as the older ensemble reads them
+    assert mean == pytest.approx(gated_gap(p, gap.mean(1), 0.9, 1.0)) and (spread > 0).all()
+    assert combine(p_metal, gap, EnsembleConfig(["head", "gbm"], "mixture", 0.0, 0.2, 1.0))[0][0] == 0.0  # v4.2 form
+    config.save(tmp_path)
+    assert EnsembleConfig.load(tmp_path) == config
+
+
+def test_the_shipped_reading_form_is_the_chosen_one():
+    shipped = EnsembleConfig.load(SURROGATE_DIR)
+    choice = json.loads((SURROGATE_DIR / "gap_gate_choice.json").read_text())["gate"]
+    assert {k: getattr(shipped, k) for k in choice} == choice
 
 
 def test_the_chgnet_cache_keeps_the_equilibrium_readings(tmp_path):

@@ -78,6 +78,11 @@ class EnsembleConfig:
     unrelaxed_stress_max: float | None = None
     unrelaxed_metal_weights: list[float] | None = None
     unrelaxed_gap_weights: list[float] | None = None
+    # How the blended (P(metal), gap) becomes one reading (scoring.gated_gap): 0 eV at or above the
+    # threshold, else the gap times (1 - P) ** exponent. 0.5 / 0.5 is the median-like rule of v1-v4.2;
+    # exponent 1 is the mixture's mean, what squared error (R²) rewards.
+    metal_threshold: float = 0.5
+    gap_exponent: float = 0.5
 
     def weights(self, kind: str, unrelaxed: bool = False) -> np.ndarray:
         """The members' normalised weights of "metal" or "gap" (for unrelaxed structures, if asked)."""
@@ -143,13 +148,13 @@ def combine(p_metal: np.ndarray, gap: np.ndarray, config: EnsembleConfig, gap_va
     """Members' (P(metal), gap if non-metal) columns (n, m), the variance of each member's own gap
     among its models (n, m; the head's MLPs), and which rows the gate reads as unrelaxed (n,)
     -> (band gap, ±, P(metal), readings (n, m))."""
-    readings = gated_gap(p_metal, gap)
+    readings = gated_gap(p_metal, gap)  # each member's own reading, in the form it was trained and judged with
     # Gate once with the averaged probability: averaging two gated readings would turn a
     # split vote (0 eV vs 3 eV) into 1.5 eV, which is wrong for both outcomes.
     metal_w = config.row_weights("metal", unrelaxed, len(gap))
     gap_w = config.row_weights("gap", unrelaxed, len(gap))
     mean_p, mean_gap = (p_metal * metal_w).sum(axis=1), (gap * gap_w).sum(axis=1)
-    mean = gated_gap(mean_p, mean_gap)
+    mean = gated_gap(mean_p, mean_gap, config.metal_threshold, config.gap_exponent)
     if config.spread == "disagreement":
         spread = np.abs(readings[:, 0] - readings[:, -1]) / 2
     else:
