@@ -15,8 +15,9 @@ and reading forms (the metal threshold and the exponent of `scoring.gated_gap`, 
 structure) is scored by Spearman against ALIGNN on the **calibration half**, vetoed unless the **val
 WBM rows** reach R² 0.85 (issue 24's target), R² on the **val MP rows** is within 0.002 of today's
 ensemble without the gate, and MAE on both is at most 5 % worse than it (the mean-like forms trade a
-little MAE for R²). Printed: the best point, and its figures on the held-out half and the test rows
-(read here only to report); the ±'s scale is refitted on the val rows. --save writes it into the shipped `ensemble_config.json`.
+little MAE for R²). The ±'s scale is then refitted on the val rows. Printed: the best point, and its
+figures on the held-out half and the test rows (read here only to report). --save writes it into the
+shipped `ensemble_config.json`.
 """
 from __future__ import annotations
 
