@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,6 +32,7 @@ import pandas as pd
 import torch
 from pymatgen.core import Composition
 
+from crystallm_core.chem.data.hull import FORMULA_SUM
 from crystallm_core.chem.data.splits import formula_hash
 from crystallm_core.lm.checkpoints import load_model
 from crystallm_core.lm.training import TokenData, TrainConfig, evaluate_loss
@@ -45,11 +45,8 @@ from crystallm_core.product.finetune import (
 from crystallm_core.product.generation import GenerationRequest, generate
 from crystallm_core.product.service import SamplingSettings
 
-FORMULA_RE = re.compile(r"_chemical_formula_sum\s+'?([^'\n]+)")
-
-
 def formula_of(cif: str) -> Composition:
-    return Composition(FORMULA_RE.search(cif).group(1))
+    return Composition(FORMULA_SUM.search(cif).group(1))
 
 
 def known_formulas(root: Path) -> set[str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import pandas as pd
 import torch
 from pymatgen.core import Composition
 
+from crystallm_core.chem.data.hull import FORMULA_SUM
 from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures
 from crystallm_core.chem.judges.isolation import check_cif_isolated
 from crystallm_core.chem.judges.surrogates.chgnet_cache import cached_features
@@ -50,7 +50,7 @@ ANIONS = {"H", "N", "P", "As", "O", "S", "Se", "Te", "F", "Cl", "Br", "I"}
 
 def formula_of(cif: str) -> str:
     """The CIF's _chemical_formula_sum (what the model wrote; no parsing of the structure)."""
-    found = re.search(r"_chemical_formula_sum\s+'?([^'\n]+)", cif)
+    found = FORMULA_SUM.search(cif)
     return found.group(1).strip() if found else ""
 
 
