@@ -182,3 +182,38 @@ def test_choose_gap_gate_rescales_the_spread_on_rows_read_as_non_metals():
     read_gap = mean > 0
     assert read_gap.sum() == 300
     assert np.mean(np.abs(mean - rows.label)[read_gap] <= spread[read_gap]) == pytest.approx(0.68, abs=0.01)
+
+
+def test_choose_gap_gate_reads_perturbed_copies_of_the_dft_rows_against_their_own_gap(tmp_path):
+    """The perturbed rows keep their structure's DFT gap and split, move every atom, and are the
+    same on every run (their readings are cached and compared across gates)."""
+    from pymatgen.core import Structure
+
+    module = script("choose_gap_gate")
+    salt, potash, lime = rocksalt_nacl(), rocksalt_nacl(), rocksalt_nacl()
+    potash.replace_species({"Na": "K", "Cl": "Br"})  # KBr: test split; NaCl and CaO: val
+    lime.replace_species({"Na": "Ca", "Cl": "O"})
+    for folder in ("extra", "wbm", "mp20"):
+        (tmp_path / folder).mkdir()
+    pd.DataFrame({"id": ["g0", "g1"], "cif": [salt.to(fmt="cif")] * 2, "target_band_gap": [1.0, 3.0],
+                  "target_e_hull": 0.0, "is_valid": True, "alignn_band_gap": [4.1, 4.3]}).to_csv(
+        tmp_path / "extra/crystallm_pi_generated_dev.csv.gz", index=False)
+    pd.DataFrame({"wbm_row": [0, 1], "cif": [salt.to(fmt="cif"), potash.to(fmt="cif")],
+                  "formation_energy_per_atom": -2.0, "band_gap": [5.0, 4.0]}).to_csv(tmp_path / "wbm/wbm_val_dev.csv.gz",
+                                                                                    index=False)
+    pd.DataFrame({"material_id": ["mp-1"], "pretty_formula": ["CaO"], "band_gap": [3.6], "cif": [lime.to(fmt="cif")]}
+                 ).to_csv(tmp_path / "mp20/mp_20_x.csv.gz", index=False)
+    rows = module.labelled_rows(tmp_path)
+    again = module.labelled_rows(tmp_path)
+    assert set(rows) == set(module.SOURCES)
+    for level in module.PERTURBATIONS:
+        for source in ("wbm", "mp"):
+            copy, original = rows[f"{source}_{level}"], rows[source]
+            assert copy.label.tolist() == original.label.tolist() and copy.split.tolist() == original.split.tolist()
+            assert copy.cif.tolist() == again[f"{source}_{level}"].cif.tolist()
+            for before, after in zip(original.cif, copy.cif):
+                before, after = Structure.from_str(before, fmt="cif"), Structure.from_str(after, fmt="cif")
+                assert before.composition == after.composition
+                moved = np.linalg.norm(before.cart_coords - after.cart_coords, axis=1)
+                assert (moved > 1e-3).all()
+    assert rows["wbm"].split.tolist() == ["val", "test"] and rows["mp"].split.tolist() == ["val"]
