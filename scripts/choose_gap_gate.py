@@ -113,13 +113,14 @@ def readings_of(rows: pd.DataFrame, surrogate: BandGapSurrogate) -> pd.DataFrame
     return pd.concat(out, ignore_index=True)
 
 
-def read_all(folder: Path, data: Path) -> dict[str, pd.DataFrame]:
-    """Each source's readings, from its CSV in `folder`; the rows are parsed and read only if one is missing."""
+def read_all(folder: Path, data: Path, models: Path = SURROGATE_DIR) -> dict[str, pd.DataFrame]:
+    """Each source's readings by the members in `models`, from its CSV in `folder`; the rows are parsed
+    and read only if one is missing (a folder of readings belongs to one set of members)."""
     paths = {source: folder / f"{source}.csv" for source in SOURCES}
     missing = [source for source, path in paths.items() if not path.exists()]
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
-        surrogate = BandGapSurrogate.load(config=EnsembleConfig(MEMBERS))
+        surrogate = BandGapSurrogate.load(models, config=EnsembleConfig(MEMBERS))
         rows = labelled_rows(data)
         for source in missing:
             print(f"reading {len(rows[source])} {source} rows", file=sys.stderr)
@@ -176,7 +177,7 @@ def main() -> None:
     parser.add_argument("--save", action="store_true", help="write the chosen gate into the models' ensemble_config.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tables = read_all(args.readings, args.data)
+    tables = read_all(args.readings, args.data, args.models)
     part = {f"{source} {split}": Rows(table[table.split == split])
             for source, table in tables.items() for split in table.split.unique()}
     today = EnsembleConfig.load(args.models)
