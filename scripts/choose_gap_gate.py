@@ -43,6 +43,7 @@ from pymatgen.core import Composition, Structure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from crystallm_core.chem.data.data_prep import read_csvs  # noqa: E402
 from crystallm_core.chem.data.splits import split_of  # noqa: E402
 from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures  # noqa: E402
 from crystallm_core.chem.judges.surrogates.calibration import fit_scale  # noqa: E402
@@ -54,6 +55,7 @@ from crystallm_core.chem.judges.surrogates.ensemble import (  # noqa: E402
 )
 from crystallm_core.chem.judges.surrogates.generated_gap import CALIBRATION, split_halves, spearman  # noqa: E402
 from crystallm_core.chem.judges.surrogates.perturb import Perturbation, perturbed_rows  # noqa: E402
+from crystallm_core.chem.judges.surrogates.scoring import r2  # noqa: E402
 from crystallm_core.paths import SURROGATE_DIR, cache_dir, data_dir  # noqa: E402
 
 MEMBERS = ["head", "gnn", "gbm"]
@@ -80,8 +82,7 @@ def labelled_rows(data: Path) -> dict[str, pd.DataFrame]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wbm["split"] = [split_of(Structure.from_str(cif, fmt="cif").composition.reduced_formula) for cif in wbm.cif]
-    mp = pd.concat([pd.read_csv(f) for f in sorted((data / "mp20").glob("*.csv.gz"))]).drop_duplicates("material_id")
-    mp = mp.reset_index(drop=True)
+    mp = read_csvs(data / "mp20").drop_duplicates("material_id").reset_index(drop=True)
     mp["split"] = [split_of(Composition(formula).reduced_formula) for formula in mp.pretty_formula]
     rows = {"generated": generated.assign(label=lambda t: t.alignn_band_gap),
             "wbm": wbm[wbm.split.isin(["val", "test"])].assign(label=lambda t: t.band_gap, id=lambda t: t.wbm_row),
@@ -145,7 +146,7 @@ class Rows:
 def figures(rows: Rows, gap: np.ndarray) -> dict:
     y = rows.label
     return {"n": len(y), "spearman": round(spearman(gap, y), 4), "mae": round(float(np.abs(gap - y).mean()), 4),
-            "r2": round(float(1 - ((y - gap) ** 2).sum() / ((y - y.mean()) ** 2).sum()), 4)}
+            "r2": round(r2(y, gap), 4)}
 
 
 def gated(config: EnsembleConfig, force: float, stress: float, graph: float, graph_metal: float, threshold: float,

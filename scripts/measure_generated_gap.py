@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from pymatgen.core import Composition
 
+from crystallm_core.chem.data.data_prep import read_csvs
 from crystallm_core.chem.data.hull import FORMULA_SUM
 from crystallm_core.chem.judges.chgnet_features import ChgnetFeatures
 from crystallm_core.chem.judges.isolation import check_cif_isolated
@@ -41,11 +42,12 @@ from crystallm_core.chem.judges.surrogates.generated_gap import (
     split_halves,
 )
 from crystallm_core.chem.judges.surrogates.report import member_readings
-from crystallm_core.chem.judges.surrogates.scoring import gated_gap
+from crystallm_core.chem.judges.surrogates.scoring import gated_gap, is_metal
 from crystallm_core.paths import SURROGATE_DIR, cache_dir, data_dir
 
 GENERATED_FILE = "extra/crystallm_pi_generated_dev.csv.gz"
 ANIONS = {"H", "N", "P", "As", "O", "S", "Se", "Te", "F", "Cl", "Br", "I"}
+BALANCE_KINDS = ("balanced", "not balanced", "other")  # what `charge_balanced` returns
 
 
 def formula_of(cif: str) -> str:
@@ -74,15 +76,15 @@ def charge_balanced(formula: str) -> str:
 def balance_check(data: Path) -> dict:
     """In the DFT labels of MP-20 and WBM: per balance kind, rows, the share of metals (gap 0) and of
     gaps over 1 eV."""
-    mp = pd.concat([pd.read_csv(f) for f in sorted((data / "mp20").glob("*.csv.gz"))]).drop_duplicates("material_id")
+    mp = read_csvs(data / "mp20").drop_duplicates("material_id")
     wbm = pd.read_csv(data / "wbm/wbm_val_dev.csv.gz")
     out = {}
     for name, formulas, gap in (("mp20", mp.pretty_formula, mp.band_gap), ("wbm", wbm.cif.map(formula_of), wbm.band_gap)):
         kind = formulas.map(charge_balanced).to_numpy()
         gap = gap.to_numpy(float)
-        out[name] = {k: {"n": int((kind == k).sum()), "metal_share": round(float((gap[kind == k] <= 0).mean()), 3),
+        out[name] = {k: {"n": int((kind == k).sum()), "metal_share": round(float(is_metal(gap[kind == k]).mean()), 3),
                          "gap_over_1_share": round(float((gap[kind == k] > 1).mean()), 3)}
-                     for k in ("balanced", "not balanced", "other")}
+                     for k in BALANCE_KINDS}
     return out
 
 
@@ -161,9 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     alignn = rows.alignn_band_gap.to_numpy(float)
     held_out = (rows.half == HELD_OUT).to_numpy()
     balance = rows.cif.map(formula_of).map(charge_balanced).to_numpy()
-    summary["balance_kinds"] = {k: int((balance == k).sum()) for k in ("balanced", "not balanced", "other")}
+    summary["balance_kinds"] = {k: int((balance == k).sum()) for k in BALANCE_KINDS}
     summary["alignn_over_1_share"] = {k: round(float((alignn[balance == k] > 1).mean()), 3)
-                                      for k in ("balanced", "not balanced", "other") if (balance == k).any()}
+                                      for k in BALANCE_KINDS if (balance == k).any()}
     baseline = columns["0:ensemble"]
     for name, values in columns.items():
         if name.endswith("unrelaxed"):  # the share of rows the gate reads as unrelaxed
